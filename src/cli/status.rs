@@ -1,0 +1,96 @@
+//! `ragd-pipe status`: the recipe and its inputs against the lock file, and what the local store
+//! holds. On a fresh clone (an empty store) it still tells which stages changed since the lock.
+
+use std::sync::Arc;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::{Failure, RecipeArgs};
+use crate::exec;
+use crate::output::{Printer, table};
+use crate::plan::{DirtyReason, PlanOptions, Status, dirty};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct StageStatus {
+    stage: String,
+    /// `in-sync`, `changed` or `not-locked`.
+    lock: &'static str,
+    changes: Vec<DirtyReason>,
+    /// `present`, `missing` or `damaged`.
+    store: &'static str,
+    would_run: bool,
+}
+
+pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failure> {
+    let recipe = args.recipe.load()?;
+    let prepared = exec::prepare(&recipe, &PlanOptions::default(), Arc::new(super::run::NoReporter))?;
+    let statuses: Vec<StageStatus> = prepared
+        .plan
+        .stages
+        .iter()
+        .map(|stage| {
+            let locked = prepared.lock.stages.get(stage.spec.kind);
+            let (lock, changes) = match locked {
+                None => ("not-locked", Vec::new()),
+                Some(entry) if entry.key == stage.key => ("in-sync", Vec::new()),
+                Some(entry) => {
+                    let previous = prepared
+                        .store
+                        .load_record(&entry.key)
+                        .unwrap_or_else(|| entry.record.clone());
+                    ("changed", dirty::explain(&previous, &stage.record, stage.spec.section))
+                }
+            };
+            let store = match &stage.status {
+                Status::Cached(_) => "present",
+                Status::Run(reasons)
+                    if reasons.iter().any(|r| matches!(r, DirtyReason::ArtifactCorrupt { .. })) =>
+                {
+                    "damaged"
+                }
+                Status::Run(_) => "missing",
+            };
+            StageStatus {
+                stage: stage.spec.kind.to_owned(),
+                lock,
+                changes,
+                store,
+                would_run: !stage.status.is_cached(),
+            }
+        })
+        .collect();
+    if printer.json {
+        printer.json_line(&serde_json::json!({"type": "status", "recipe": recipe.path, "lock": recipe.lock_path(), "stages": statuses}));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            let lock = match s.lock {
+                "changed" => format!(
+                    "changed: {}",
+                    s.changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                ),
+                other => other.replace('-', " "),
+            };
+            vec![
+                s.stage.clone(),
+                s.store.to_owned(),
+                if s.would_run { "yes".to_owned() } else { "no".to_owned() },
+                lock,
+            ]
+        })
+        .collect();
+    let columns = ["stage", "store", "would run", "against the lock"].map(str::to_owned);
+    let mut out = format!("lock  {}\n\n", recipe.lock_path().display());
+    out.push_str(&table(&columns, &rows, ""));
+    printer.result(&out);
+    Ok(())
+}

@@ -1,0 +1,549 @@
+//! The executor: plans a recipe, then runs each stage that is not cached, in order, committing
+//! each artifact atomically and recording it in the lock file before the next stage starts.
+//!
+//! It holds the workdir lock for the whole run (a second run waits or fails), runs each stage on
+//! tokio's blocking pool so CPU-heavy work stays off the async threads while stages can still drive
+//! async work (LLM calls) through the runtime handle, and turns everything into [`Event`]s for the
+//! terminal, `--json` and the per-run log.
+
+pub mod events;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fs_err as fs;
+
+pub use events::{Event, Reporter};
+
+use crate::cache::digest::DigestMemo;
+use crate::cache::error::CacheError;
+use crate::cache::lock::{LockFile, LockedStage};
+use crate::cache::store::{LockWait, Store, WorkdirLock};
+use crate::model::hub::HubConfig;
+use crate::plan::{Dag, Plan, PlanError, PlanOptions, Status};
+use crate::recipe::{Recipe, RecipeError};
+use crate::stages::context::StageNote;
+use crate::stages::{StageContext, StageEnv, StageError, StageReporter, Table};
+
+/// What `run` does beyond planning.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub plan: PlanOptions,
+    /// Run this stage and what it needs, nothing after it.
+    pub until: Option<String>,
+    /// Run only this stage; its inputs must already be built.
+    pub only: Option<String>,
+    /// Plan and report, run nothing.
+    pub dry_run: bool,
+    /// Fail instead of waiting when another run holds the workdir.
+    pub no_wait: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub ran: Vec<String>,
+    pub cached: Vec<String>,
+    pub seconds: f64,
+    pub log: Option<PathBuf>,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum ExecError {
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Recipe(#[from] RecipeError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("this recipe has no stage `{name}`")]
+    #[diagnostic(code(ragd::run::unknown_stage), help("stages of this recipe: {valid}"))]
+    UnknownStage { name: String, valid: String },
+    #[error("stage `{stage}` needs `{needs}`, which is not built yet")]
+    #[diagnostic(
+        code(ragd::run::not_built),
+        help("run without `--only` (or with `--until {stage}`) to build it first")
+    )]
+    NotBuilt { stage: String, needs: String },
+    #[error("stage `{stage}` failed")]
+    #[diagnostic(code(ragd::run::stage_failed))]
+    StageFailed {
+        stage: String,
+        #[source]
+        source: StageError,
+    },
+    #[error("interrupted during stage `{stage}`")]
+    #[diagnostic(
+        code(ragd::run::interrupted),
+        help("finished work is kept; run again to resume")
+    )]
+    Interrupted { stage: String },
+}
+
+impl ExecError {
+    /// 1 for a problem with what the user wrote or asked, 2 for a failure while working.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Recipe(_) | Self::UnknownStage { .. } | Self::NotBuilt { .. } => 1,
+            Self::Interrupted { .. } => 130,
+            _ => 2,
+        }
+    }
+}
+
+/// Everything known before running: the plan, the store and the lock.
+pub struct Prepared {
+    pub plan: Plan,
+    pub store: Store,
+    pub memo: DigestMemo,
+    pub lock: LockFile,
+    bridge: Arc<Bridge>,
+}
+
+/// Builds the DAG and the plan. Read-only apart from the digest memo.
+pub fn prepare(
+    recipe: &Recipe,
+    options: &PlanOptions,
+    reporter: Arc<dyn Reporter>,
+) -> Result<Prepared, ExecError> {
+    let dag = Dag::build(recipe)?;
+    let store = Store::open(&recipe.workdir)?;
+    let mut memo = DigestMemo::open(&store.memo_path());
+    let lock = LockFile::read(&recipe.lock_path())?;
+    let bridge = Arc::new(Bridge::new(reporter));
+    let hub = HubConfig::from_env();
+    let env_for = |stage: &'static str| StageEnv {
+        recipe: recipe.env.clone(),
+        hub: hub.clone(),
+        reporter: bridge.clone(),
+        stage,
+    };
+    let plan = Plan::build(dag, &store, &mut memo, &lock, &env_for, options)?;
+    memo.save().map_err(CacheError::from)?;
+    Ok(Prepared {
+        plan,
+        store,
+        memo,
+        lock,
+        bridge,
+    })
+}
+
+/// The plan event for a prepared recipe.
+pub fn plan_event(recipe: &Recipe, plan: &Plan) -> Event {
+    Event::Plan {
+        recipe: recipe.path.display().to_string(),
+        workdir: recipe.workdir.display().to_string(),
+        stages: plan.entries(),
+    }
+}
+
+/// Runs a recipe. `cancel` is set by the caller on Ctrl-C; the running stage stops at its next
+/// check and keeps its journal.
+pub fn run(
+    recipe: &Recipe,
+    options: &RunOptions,
+    reporter: Arc<dyn Reporter>,
+    runtime: &tokio::runtime::Handle,
+    cancel: Arc<AtomicBool>,
+) -> Result<RunReport, ExecError> {
+    let started = Instant::now();
+    let _workdir_lock = if options.dry_run {
+        None
+    } else {
+        let wait = if options.no_wait {
+            LockWait::Fail
+        } else {
+            LockWait::Wait
+        };
+        Some(WorkdirLock::acquire(&recipe.workdir, wait, &mut |pid| {
+            reporter.event(&Event::Waiting { pid });
+        })?)
+    };
+    let prepared = prepare(recipe, &options.plan, reporter.clone())?;
+    let selected = select(&prepared.plan, options)?;
+    let log = if options.dry_run {
+        None
+    } else {
+        Some(prepared.bridge.open_log(&prepared.store)?)
+    };
+    prepared.bridge.emit(&plan_event(recipe, &prepared.plan));
+    let mut report = RunReport {
+        log,
+        ..RunReport::default()
+    };
+    if options.dry_run {
+        return Ok(report);
+    }
+    register_lock(&prepared.store, &recipe.lock_path())?;
+
+    let Prepared {
+        plan,
+        store,
+        mut memo,
+        mut lock,
+        bridge,
+    } = prepared;
+    let mut available: Vec<bool> = plan.stages.iter().map(|s| s.status.is_cached()).collect();
+    let mut failure = None;
+    for (index, planned) in plan.stages.iter().enumerate() {
+        let kind = planned.spec.kind;
+        if !selected.contains(&index) {
+            continue;
+        }
+        if let Status::Cached(manifest) = &planned.status {
+            bridge.emit(&Event::StageSkipped {
+                stage: kind.to_owned(),
+                key: planned.key.clone(),
+                reason: "cached".to_owned(),
+            });
+            let entry = locked(planned, manifest);
+            if lock.stages.get(kind) != Some(&entry) {
+                lock.stages.insert(kind.to_owned(), entry);
+                lock.write(&recipe.lock_path())?;
+            }
+            report.cached.push(kind.to_owned());
+            continue;
+        }
+        if let Some((_, &producer)) = planned.inputs.iter().find(|(_, p)| !available[**p]) {
+            return Err(ExecError::NotBuilt {
+                stage: kind.to_owned(),
+                needs: plan.stages[producer].spec.kind.to_owned(),
+            });
+        }
+        let reasons = match &planned.status {
+            Status::Run(reasons) => reasons.clone(),
+            Status::Cached(_) => Vec::new(),
+        };
+        bridge.emit(&Event::StageStart {
+            stage: kind.to_owned(),
+            key: planned.key.clone(),
+            why: reasons.iter().map(ToString::to_string).collect(),
+            reasons,
+        });
+        let stage_started = Instant::now();
+        store.remove(&planned.key)?;
+        let staging = store.begin(&planned.key)?;
+        store.save_record(&planned.key, &planned.record)?;
+        let context = StageContext {
+            env: StageEnv {
+                recipe: recipe.env.clone(),
+                hub: HubConfig::from_env(),
+                reporter: bridge.clone(),
+                stage: kind,
+            },
+            key: planned.key.clone(),
+            out_dir: staging.out_dir.clone(),
+            journal_dir: staging.journal_dir.clone(),
+            inputs: planned
+                .inputs
+                .iter()
+                .map(|(&artifact, &producer)| {
+                    (artifact, store.artifact_dir(&plan.stages[producer].key))
+                })
+                .collect(),
+            shared_dir: store.shared_dir(),
+            recipe_text: provenance_text(recipe),
+            recipe_path: recipe.path.clone(),
+            upstream_keys: planned.record.upstream.clone(),
+            cancel: cancel.clone(),
+            runtime: runtime.clone(),
+        };
+        let stage = planned.stage.clone();
+        let outcome = runtime
+            .block_on(tokio::task::spawn_blocking(move || stage.run(&context)))
+            .unwrap_or_else(|join| {
+                Err(StageError::Failed(format!("the stage thread panicked: {join}")))
+            });
+        let seconds = stage_started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(outcome) => {
+                let manifest = store.commit(&staging, kind, outcome.summary.clone())?;
+                lock.stages
+                    .insert(kind.to_owned(), locked(planned, &manifest));
+                lock.write(&recipe.lock_path())?;
+                bridge.emit(&Event::StageDone {
+                    stage: kind.to_owned(),
+                    key: planned.key.clone(),
+                    seconds,
+                    output: manifest.digest.clone(),
+                    summary: outcome.summary,
+                });
+                available[index] = true;
+                report.ran.push(kind.to_owned());
+            }
+            Err(error) => {
+                let interrupted =
+                    matches!(error, StageError::Cancelled) || cancel.load(Ordering::Relaxed);
+                let resumable = fs::read_dir(&staging.journal_dir)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                bridge.emit(&Event::StageFailed {
+                    stage: kind.to_owned(),
+                    key: planned.key.clone(),
+                    seconds,
+                    message: error_chain(&error),
+                    resumable,
+                });
+                failure = Some(if interrupted {
+                    ExecError::Interrupted {
+                        stage: kind.to_owned(),
+                    }
+                } else {
+                    ExecError::StageFailed {
+                        stage: kind.to_owned(),
+                        source: error,
+                    }
+                });
+                break;
+            }
+        }
+    }
+    memo.save().map_err(CacheError::from)?;
+    report.seconds = started.elapsed().as_secs_f64();
+    bridge.emit(&Event::Summary {
+        ran: report.ran.len(),
+        cached: report.cached.len(),
+        failed: usize::from(failure.is_some()),
+        seconds: report.seconds,
+    });
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(report),
+    }
+}
+
+/// The stages `--only`/`--until` select (all by default), as plan indexes.
+fn select(plan: &Plan, options: &RunOptions) -> Result<Vec<usize>, ExecError> {
+    let find = |name: &str| {
+        plan.stages
+            .iter()
+            .position(|s| s.spec.kind == name || s.spec.section == name)
+            .ok_or_else(|| ExecError::UnknownStage {
+                name: name.to_owned(),
+                valid: plan
+                    .stages
+                    .iter()
+                    .map(|s| format!("`{}`", s.spec.kind))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    };
+    for name in &options.plan.force {
+        find(name)?;
+    }
+    if let Some(only) = &options.only {
+        return Ok(vec![find(only)?]);
+    }
+    if let Some(until) = &options.until {
+        let target = find(until)?;
+        let mut chosen = vec![target];
+        let mut next = 0;
+        while next < chosen.len() {
+            for &producer in plan.stages[chosen[next]].inputs.values() {
+                if !chosen.contains(&producer) {
+                    chosen.push(producer);
+                }
+            }
+            next += 1;
+        }
+        chosen.sort_unstable();
+        return Ok(chosen);
+    }
+    Ok((0..plan.stages.len()).collect())
+}
+
+fn locked(planned: &crate::plan::PlannedStage, manifest: &crate::cache::store::Manifest) -> LockedStage {
+    LockedStage {
+        key: planned.key.clone(),
+        record: planned.record.summarized(),
+        output: manifest.digest.clone(),
+        bytes: manifest.bytes(),
+        summary: manifest.summary.clone(),
+    }
+}
+
+/// The recipe text plus the overrides applied, as provenance for models and the registry.
+fn provenance_text(recipe: &Recipe) -> String {
+    let mut text = recipe.text.to_string();
+    if !recipe.overrides.is_empty() {
+        text.push_str("\n# overrides (--set):\n");
+        for o in &recipe.overrides {
+            text.push_str(&format!("#   {o}\n"));
+        }
+    }
+    text
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// Remembers which lock files use this workdir, so `gc` knows every key still referenced.
+fn register_lock(store: &Store, lock_path: &Path) -> Result<(), CacheError> {
+    let list = store.root().join("locks-v1.json");
+    let mut locks: Vec<PathBuf> = fs::read(&list)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let lock_path = std::path::absolute(lock_path)?;
+    if !locks.contains(&lock_path) {
+        locks.push(lock_path);
+        crate::cache::write_atomic(&list, &serde_json::to_vec_pretty(&locks)?)?;
+    }
+    Ok(())
+}
+
+/// Lock files that used a workdir (for `gc`).
+pub fn registered_locks(workdir: &Path) -> Vec<PathBuf> {
+    fs::read(workdir.join("locks-v1.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Turns stage reports into events, for the caller's reporter and the run log.
+struct Bridge {
+    reporter: Arc<dyn Reporter>,
+    log: Mutex<Option<std::io::BufWriter<fs::File>>>,
+    bars: Mutex<HashMap<u64, (String, String, Option<u64>)>>,
+}
+
+impl Bridge {
+    fn new(reporter: Arc<dyn Reporter>) -> Self {
+        Self {
+            reporter,
+            log: Mutex::new(None),
+            bars: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn open_log(&self, store: &Store) -> Result<PathBuf, CacheError> {
+        let name = format!(
+            "{}-{}.jsonl",
+            jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ"),
+            std::process::id()
+        );
+        let path = store.runs_dir().join(name);
+        let file = fs::File::create(&path)?;
+        *self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(std::io::BufWriter::new(file));
+        Ok(path)
+    }
+
+    fn emit(&self, event: &Event) {
+        self.reporter.event(event);
+        let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(writer) = log.as_mut() {
+            // The log is a record for later reading; failing to write it must not fail the run.
+            let line = serde_json::to_string(event).unwrap_or_default();
+            let _ = writeln!(writer, "{line}");
+            if !matches!(event, Event::StageProgress { .. }) {
+                let _ = writer.flush();
+            }
+        }
+    }
+}
+
+impl StageReporter for Bridge {
+    fn note(&self, stage: &str, note: StageNote) {
+        self.emit(&Event::StageNote {
+            stage: stage.to_owned(),
+            level: note.level,
+            message: note.message,
+        });
+    }
+
+    fn progress_start(&self, stage: &str, id: u64, label: &str, total: Option<u64>) {
+        self.bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, (stage.to_owned(), label.to_owned(), total));
+        self.emit(&Event::StageProgress {
+            stage: stage.to_owned(),
+            id,
+            label: label.to_owned(),
+            done: 0,
+            total,
+            message: None,
+            finished: false,
+        });
+    }
+
+    fn progress_update(&self, id: u64, done: u64, message: Option<&str>) {
+        let bar = self
+            .bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        if let Some((stage, label, total)) = bar {
+            self.emit(&Event::StageProgress {
+                stage,
+                id,
+                label,
+                done,
+                total,
+                message: message.map(str::to_owned),
+                finished: false,
+            });
+        }
+    }
+
+    fn progress_end(&self, id: u64) {
+        let bar = self
+            .bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        if let Some((stage, label, total)) = bar {
+            self.emit(&Event::StageProgress {
+                stage,
+                id,
+                label,
+                done: total.unwrap_or(0),
+                total,
+                message: None,
+                finished: true,
+            });
+        }
+    }
+
+    fn table(&self, stage: &str, table: &Table) {
+        self.emit(&Event::StageTable {
+            stage: stage.to_owned(),
+            title: table.title.clone(),
+            columns: table.columns.clone(),
+            rows: table.rows.clone(),
+        });
+    }
+}
+
+/// Keys referenced by the given lock files.
+pub fn referenced_keys(locks: &[PathBuf]) -> BTreeMap<String, PathBuf> {
+    let mut keys = BTreeMap::new();
+    for path in locks {
+        if let Ok(lock) = LockFile::read(path) {
+            for stage in lock.stages.values() {
+                keys.insert(stage.key.clone(), path.clone());
+            }
+        }
+    }
+    keys
+}

@@ -1,0 +1,483 @@
+//! Planning: from a recipe to a DAG of stages (`Dag`), then to keys and what is cached (`Plan`).
+//!
+//! Each stage input resolves to the nearest stage before it in the canonical chain that produces
+//! the artifact (or to the sections its `from:` names). Keys follow from inputs, not outputs, so
+//! the whole plan, cached or not, is known before anything runs.
+
+pub mod dirty;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+
+pub use dirty::DirtyReason;
+
+use crate::cache::digest::{DigestMemo, list_files};
+use crate::cache::error::CacheError;
+use crate::cache::key::{ExternalDigest, KEY_FORMAT, KeyRecord, canonical};
+use crate::cache::lock::LockFile;
+use crate::cache::store::{Manifest, Store, Verification};
+use crate::recipe::{Problem, ProblemKind, Recipe, RecipeError};
+use crate::stages::{Artifact, External, Stage, StageEnv, StageError, StageSpec};
+
+/// The stages of a recipe and which stage feeds which.
+pub struct Dag {
+    /// In execution order (topological, ties in canonical order).
+    pub nodes: Vec<DagNode>,
+}
+
+pub struct DagNode {
+    pub spec: &'static StageSpec,
+    pub stage: Arc<dyn Stage>,
+    /// Artifact → index (into `nodes`) of the stage producing it.
+    pub inputs: BTreeMap<Artifact, usize>,
+}
+
+impl Dag {
+    /// Resolves every stage's inputs; missing inputs and cycles are located recipe problems.
+    pub fn build(recipe: &Recipe) -> Result<Self, RecipeError> {
+        let mut problems: Vec<Problem> = Vec::new();
+        let count = recipe.stages.len();
+        let mut edges: Vec<BTreeMap<Artifact, usize>> = vec![BTreeMap::new(); count];
+        let section_path = |i: usize| vec![recipe.stages[i].spec.section.to_owned()];
+        for (i, entry) in recipe.stages.iter().enumerate() {
+            let from_positions = entry.from.as_ref().map(|names| {
+                names
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(n, name)| {
+                        let position = recipe
+                            .stages
+                            .iter()
+                            .position(|s| s.spec.section == name || s.spec.kind == name);
+                        if position.is_none() {
+                            problems.push(recipe.problem(
+                                ProblemKind::MissingInput,
+                                &[entry.spec.section.to_owned(), "from".to_owned(), n.to_string()],
+                                format!("`{}.from` names `{name}`, which is not a section of this recipe", entry.spec.section),
+                                "no such section",
+                                None,
+                            ));
+                        }
+                        position.map(|p| (n, p))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            for input in entry.stage.inputs() {
+                let producer = match &from_positions {
+                    Some(listed) => listed
+                        .iter()
+                        .map(|&(_, p)| p)
+                        .find(|&p| recipe.stages[p].spec.produces == input.artifact),
+                    None => (0..i)
+                        .rev()
+                        .find(|&p| recipe.stages[p].spec.produces == input.artifact),
+                };
+                match producer {
+                    Some(p) => {
+                        edges[i].insert(input.artifact, p);
+                    }
+                    None if input.required => {
+                        let producers: Vec<String> = crate::stages::REGISTRY
+                            .iter()
+                            .filter(|s| s.produces == input.artifact)
+                            .map(|s| format!("`{}:`", s.section))
+                            .collect();
+                        let mut help = format!("add a {} section", producers.join(" or "));
+                        if let Some(key) = input.instead {
+                            help.push_str(&format!(
+                                ", or set `{}.{key}`",
+                                entry.spec.section
+                            ));
+                        }
+                        problems.push(recipe.problem(
+                            ProblemKind::MissingInput,
+                            &section_path(i),
+                            format!(
+                                "stage `{}` needs {}, which no stage of this recipe produces",
+                                entry.spec.kind,
+                                input.artifact.name()
+                            ),
+                            format!("needs {}", input.artifact.name()),
+                            Some(help),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            if let Some(listed) = &from_positions {
+                let needed: Vec<Artifact> = entry.stage.inputs().iter().map(|i| i.artifact).collect();
+                for &(n, p) in listed {
+                    if !needed.contains(&recipe.stages[p].spec.produces) {
+                        problems.push(recipe.problem(
+                            ProblemKind::MissingInput,
+                            &[entry.spec.section.to_owned(), "from".to_owned(), n.to_string()],
+                            format!(
+                                "`{}` produces {}, which stage `{}` does not read",
+                                recipe.stages[p].spec.section,
+                                recipe.stages[p].spec.produces.name(),
+                                entry.spec.kind
+                            ),
+                            "not an input of this stage",
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(RecipeError::Invalid {
+                path: recipe.path.clone(),
+                problems,
+            });
+        }
+
+        let mut graph: DiGraph<usize, Artifact> = DiGraph::new();
+        let nodes: Vec<NodeIndex> = (0..count).map(|i| graph.add_node(i)).collect();
+        for (consumer, inputs) in edges.iter().enumerate() {
+            for (&artifact, &producer) in inputs {
+                graph.add_edge(nodes[producer], nodes[consumer], artifact);
+            }
+        }
+        let order = match stable_toposort(&graph, count) {
+            Some(order) => order,
+            None => {
+                let cycle = petgraph::algo::kosaraju_scc(&graph)
+                    .into_iter()
+                    .find(|scc| scc.len() > 1)
+                    .unwrap_or_default();
+                let mut members: Vec<usize> = cycle.iter().map(|n| graph[*n]).collect();
+                members.sort_unstable();
+                let names: Vec<String> = members
+                    .iter()
+                    .map(|&i| format!("`{}`", recipe.stages[i].spec.kind))
+                    .collect();
+                let at = members
+                    .iter()
+                    .copied()
+                    .find(|&i| recipe.stages[i].from.is_some())
+                    .unwrap_or(members.first().copied().unwrap_or(0));
+                let mut path = section_path(at);
+                path.push("from".to_owned());
+                return Err(RecipeError::Invalid {
+                    path: recipe.path.clone(),
+                    problems: vec![recipe.problem(
+                        ProblemKind::Cycle,
+                        &path,
+                        format!("stages {} read each other's output in a cycle", names.join(", ")),
+                        "this closes the cycle",
+                        Some("a stage can only read from stages that do not depend on it; fix the `from:` lists".to_owned()),
+                    )],
+                });
+            }
+        };
+        let position: BTreeMap<usize, usize> =
+            order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+        let nodes = order
+            .iter()
+            .map(|&i| DagNode {
+                spec: recipe.stages[i].spec,
+                stage: recipe.stages[i].stage.clone(),
+                inputs: edges[i]
+                    .iter()
+                    .map(|(&artifact, producer)| (artifact, position[producer]))
+                    .collect(),
+            })
+            .collect();
+        Ok(Self { nodes })
+    }
+
+    /// Index of the stage named by kind (`query-gen`) or section (`query_gen`).
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.spec.kind == name || n.spec.section == name)
+    }
+
+    /// `index` and every stage it transitively reads from.
+    pub fn ancestors(&self, index: usize) -> Vec<usize> {
+        let mut found = vec![index];
+        let mut next = 0;
+        while next < found.len() {
+            for &producer in self.nodes[found[next]].inputs.values() {
+                if !found.contains(&producer) {
+                    found.push(producer);
+                }
+            }
+            next += 1;
+        }
+        found.sort_unstable();
+        found
+    }
+}
+
+/// Kahn's algorithm taking the lowest index first, so independent stages keep canonical order.
+/// `None` when there is a cycle.
+fn stable_toposort(graph: &DiGraph<usize, Artifact>, count: usize) -> Option<Vec<usize>> {
+    let mut indegree = vec![0usize; count];
+    for edge in graph.edge_indices() {
+        let (_, to) = graph.edge_endpoints(edge)?;
+        indegree[graph[to]] += 1;
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..count).filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(count);
+    while let Some(&i) = ready.iter().next() {
+        ready.remove(&i);
+        order.push(i);
+        for neighbor in graph.neighbors(NodeIndex::new(i)) {
+            let j = graph[neighbor];
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.insert(j);
+            }
+        }
+    }
+    (order.len() == count).then_some(order)
+}
+
+/// A planned stage: its key, what went into it, and whether it must run.
+pub struct PlannedStage {
+    pub spec: &'static StageSpec,
+    pub stage: Arc<dyn Stage>,
+    pub inputs: BTreeMap<Artifact, usize>,
+    pub record: KeyRecord,
+    pub key: String,
+    pub status: Status,
+}
+
+/// Whether a stage's artifact can be used as it is.
+#[derive(Debug, Clone)]
+pub enum Status {
+    Cached(Box<Manifest>),
+    Run(Vec<DirtyReason>),
+}
+
+impl Status {
+    pub fn is_cached(&self) -> bool {
+        matches!(self, Self::Cached(_))
+    }
+}
+
+/// Everything `plan`, `status` and `run` need to know before running anything.
+pub struct Plan {
+    pub stages: Vec<PlannedStage>,
+}
+
+/// Why planning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("stage `{stage}`: cannot resolve its inputs")]
+    External {
+        stage: String,
+        #[source]
+        source: StageError,
+    },
+    #[error("stage `{stage}`: cannot hash `{}`", path.display())]
+    Hash {
+        stage: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// How the planner treats the cache.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Stage kinds forced to run.
+    pub force: Vec<String>,
+    pub force_all: bool,
+}
+
+impl Plan {
+    /// Keys every stage and checks the store. `memo` speeds hashing; `lock` explains changes.
+    pub fn build(
+        dag: Dag,
+        store: &Store,
+        memo: &mut DigestMemo,
+        lock: &LockFile,
+        env_for: &dyn Fn(&'static str) -> StageEnv,
+        options: &PlanOptions,
+    ) -> Result<Self, PlanError> {
+        let mut stages: Vec<PlannedStage> = Vec::with_capacity(dag.nodes.len());
+        for node in dag.nodes {
+            let kind = node.spec.kind;
+            let env = env_for(kind);
+            let externals = node
+                .stage
+                .externals(&env)
+                .map_err(|source| PlanError::External {
+                    stage: kind.to_owned(),
+                    source,
+                })?;
+            let mut digests = BTreeMap::new();
+            for external in externals {
+                let (label, digest) = digest_external(kind, external, memo)?;
+                digests.insert(label, digest);
+            }
+            let upstream = node
+                .inputs
+                .iter()
+                .map(|(artifact, &producer)| {
+                    (
+                        serde_json::to_value(artifact)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        stages[producer].key.clone(),
+                    )
+                })
+                .collect();
+            let record = KeyRecord {
+                format: KEY_FORMAT,
+                kind: kind.to_owned(),
+                stage_version: node.stage.version(),
+                tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+                params: canonical(&node.stage.params()),
+                upstream,
+                externals: digests,
+            };
+            let key = record.key();
+            let forced = options.force_all || options.force.iter().any(|f| f == kind || f == node.spec.section);
+            let status = match store.verify(&key, memo) {
+                _ if forced => Status::Run(vec![DirtyReason::Forced]),
+                Verification::Valid(manifest) => Status::Cached(Box::new(manifest)),
+                Verification::Corrupt { reason } => {
+                    Status::Run(vec![DirtyReason::ArtifactCorrupt { detail: reason }])
+                }
+                Verification::Missing => {
+                    Status::Run(why_missing(store, lock, kind, node.spec.section, &record, &key))
+                }
+            };
+            stages.push(PlannedStage {
+                spec: node.spec,
+                stage: node.stage,
+                inputs: node.inputs,
+                record,
+                key,
+                status,
+            });
+        }
+        Ok(Self { stages })
+    }
+}
+
+/// Reasons for a stage whose artifact is not in the store: compared with what the lock (and, for
+/// per-file detail, the workdir's record of the locked key) says ran last.
+fn why_missing(
+    store: &Store,
+    lock: &LockFile,
+    kind: &str,
+    section: &str,
+    record: &KeyRecord,
+    key: &str,
+) -> Vec<DirtyReason> {
+    let Some(locked) = lock.stages.get(kind) else {
+        return vec![DirtyReason::NeverRun];
+    };
+    if locked.key == key {
+        return vec![DirtyReason::NotInStore];
+    }
+    let previous = store
+        .load_record(&locked.key)
+        .unwrap_or_else(|| locked.record.clone());
+    let reasons = dirty::explain(&previous, record, section);
+    if reasons.is_empty() {
+        vec![DirtyReason::NeverRun]
+    } else {
+        reasons
+    }
+}
+
+/// Hashes one external input.
+fn digest_external(
+    stage: &str,
+    external: External,
+    memo: &mut DigestMemo,
+) -> Result<(String, ExternalDigest), PlanError> {
+    let hash_error = |path: PathBuf| {
+        let stage = stage.to_owned();
+        move |source| PlanError::Hash {
+            stage,
+            path,
+            source,
+        }
+    };
+    match external {
+        External::Identity { label, value } => Ok((label, ExternalDigest::of_identity(&value))),
+        External::Files { label, root, files } => {
+            let absolute: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
+            let digests = memo
+                .digest_all(&absolute)
+                .map_err(hash_error(root.clone()))?;
+            let map = files
+                .iter()
+                .map(|f| f.to_string_lossy().into_owned())
+                .zip(digests.into_iter().map(|d| d.blake3))
+                .collect();
+            Ok((label, ExternalDigest::of_files("files", map, None)))
+        }
+        External::Model {
+            label,
+            reference,
+            path,
+        } => {
+            let (root, files) = if path.is_dir() {
+                let files = list_files(&path).map_err(hash_error(path.clone()))?;
+                (path.clone(), files)
+            } else {
+                let name = path.file_name().map(PathBuf::from).unwrap_or_default();
+                (
+                    path.parent().map(PathBuf::from).unwrap_or_default(),
+                    vec![name],
+                )
+            };
+            let absolute: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
+            let digests = memo.digest_all(&absolute).map_err(hash_error(path))?;
+            let map = files
+                .iter()
+                .map(|f| f.to_string_lossy().into_owned())
+                .zip(digests.into_iter().map(|d| d.blake3))
+                .collect();
+            Ok((label, ExternalDigest::of_files("model", map, Some(reference))))
+        }
+    }
+}
+
+/// A plan entry as `plan --json` and the run log show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanEntry {
+    pub stage: String,
+    pub key: String,
+    pub inputs: Vec<String>,
+    pub cached: bool,
+    pub reasons: Vec<DirtyReason>,
+}
+
+impl Plan {
+    pub fn entries(&self) -> Vec<PlanEntry> {
+        self.stages
+            .iter()
+            .map(|s| PlanEntry {
+                stage: s.spec.kind.to_owned(),
+                key: s.key.clone(),
+                inputs: s
+                    .inputs
+                    .values()
+                    .map(|&p| self.stages[p].spec.kind.to_owned())
+                    .collect(),
+                cached: s.status.is_cached(),
+                reasons: match &s.status {
+                    Status::Cached(_) => Vec::new(),
+                    Status::Run(reasons) => reasons.clone(),
+                },
+            })
+            .collect()
+    }
+}
