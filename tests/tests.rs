@@ -1,1 +1,5 @@
+//! Integration tests: the real `ragd-pipe` binary on temporary projects.
 
+mod util;
+
+mod cli;

@@ -536,7 +536,7 @@ impl Loader {
 
     /// A serde message made readable, with a did-you-mean for unknown enum variants.
     fn type_problem(&mut self, path: &[String], message: &str) {
-        let message = strip_location(message);
+        let message = plain_types(&strip_location(message));
         let mut help = None;
         if let Some(rest) = message.strip_prefix("unknown variant `")
             && let Some((wrong, expected)) = rest.split_once("`, expected ")
@@ -570,6 +570,34 @@ impl Loader {
     }
 }
 
+/// serde's type names (`expected u64`) in words a recipe author knows.
+fn plain_types(message: &str) -> String {
+    const NAMES: &[(&str, &str)] = &[
+        ("expected u8", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected usize", "expected a whole number (0 or more)"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected a mapping (`key: value` lines)"),
+    ];
+    let mut out = message.to_owned();
+    for (serde, plain) in NAMES {
+        if let Some(i) = out.find(serde) {
+            let end = i + serde.len();
+            // Only whole words: `expected u32` but not `expected u32x`.
+            if !out[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_') {
+                out.replace_range(i..end, plain);
+            }
+        }
+    }
+    out
+}
+
 /// Removes serde_yaml's " at line N column M" suffix: the diagnostic shows the place itself.
 fn strip_location(message: &str) -> String {
     match message.find(" at line ") {
@@ -590,3 +618,6 @@ fn path_of<E>(error: &serde_path_to_error::Error<E>) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
