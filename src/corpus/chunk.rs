@@ -740,4 +740,75 @@ mod tests {
             Some("Short closing paragraph about `gc.collect()`.")
         );
     }
+
+    /// The brief's speed bar: 5,000 markdown files of about 2 KB chunk in seconds. Ignored by
+    /// default (it measures, and CI machines vary); run with
+    /// `cargo test --lib corpus::chunk::tests::throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run by hand"]
+    #[expect(clippy::print_stderr, reason = "the figures are the point of this test")]
+    fn throughput_of_5000_markdown_files() {
+        use rand::{Rng, SeedableRng};
+
+        const WORDS: &[&str] = &[
+            "the", "retention", "policy", "requires", "encrypted", "backups", "of", "every",
+            "database", "and", "a", "restore", "drill", "each", "quarter", "operators", "must",
+            "record", "which", "snapshot", "was", "used", "including", "its", "checksum",
+            "storage", "tier", "replicas", "failover", "region", "latency", "budget",
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut sentence = |rng: &mut rand_chacha::ChaCha8Rng| {
+            let n = rng.random_range(8..20);
+            let words: Vec<&str> = (0..n).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            let mut s = words.join(" ");
+            s[..1].make_ascii_uppercase();
+            s + "."
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut bytes = 0;
+        for file in 0..5000 {
+            let mut text = format!("# Runbook {file}\n\n");
+            let mut section = 0;
+            while text.len() < 2000 {
+                if text.len() > 600 * (section + 1) {
+                    section += 1;
+                    text += &format!("\n## Step {section}\n\n");
+                }
+                let sentences: Vec<String> =
+                    (0..rng.random_range(2..5)).map(|_| sentence(&mut rng)).collect();
+                text += &sentences.join(" ");
+                text += "\n\n";
+            }
+            bytes += text.len();
+            let folder = dir.path().join(format!("team-{}", file % 50));
+            fs::create_dir_all(&folder).expect("mkdir");
+            fs::write(folder.join(format!("runbook-{file}.md")), text).expect("write");
+        }
+        let tokenizer = Tokenizer::from_file(crate::testutil::minilm_dir().join("tokenizer.json"))
+            .expect("MiniLM tokenizer loads");
+        let options = ChunkOptions {
+            max_tokens: 256,
+            overlap: 32,
+        };
+        let started = std::time::Instant::now();
+        let source = Source::from_path(dir.path(), FileFilter::default()).expect("folder");
+        let corpus = read_source(&source, &()).expect("reads");
+        let read = started.elapsed();
+        let chunked = chunk_documents(&corpus, &tokenizer, options, &()).expect("chunks");
+        let total = started.elapsed();
+        let files_per_second = 5000.0 / total.as_secs_f64();
+        eprintln!(
+            "5000 files, {:.1} MB, {} threads: read {:.2} s, chunk {:.2} s, total {:.2} s = \
+             {files_per_second:.0} files/s; {} chunks, {} tokens",
+            bytes as f64 / 1e6,
+            rayon::current_num_threads(),
+            read.as_secs_f64(),
+            (total - read).as_secs_f64(),
+            total.as_secs_f64(),
+            chunked.stats.chunks,
+            chunked.stats.tokens,
+        );
+        assert_eq!(chunked.stats.documents_chunked, 5000);
+        assert!(total.as_secs_f64() < 10.0, "took {total:?}");
+    }
 }
