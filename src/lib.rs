@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod corpus;
 pub mod exec;
 pub mod model;
 pub mod output;

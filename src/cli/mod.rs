@@ -2,6 +2,7 @@
 //! library, prints), and the one place errors become miette reports and exit codes
 //! (0 ok, 1 bad input, 2 internal or environment failure, 130 interrupted).
 
+mod bench;
 mod gc;
 mod plan;
 mod run;
@@ -64,6 +65,8 @@ pub enum Command {
     Gc(gc::GcArgs),
     /// List the stage kinds a recipe can use.
     Stages,
+    /// Run a benchmark kept in the repository.
+    Bench(bench::BenchArgs),
 }
 
 /// A recipe and `--set` overrides, shared by the commands that read one.
@@ -135,6 +138,7 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
         Command::Schema(args) => schema::execute(&args, &printer),
         Command::Gc(args) => gc::execute(&args, &printer),
         Command::Stages => stages::execute(&printer),
+        Command::Bench(args) => bench::execute(&args, &printer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
