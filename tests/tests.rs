@@ -2,4 +2,6 @@
 
 mod util;
 
+mod caching;
 mod cli;
+mod diagnostics;

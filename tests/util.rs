@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// A temporary project folder in which tests write recipes and corpora.
-pub struct Project {
+pub(crate) struct Project {
     dir: tempfile::TempDir,
 }
 
 impl Project {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             dir: tempfile::Builder::new()
                 .prefix("ragd-test-")
@@ -20,16 +20,16 @@ impl Project {
         }
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         self.dir.path()
     }
 
-    pub fn path(&self, relative: &str) -> PathBuf {
+    pub(crate) fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
 
     /// Writes a file, creating its folders.
-    pub fn write(&self, relative: &str, content: &str) -> &Self {
+    pub(crate) fn write(&self, relative: &str, content: &str) -> &Self {
         let path = self.path(relative);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).expect("create folders");
@@ -38,12 +38,12 @@ impl Project {
         self
     }
 
-    pub fn read(&self, relative: &str) -> String {
+    pub(crate) fn read(&self, relative: &str) -> String {
         std::fs::read_to_string(self.path(relative)).expect("read file")
     }
 
     /// The binary with the pinned environment, run in the project folder.
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ragd-pipe"));
         command
             .args(args)
@@ -60,24 +60,24 @@ impl Project {
         command
     }
 
-    pub fn run(&self, args: &[&str]) -> Run {
+    pub(crate) fn run(&self, args: &[&str]) -> Run {
         Run::from(self.command(args).output().expect("the binary runs"), self)
     }
 }
 
 /// Where downloaded models are shared between tests and runs: `RAGD_TEST_CACHE`, else
 /// `target/test-cache` (the same place the unit tests use).
-pub fn model_cache() -> PathBuf {
+pub(crate) fn model_cache() -> PathBuf {
     std::env::var_os("RAGD_TEST_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-cache"))
 }
 
 /// A finished run of the binary.
-pub struct Run {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
     root: PathBuf,
 }
 
@@ -92,27 +92,38 @@ impl Run {
     }
 
     #[track_caller]
-    pub fn success(&self) -> &Self {
-        assert_eq!(self.code, 0, "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+    pub(crate) fn success(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     #[track_caller]
-    pub fn failure(&self, code: i32) -> &Self {
-        assert_eq!(self.code, code, "expected exit {code}\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+    pub(crate) fn failure(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     /// Exit code, stdout and stderr together, with temp paths, durations and hashes replaced.
-    pub fn snapshot(&self) -> String {
+    pub(crate) fn snapshot(&self) -> String {
         normalize(
-            &format!("exit: {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr),
+            &format!(
+                "exit: {}\n--- stdout\n{}--- stderr\n{}",
+                self.code, self.stdout, self.stderr
+            ),
             &self.root,
         )
     }
 
     /// Lines of stderr about stages (`✓ chunk: cached`, `▶ mine: running (...)`).
-    pub fn stage_lines(&self) -> Vec<String> {
+    pub(crate) fn stage_lines(&self) -> Vec<String> {
         self.stderr
             .lines()
             .filter(|l| l.starts_with('✓') || l.starts_with('▶') || l.starts_with('✗'))
@@ -121,7 +132,7 @@ impl Run {
     }
 
     /// The stages that ran (started) in this run.
-    pub fn ran(&self) -> Vec<String> {
+    pub(crate) fn ran(&self) -> Vec<String> {
         self.stderr
             .lines()
             .filter_map(|l| l.strip_prefix("▶ "))
@@ -132,7 +143,7 @@ impl Run {
 }
 
 /// Replaces what changes between runs: the temp folder, durations, hex hashes.
-pub fn normalize(text: &str, root: &Path) -> String {
+pub(crate) fn normalize(text: &str, root: &Path) -> String {
     let root = root.display().to_string();
     let text = text.replace(&root, "[ROOT]");
     let duration = regex::Regex::new(r"\b\d+(\.\d+)?(s|ms|m\d\ds|h\d\dm)\b").expect("regex");

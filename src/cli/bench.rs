@@ -48,8 +48,13 @@ fn fail(message: String) -> Failure {
 fn rerun(args: &RerunArgs, printer: &Printer) -> Result<(), Failure> {
     let dir = std::env::temp_dir().join(format!("ragd-bench-rerun-{}", std::process::id()));
     let corpus = dir.join("corpus");
-    printer.status(&format!("generating {} files under {}", args.files, corpus.display()));
-    generate_corpus(&corpus, args.files).map_err(|e| fail(format!("cannot write the corpus: {e}")))?;
+    printer.status(&format!(
+        "generating {} files under {}",
+        args.files,
+        corpus.display()
+    ));
+    generate_corpus(&corpus, args.files)
+        .map_err(|e| fail(format!("cannot write the corpus: {e}")))?;
     let recipe = dir.join("bench.yaml");
     fs_err::write(&recipe, "name: bench-rerun\nchunk:\n  input: corpus\n")
         .map_err(|e| fail(e.to_string()))?;
@@ -100,10 +105,39 @@ fn rerun(args: &RerunArgs, printer: &Printer) -> Result<(), Failure> {
 /// Deterministic markdown files of ~2 KB: a heading, a few paragraphs of pseudo-random words.
 fn generate_corpus(dir: &Path, files: usize) -> std::io::Result<()> {
     const WORDS: &[&str] = &[
-        "backup", "snapshot", "repository", "policy", "retention", "encrypt", "key", "restore",
-        "schedule", "daemon", "config", "option", "default", "network", "storage", "chunk",
-        "index", "verify", "prune", "remote", "local", "disk", "volume", "mount", "archive",
-        "compress", "upload", "download", "error", "warning", "log", "metric", "service",
+        "backup",
+        "snapshot",
+        "repository",
+        "policy",
+        "retention",
+        "encrypt",
+        "key",
+        "restore",
+        "schedule",
+        "daemon",
+        "config",
+        "option",
+        "default",
+        "network",
+        "storage",
+        "chunk",
+        "index",
+        "verify",
+        "prune",
+        "remote",
+        "local",
+        "disk",
+        "volume",
+        "mount",
+        "archive",
+        "compress",
+        "upload",
+        "download",
+        "error",
+        "warning",
+        "log",
+        "metric",
+        "service",
     ];
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {

@@ -55,7 +55,11 @@ pub(super) fn execute(args: &GcArgs, printer: &Printer) -> Result<(), Failure> {
                 .map_err(|e| Failure::new(exec::ExecError::from(e), 2))?;
         }
     }
-    let verb = if args.dry_run { "would remove" } else { "removed" };
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
     let summary = format!(
         "{verb} {removed} unreferenced artifact(s), {:.1} MB; kept {} referenced by {} lock file(s)",
         freed as f64 / 1e6,

@@ -21,7 +21,12 @@ use crate::recipe::Recipe;
 
 /// Fine-tune the embedding models behind your local RAG system on your own documents.
 #[derive(Debug, Parser)]
-#[command(name = "ragd-pipe", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "ragd-pipe",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,10 +44,10 @@ pub struct GlobalArgs {
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
     /// Write machine-readable events (JSON Lines) to stdout.
-    #[arg(long, global = true, env = "RAGD_JSON")]
+    #[arg(long, global = true, env = "RAGD_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     pub json: bool,
     /// Never draw progress bars; print plain lines.
-    #[arg(long, global = true, env = "RAGD_NO_PROGRESS")]
+    #[arg(long, global = true, env = "RAGD_NO_PROGRESS", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_progress: bool,
     /// When to use colour.
     #[arg(long, global = true, value_enum, default_value_t)]

@@ -67,12 +67,20 @@ pub(super) fn render(recipe: &Recipe, plan: &Plan, printer: &Printer) -> String 
                 Status::Cached(_) => ("cached".to_owned(), String::new()),
                 Status::Run(reasons) => (
                     "will run".to_owned(),
-                    reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                    reasons
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 ),
             };
             let mut row = vec![
                 stage.spec.kind.to_owned(),
-                if reads.is_empty() { "-".to_owned() } else { reads.join(", ") },
+                if reads.is_empty() {
+                    "-".to_owned()
+                } else {
+                    reads.join(", ")
+                },
                 status,
             ];
             if verbose {

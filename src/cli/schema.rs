@@ -29,9 +29,8 @@ pub(super) fn schema_text() -> String {
 pub(super) fn execute(args: &SchemaArgs, printer: &Printer) -> Result<(), Failure> {
     let text = schema_text();
     if let Some(path) = &args.check {
-        let committed = fs_err::read_to_string(path).map_err(|e| {
-            Failure::report(miette::miette!("{e}"), 1)
-        })?;
+        let committed =
+            fs_err::read_to_string(path).map_err(|e| Failure::report(miette::miette!("{e}"), 1))?;
         if committed != text {
             return Err(Failure::report(
                 miette::miette!(
@@ -47,8 +46,9 @@ pub(super) fn execute(args: &SchemaArgs, printer: &Printer) -> Result<(), Failur
     }
     match &args.write {
         Some(path) => {
-            crate::cache::write_atomic(path, text.as_bytes())
-                .map_err(|e| Failure::report(miette::miette!("cannot write `{}`: {e}", path.display()), 2))?;
+            crate::cache::write_atomic(path, text.as_bytes()).map_err(|e| {
+                Failure::report(miette::miette!("cannot write `{}`: {e}", path.display()), 2)
+            })?;
             printer.status(&format!("wrote {}", path.display()));
         }
         None => printer.result(&text),

@@ -30,7 +30,11 @@ struct StageStatus {
 
 pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failure> {
     let recipe = args.recipe.load()?;
-    let prepared = exec::prepare(&recipe, &PlanOptions::default(), Arc::new(super::run::NoReporter))?;
+    let prepared = exec::prepare(
+        &recipe,
+        &PlanOptions::default(),
+        Arc::new(super::run::NoReporter),
+    )?;
     let statuses: Vec<StageStatus> = prepared
         .plan
         .stages
@@ -45,13 +49,18 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
                         .store
                         .load_record(&entry.key)
                         .unwrap_or_else(|| entry.record.clone());
-                    ("changed", dirty::explain(&previous, &stage.record, stage.spec.section))
+                    (
+                        "changed",
+                        dirty::explain(&previous, &stage.record, stage.spec.section),
+                    )
                 }
             };
             let store = match &stage.status {
                 Status::Cached(_) => "present",
                 Status::Run(reasons)
-                    if reasons.iter().any(|r| matches!(r, DirtyReason::ArtifactCorrupt { .. })) =>
+                    if reasons
+                        .iter()
+                        .any(|r| matches!(r, DirtyReason::ArtifactCorrupt { .. })) =>
                 {
                     "damaged"
                 }
@@ -76,14 +85,22 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
             let lock = match s.lock {
                 "changed" => format!(
                     "changed: {}",
-                    s.changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                    s.changes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
                 other => other.replace('-', " "),
             };
             vec![
                 s.stage.clone(),
                 s.store.to_owned(),
-                if s.would_run { "yes".to_owned() } else { "no".to_owned() },
+                if s.would_run {
+                    "yes".to_owned()
+                } else {
+                    "no".to_owned()
+                },
                 lock,
             ]
         })

@@ -17,7 +17,9 @@ pub(super) fn execute(args: &ValidateArgs, printer: &Printer) -> Result<(), Fail
     let dag = Dag::build(&recipe).map_err(|e| Failure::new(e, 1))?;
     let chain: Vec<&str> = dag.nodes.iter().map(|n| n.spec.kind).collect();
     if printer.json {
-        printer.json_line(&serde_json::json!({"type": "valid", "recipe": recipe.path, "stages": chain}));
+        printer.json_line(
+            &serde_json::json!({"type": "valid", "recipe": recipe.path, "stages": chain}),
+        );
     } else {
         printer.result(&format!(
             "{} is valid: {}\n",

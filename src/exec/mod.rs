@@ -257,9 +257,11 @@ pub fn run(
         };
         let stage = planned.stage.clone();
         let outcome = runtime
-            .block_on(tokio::task::spawn_blocking(move || stage.run(&context)))
+            .block_on(runtime.spawn_blocking(move || stage.run(&context)))
             .unwrap_or_else(|join| {
-                Err(StageError::Failed(format!("the stage thread panicked: {join}")))
+                Err(StageError::Failed(format!(
+                    "the stage thread panicked: {join}"
+                )))
             });
         let seconds = stage_started.elapsed().as_secs_f64();
         match outcome {
@@ -359,7 +361,10 @@ fn select(plan: &Plan, options: &RunOptions) -> Result<Vec<usize>, ExecError> {
     Ok((0..plan.stages.len()).collect())
 }
 
-fn locked(planned: &crate::plan::PlannedStage, manifest: &crate::cache::store::Manifest) -> LockedStage {
+fn locked(
+    planned: &crate::plan::PlannedStage,
+    manifest: &crate::cache::store::Manifest,
+) -> LockedStage {
     LockedStage {
         key: planned.key.clone(),
         record: planned.record.summarized(),
@@ -418,11 +423,14 @@ pub fn registered_locks(workdir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+type BarInfo = (String, String, Option<u64>);
+
 /// Turns stage reports into events, for the caller's reporter and the run log.
 struct Bridge {
     reporter: Arc<dyn Reporter>,
     log: Mutex<Option<std::io::BufWriter<fs::File>>>,
-    bars: Mutex<HashMap<u64, (String, String, Option<u64>)>>,
+    /// Progress id → (stage, label, total), to fill in updates.
+    bars: Mutex<HashMap<u64, BarInfo>>,
 }
 
 impl Bridge {
@@ -442,14 +450,20 @@ impl Bridge {
         );
         let path = store.runs_dir().join(name);
         let file = fs::File::create(&path)?;
-        *self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+        *self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(std::io::BufWriter::new(file));
         Ok(path)
     }
 
     fn emit(&self, event: &Event) {
         self.reporter.event(event);
-        let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(writer) = log.as_mut() {
             // The log is a record for later reading; failing to write it must not fail the run.
             let line = serde_json::to_string(event).unwrap_or_default();

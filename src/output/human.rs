@@ -70,7 +70,9 @@ impl Reporter for HumanReporter {
         let verbose = self.printer.verbosity == Verbosity::Verbose;
         let green = anstyle::Style::new().fg_color(Some(anstyle::AnsiColor::Green.into()));
         let yellow = anstyle::Style::new().fg_color(Some(anstyle::AnsiColor::Yellow.into()));
-        let red = anstyle::Style::new().fg_color(Some(anstyle::AnsiColor::Red.into())).bold();
+        let red = anstyle::Style::new()
+            .fg_color(Some(anstyle::AnsiColor::Red.into()))
+            .bold();
         let dim = anstyle::Style::new().dimmed();
         match event {
             Event::Plan { .. } | Event::Diagnostic { .. } => {}
@@ -81,7 +83,11 @@ impl Reporter for HumanReporter {
                 ));
             }
             Event::StageSkipped { stage, reason, key } if !quiet => {
-                let key = if verbose { format!(" {}", &key[..12.min(key.len())]) } else { String::new() };
+                let key = if verbose {
+                    format!(" {}", &key[..12.min(key.len())])
+                } else {
+                    String::new()
+                };
                 self.line(&format!(
                     "{} {stage}: {reason}{}",
                     self.paint("✓", green),
@@ -89,8 +95,16 @@ impl Reporter for HumanReporter {
                 ));
             }
             Event::StageStart { stage, why, .. } if !quiet => {
-                let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join("; ")) };
-                self.line(&format!("{} {stage}: running{}", self.paint("▶", green), why));
+                let why = if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", why.join("; "))
+                };
+                self.line(&format!(
+                    "{} {stage}: running{}",
+                    self.paint("▶", green),
+                    why
+                ));
             }
             Event::StageProgress {
                 stage,
@@ -104,7 +118,10 @@ impl Reporter for HumanReporter {
                 if !self.printer.progress {
                     return;
                 }
-                let mut live = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut live = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if *finished {
                     if let Some(bar) = live.remove(id) {
                         bar.finish_and_clear();
@@ -127,36 +144,73 @@ impl Reporter for HumanReporter {
                     bar.set_message(format!("{label} {message}"));
                 }
             }
-            Event::StageNote { stage, level, message } => match level {
-                NoteLevel::Warn => self.line(&format!("  {} {stage}: {message}", self.paint("warning:", yellow))),
+            Event::StageNote {
+                stage,
+                level,
+                message,
+            } => match level {
+                NoteLevel::Warn => self.line(&format!(
+                    "  {} {stage}: {message}",
+                    self.paint("warning:", yellow)
+                )),
                 NoteLevel::Info if !quiet => self.line(&format!("  {stage}: {message}")),
                 NoteLevel::Info => {}
             },
-            Event::StageTable { stage, title, columns, rows } if !quiet => {
+            Event::StageTable {
+                stage,
+                title,
+                columns,
+                rows,
+            } if !quiet => {
                 let mut text = format!("  {stage}: {title}\n");
                 text.push_str(&table(columns, rows, "    "));
                 self.line(text.trim_end());
             }
             Event::StageDone { stage, seconds, .. } if !quiet => {
-                self.line(&format!("{} {stage}: done in {}", self.paint("✓", green), duration(*seconds)));
+                self.line(&format!(
+                    "{} {stage}: done in {}",
+                    self.paint("✓", green),
+                    duration(*seconds)
+                ));
             }
-            Event::StageFailed { stage, seconds, message, resumable, .. } => {
+            Event::StageFailed {
+                stage,
+                seconds,
+                message,
+                resumable,
+                ..
+            } => {
                 self.line(&format!(
                     "{} {stage}: failed after {}: {message}",
                     self.paint("✗", red),
                     duration(*seconds)
                 ));
                 if *resumable {
-                    self.line("  finished work is kept in the stage's journal; run again to resume");
+                    self.line(
+                        "  finished work is kept in the stage's journal; run again to resume",
+                    );
                 }
             }
-            Event::Summary { ran, cached, failed, seconds } if !quiet => {
+            Event::Summary {
+                ran,
+                cached,
+                failed,
+                seconds,
+            } if !quiet => {
                 let mut parts = vec![format!("{ran} ran"), format!("{cached} cached")];
                 if *failed > 0 {
                     parts.push(format!("{failed} failed"));
                 }
-                let nothing = if *ran == 0 && *failed == 0 { " — nothing to do" } else { "" };
-                self.line(&format!("{} in {}{nothing}", parts.join(", "), duration(*seconds)));
+                let nothing = if *ran == 0 && *failed == 0 {
+                    " — nothing to do"
+                } else {
+                    ""
+                };
+                self.line(&format!(
+                    "{} in {}{nothing}",
+                    parts.join(", "),
+                    duration(*seconds)
+                ));
             }
             _ => {}
         }

@@ -138,14 +138,30 @@ pub fn table(columns: &[String], rows: &[Vec<String>], indent: &str) -> String {
             .unwrap_or(0)
     };
     let widths: Vec<usize> = (0..columns.len()).map(width).collect();
+    // A column of numbers aligns right, header included; anything else aligns left.
+    let numeric = |c: &str| {
+        let c = c.trim_end_matches('%');
+        c.parse::<f64>().is_ok() || c.starts_with('+') && c[1..].parse::<f64>().is_ok()
+    };
+    let right: Vec<bool> = (0..columns.len())
+        .map(|i| {
+            !rows.is_empty()
+                && rows
+                    .iter()
+                    .all(|r| r.get(i).is_none_or(|c| numeric(c) || c.is_empty()))
+        })
+        .collect();
     let line = |cells: &[String]| {
         let padded: Vec<String> = cells
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(c.chars().count());
-                // Numbers align right, text left.
-                if c.parse::<f64>().is_ok() || c.ends_with('%') && c.trim_end_matches('%').parse::<f64>().is_ok() {
+                let pad = widths
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(c.chars().count());
+                if right.get(i).copied().unwrap_or(false) {
                     format!("{}{c}", " ".repeat(pad))
                 } else {
                     format!("{c}{}", " ".repeat(pad))
@@ -180,7 +196,10 @@ mod tests {
     fn aligns_tables() {
         let text = table(
             &["reason".into(), "files".into()],
-            &[vec!["binary".into(), "3".into()], vec!["empty".into(), "12".into()]],
+            &[
+                vec!["binary".into(), "3".into()],
+                vec!["empty".into(), "12".into()],
+            ],
             "  ",
         );
         assert_eq!(text, "  reason  files\n  binary      3\n  empty      12\n");

@@ -38,7 +38,11 @@ pub enum DirtyReason {
     /// A model's files changed (or the reference points elsewhere).
     Model { label: String, reference: String },
     /// A remote identity changed (e.g. the Ollama model's digest).
-    Identity { label: String, old: String, new: String },
+    Identity {
+        label: String,
+        old: String,
+        new: String,
+    },
     /// An external input appeared or went away.
     ExternalSet { label: String, present: bool },
 }
@@ -55,7 +59,11 @@ pub struct ParamChange {
 const LIST_LIMIT: usize = 3;
 
 fn listed(names: &[String]) -> String {
-    let shown: Vec<String> = names.iter().take(LIST_LIMIT).map(|n| format!("`{n}`")).collect();
+    let shown: Vec<String> = names
+        .iter()
+        .take(LIST_LIMIT)
+        .map(|n| format!("`{n}`"))
+        .collect();
     match names.len().saturating_sub(LIST_LIMIT) {
         0 => shown.join(", "),
         more => format!("{} and {more} more", shown.join(", ")),
@@ -95,7 +103,11 @@ impl fmt::Display for DirtyReason {
                     .map(|c| format!("`{}` {} → {}", c.path, short(&c.old), short(&c.new)))
                     .collect();
                 let more = changes.len().saturating_sub(LIST_LIMIT);
-                let noun = if changes.len() == 1 { "parameter" } else { "parameters" };
+                let noun = if changes.len() == 1 {
+                    "parameter"
+                } else {
+                    "parameters"
+                };
                 write!(f, "{noun} changed: {}", parts.join(", "))?;
                 if more > 0 {
                     write!(f, " and {more} more")?;
@@ -181,7 +193,8 @@ pub fn explain(old: &KeyRecord, new: &KeyRecord, section: &str) -> Vec<DirtyReas
                     reference: b.detail.clone().unwrap_or_default(),
                 }),
                 _ => {
-                    let (mut added, mut removed, mut modified) = (Vec::new(), Vec::new(), Vec::new());
+                    let (mut added, mut removed, mut modified) =
+                        (Vec::new(), Vec::new(), Vec::new());
                     if !a.files.is_empty() {
                         for (path, digest) in &b.files {
                             match a.files.get(path) {
@@ -268,8 +281,14 @@ mod tests {
 
     #[test]
     fn names_the_changed_parameter_and_files() {
-        let old = record(json!({"max_tokens": 256, "nested": {"a": 1}}), &[("a.md", "1"), ("b.md", "2")]);
-        let new = record(json!({"max_tokens": 128, "nested": {"a": 1}}), &[("a.md", "9"), ("c.md", "3")]);
+        let old = record(
+            json!({"max_tokens": 256, "nested": {"a": 1}}),
+            &[("a.md", "1"), ("b.md", "2")],
+        );
+        let new = record(
+            json!({"max_tokens": 128, "nested": {"a": 1}}),
+            &[("a.md", "9"), ("c.md", "3")],
+        );
         let reasons = explain(&old, &new, "chunk");
         let text: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(

@@ -88,10 +88,7 @@ impl Dag {
                             .collect();
                         let mut help = format!("add a {} section", producers.join(" or "));
                         if let Some(key) = input.instead {
-                            help.push_str(&format!(
-                                ", or set `{}.{key}`",
-                                entry.spec.section
-                            ));
+                            help.push_str(&format!(", or set `{}.{key}`", entry.spec.section));
                         }
                         problems.push(recipe.problem(
                             ProblemKind::MissingInput,
@@ -109,12 +106,17 @@ impl Dag {
                 }
             }
             if let Some(listed) = &from_positions {
-                let needed: Vec<Artifact> = entry.stage.inputs().iter().map(|i| i.artifact).collect();
+                let needed: Vec<Artifact> =
+                    entry.stage.inputs().iter().map(|i| i.artifact).collect();
                 for &(n, p) in listed {
                     if !needed.contains(&recipe.stages[p].spec.produces) {
                         problems.push(recipe.problem(
                             ProblemKind::MissingInput,
-                            &[entry.spec.section.to_owned(), "from".to_owned(), n.to_string()],
+                            &[
+                                entry.spec.section.to_owned(),
+                                "from".to_owned(),
+                                n.to_string(),
+                            ],
                             format!(
                                 "`{}` produces {}, which stage `{}` does not read",
                                 recipe.stages[p].spec.section,
@@ -174,8 +176,11 @@ impl Dag {
                 });
             }
         };
-        let position: BTreeMap<usize, usize> =
-            order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+        let position: BTreeMap<usize, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(new, &old)| (old, new))
+            .collect();
         let nodes = order
             .iter()
             .map(|&i| DagNode {
@@ -344,16 +349,25 @@ impl Plan {
                 externals: digests,
             };
             let key = record.key();
-            let forced = options.force_all || options.force.iter().any(|f| f == kind || f == node.spec.section);
+            let forced = options.force_all
+                || options
+                    .force
+                    .iter()
+                    .any(|f| f == kind || f == node.spec.section);
             let status = match store.verify(&key, memo) {
                 _ if forced => Status::Run(vec![DirtyReason::Forced]),
                 Verification::Valid(manifest) => Status::Cached(Box::new(manifest)),
                 Verification::Corrupt { reason } => {
                     Status::Run(vec![DirtyReason::ArtifactCorrupt { detail: reason }])
                 }
-                Verification::Missing => {
-                    Status::Run(why_missing(store, lock, kind, node.spec.section, &record, &key))
-                }
+                Verification::Missing => Status::Run(why_missing(
+                    store,
+                    lock,
+                    kind,
+                    node.spec.section,
+                    &record,
+                    &key,
+                )),
             };
             stages.push(PlannedStage {
                 spec: node.spec,
@@ -445,7 +459,10 @@ fn digest_external(
                 .map(|f| f.to_string_lossy().into_owned())
                 .zip(digests.into_iter().map(|d| d.blake3))
                 .collect();
-            Ok((label, ExternalDigest::of_files("model", map, Some(reference))))
+            Ok((
+                label,
+                ExternalDigest::of_files("model", map, Some(reference)),
+            ))
         }
     }
 }

@@ -357,10 +357,16 @@ impl Loader {
                     for item in invalid {
                         let mut full = vec![spec.section.to_owned()];
                         full.extend(item.path);
+                        // "`chunk.input` is required" reads as a sentence; other messages follow a colon.
+                        let message = if item.message.starts_with("is ") {
+                            format!("`{}` {}", full.join("."), item.message)
+                        } else {
+                            format!("`{}`: {}", full.join("."), item.message)
+                        };
                         self.problems.push(self.locator.problem(
                             ProblemKind::Value,
                             &full,
-                            format!("`{}`: {}", full.join("."), item.message),
+                            message,
                             "invalid value",
                             item.help,
                             false,

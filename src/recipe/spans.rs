@@ -51,11 +51,16 @@ impl SpanIndex {
         self.entries.get(path).map(|e| e.value)
     }
 
-    /// The span of the value at `path` or of its nearest ancestor that has one.
+    /// For a path that is not in the document (a missing key): the key of its nearest ancestor
+    /// that is, so the label lands on `chunk:` for a missing `chunk.input`.
     pub fn nearest_value(&self, path: &[String]) -> Option<SourceSpan> {
-        (0..=path.len())
+        (1..=path.len())
             .rev()
-            .find_map(|n| self.value(&path[..n]).filter(|_| n > 0))
+            .find_map(|n| match self.entries.get(&path[..n]) {
+                Some(entry) if n == path.len() => Some(entry.value),
+                Some(entry) => Some(entry.key.unwrap_or(entry.value)),
+                None => None,
+            })
     }
 }
 
@@ -260,12 +265,16 @@ mod tests {
     }
 
     #[test]
-    fn nearest_value_falls_back_to_an_ancestor() {
+    fn a_missing_path_points_at_its_nearest_ancestor_key() {
         let text = "train:\n  epochs: 3\n";
         let index = SpanIndex::new(text);
         let span = index
             .nearest_value(&path(&["train", "epochs", "deeper"]))
             .expect("ancestor");
-        assert_eq!(text_at(text, span), "3");
+        assert_eq!(text_at(text, span), "epochs");
+        let span = index
+            .nearest_value(&path(&["train", "missing"]))
+            .expect("ancestor");
+        assert_eq!(text_at(text, span), "train");
     }
 }

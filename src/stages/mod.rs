@@ -6,6 +6,7 @@
 //! tables), writes its artifact into `ctx.out_dir`, and may keep a journal in `ctx.journal_dir`,
 //! which survives an interrupted run of the same cache key so a long stage resumes.
 
+pub mod chunk;
 pub mod context;
 pub mod error;
 
@@ -164,6 +165,9 @@ pub enum BuildError {
     Invalid(Vec<Invalid>),
 }
 
+/// Builds a stage from its section's YAML.
+pub type BuildFn = fn(serde_yaml::Value, &RecipeEnv) -> Result<Box<dyn Stage>, BuildError>;
+
 /// A registry entry: everything the loader, planner, schema and CLI need to know of a kind.
 pub struct StageSpec {
     pub kind: &'static str,
@@ -171,7 +175,7 @@ pub struct StageSpec {
     pub about: &'static str,
     pub produces: Artifact,
     pub schema: fn(&mut SchemaGenerator) -> Schema,
-    pub build: fn(serde_yaml::Value, &RecipeEnv) -> Result<Box<dyn Stage>, BuildError>,
+    pub build: BuildFn,
 }
 
 impl std::fmt::Debug for StageSpec {
@@ -227,7 +231,7 @@ fn build<T: StageDef>(
 }
 
 /// Every stage kind, in canonical pipeline order.
-pub static REGISTRY: &[StageSpec] = &[];
+pub static REGISTRY: &[StageSpec] = &[spec::<chunk::Chunk>()];
 
 /// The registry entry for a recipe section name.
 pub fn by_section(section: &str) -> Option<&'static StageSpec> {
