@@ -9,6 +9,7 @@ pub mod cache;
 pub mod corpus;
 pub mod model;
 pub mod recipe;
+pub mod registry;
 pub mod stages;
 
 #[cfg(test)]

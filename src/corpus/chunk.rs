@@ -746,20 +746,53 @@ mod tests {
     /// `cargo test --lib corpus::chunk::tests::throughput -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement; run by hand"]
-    #[expect(clippy::print_stderr, reason = "the figures are the point of this test")]
+    #[expect(
+        clippy::print_stderr,
+        reason = "the figures are the point of this test"
+    )]
     fn throughput_of_5000_markdown_files() {
         use rand::{Rng, SeedableRng};
 
         const WORDS: &[&str] = &[
-            "the", "retention", "policy", "requires", "encrypted", "backups", "of", "every",
-            "database", "and", "a", "restore", "drill", "each", "quarter", "operators", "must",
-            "record", "which", "snapshot", "was", "used", "including", "its", "checksum",
-            "storage", "tier", "replicas", "failover", "region", "latency", "budget",
+            "the",
+            "retention",
+            "policy",
+            "requires",
+            "encrypted",
+            "backups",
+            "of",
+            "every",
+            "database",
+            "and",
+            "a",
+            "restore",
+            "drill",
+            "each",
+            "quarter",
+            "operators",
+            "must",
+            "record",
+            "which",
+            "snapshot",
+            "was",
+            "used",
+            "including",
+            "its",
+            "checksum",
+            "storage",
+            "tier",
+            "replicas",
+            "failover",
+            "region",
+            "latency",
+            "budget",
         ];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let mut sentence = |rng: &mut rand_chacha::ChaCha8Rng| {
+        let sentence = |rng: &mut rand_chacha::ChaCha8Rng| {
             let n = rng.random_range(8..20);
-            let words: Vec<&str> = (0..n).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            let words: Vec<&str> = (0..n)
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect();
             let mut s = words.join(" ");
             s[..1].make_ascii_uppercase();
             s + "."
@@ -774,8 +807,9 @@ mod tests {
                     section += 1;
                     text += &format!("\n## Step {section}\n\n");
                 }
-                let sentences: Vec<String> =
-                    (0..rng.random_range(2..5)).map(|_| sentence(&mut rng)).collect();
+                let sentences: Vec<String> = (0..rng.random_range(2..5))
+                    .map(|_| sentence(&mut rng))
+                    .collect();
                 text += &sentences.join(" ");
                 text += "\n\n";
             }
