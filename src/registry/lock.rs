@@ -34,16 +34,38 @@ impl RegistryLock {
     }
 
     /// Cleans up as [`Self::acquire`] does when no writer is busy, and otherwise leaves things
-    /// alone: for readers, which must not wait on a long copy.
-    pub(crate) fn tidy(root: &Path) -> Result<(), RegistryError> {
-        if !root.is_dir() {
-            return Ok(());
-        }
-        let file = Self::open(root)?;
+    /// alone: for `list`, which must not wait on a long copy. Housekeeping only, so it gives up
+    /// silently where it cannot write (a registry shared read-only).
+    pub(crate) fn tidy(root: &Path) {
+        let Ok(file) = Self::open(root) else {
+            return;
+        };
         if file.file().try_lock().is_ok() {
-            remove_leftovers(root)?;
+            let _ = remove_leftovers(root);
         }
-        Ok(())
+    }
+
+    /// Shares the lock with other readers, excluding writers: for a reader that must not see a
+    /// model swapped in the middle of reading it (export). Without a lock file no writer has ever
+    /// run; where the file cannot be opened the registry is read-only to us: no lock then.
+    pub(crate) fn shared(root: &Path) -> Result<Option<Self>, RegistryError> {
+        let path = root.join(LOCK_NAME);
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        file.file()
+            .lock_shared()
+            .map_err(|source| RegistryError::Lock { path, source })?;
+        Ok(Some(Self { _file: file }))
     }
 
     fn open(root: &Path) -> Result<fs::File, RegistryError> {
@@ -66,4 +88,37 @@ fn remove_leftovers(root: &Path) -> Result<(), RegistryError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_reader_holds_writers_off_until_it_is_done() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().to_path_buf();
+        assert!(RegistryLock::shared(&root).expect("no lock file").is_none());
+        drop(RegistryLock::acquire(&root).expect("creates the lock file"));
+        let reader = RegistryLock::shared(&root)
+            .expect("locks")
+            .expect("the lock file exists");
+        let (done, finished) = mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let _lock = RegistryLock::acquire(&root).expect("locks");
+            done.send(()).expect("the test waits");
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a writer got in while a reader held the lock"
+        );
+        drop(reader);
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer proceeds once the reader is done");
+        writer.join().expect("writer finished");
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <root>/
-//!   .registry.lock         held by a writer (register, remove) and by export
+//!   .registry.lock         held by a writer (register, remove), shared by export
 //!   <name>/                a sentence-transformers model folder + training_metadata.json
 //!   .tmp-<name>-<pid>-<n>/ a model being copied in (renamed to <name> when complete)
 //!   .trash-<name>-<pid>-<n>/ a model being removed, or the old one a forced register replaced
@@ -138,7 +138,7 @@ pub fn list(root: &Path) -> Result<Vec<ModelEntry>, RegistryError> {
     if !root.is_dir() {
         return Ok(Vec::new());
     }
-    RegistryLock::tidy(root)?;
+    RegistryLock::tidy(root);
     let mut entries = Vec::new();
     for dir_entry in fs::read_dir(root)? {
         let dir_entry = dir_entry?;
@@ -176,7 +176,7 @@ pub fn remove(root: &Path, name: &str) -> Result<PathBuf, RegistryError> {
 /// copy is staged beside `dest` and renamed into place, so `dest` is never half written.
 pub fn export(root: &Path, name: &str, dest: &Path) -> Result<PathBuf, RegistryError> {
     // Held so that a forced register cannot swap the model in the middle of the copy.
-    let _lock = RegistryLock::acquire(root)?;
+    let _lock = RegistryLock::shared(root)?;
     let source = model_path(root, name)?;
     if dest.exists() {
         let empty = dest.is_dir() && fs::read_dir(dest)?.next().is_none();
