@@ -13,6 +13,7 @@ pub mod model;
 pub mod output;
 pub mod plan;
 pub mod recipe;
+pub mod registry;
 pub mod stages;
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use super::error::CorpusError;
 use super::reporter::{CorpusReporter, Phase};
 use super::sentence::sentence_ends;
 use super::skip::{Skip, SkipReason};
-use super::source::{Corpus, MAX_SKIP_EXAMPLES};
+use super::source::Corpus;
 
 /// How big chunks are, in tokens of the base model (special tokens not counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,10 +105,7 @@ pub fn chunk_documents(
     let mut tokenizer = tokenizer.clone();
     tokenizer
         .with_truncation(None)
-        .map_err(|e| CorpusError::Tokenize {
-            doc_id: String::new(),
-            message: e.to_string(),
-        })?;
+        .expect("tokenizers only rejects truncation parameters, and there are none");
     tokenizer.with_padding(None);
 
     let total = corpus.documents.len();
@@ -127,33 +124,30 @@ pub fn chunk_documents(
         })
         .collect::<Result<_, _>>()?;
 
-    let read = &corpus.stats;
-    let mut stats = ChunkStats {
-        documents_seen: read.documents_seen,
-        skipped: read.skipped.clone(),
-        skipped_examples: read.skipped_examples.clone(),
-        lossy_utf8: read.lossy_utf8,
-        ..ChunkStats::default()
-    };
+    let mut read = corpus.stats.clone();
+    let mut documents_chunked = 0;
     let mut chunks = Vec::new();
     for (document, document_chunks) in corpus.documents.iter().zip(per_document) {
         if document_chunks.is_empty() {
             let skip = Skip {
-                location: document.source.clone(),
+                location: document.doc_id.clone(),
                 reason: SkipReason::Empty,
                 detail: "no text the tokenizer turns into tokens".to_owned(),
             };
-            reporter.on_skip(&skip);
-            *stats.skipped.entry(skip.reason).or_default() += 1;
-            let examples = stats.skipped_examples.entry(skip.reason).or_default();
-            if examples.len() < MAX_SKIP_EXAMPLES {
-                examples.push(skip.location);
-            }
+            read.record_skip(&skip, reporter);
             continue;
         }
-        stats.documents_chunked += 1;
+        documents_chunked += 1;
         chunks.extend(document_chunks);
     }
+    let mut stats = ChunkStats {
+        documents_seen: read.documents_seen,
+        documents_chunked,
+        skipped: read.skipped,
+        skipped_examples: read.skipped_examples,
+        lossy_utf8: read.lossy_utf8,
+        ..ChunkStats::default()
+    };
     stats.chunks = chunks.len();
     stats.tokens = chunks.iter().map(|c| c.n_tokens).sum();
     stats.min_tokens = chunks.iter().map(|c| c.n_tokens).min().unwrap_or(0);

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub enum SkipReason {
     /// NUL bytes, or mostly bytes that no text file holds.
     Binary,
-    /// Too many invalid UTF-8 sequences to repair by replacement (see [`super::decode`]).
+    /// More than one invalid UTF-8 sequence per 1,000 bytes: another encoding, not damage.
     InvalidUtf8,
     /// The file system refused: permissions, a dangling link, a loop of links.
     Unreadable,

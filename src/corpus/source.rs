@@ -203,7 +203,8 @@ pub struct ReadStats {
 }
 
 impl ReadStats {
-    fn skip(&mut self, skip: &Skip, reporter: &dyn CorpusReporter) {
+    /// Counts a skip, keeps it as an example if there are few, and reports it.
+    pub(crate) fn record_skip(&mut self, skip: &Skip, reporter: &dyn CorpusReporter) {
         reporter.on_skip(skip);
         *self.skipped.entry(skip.reason).or_default() += 1;
         let examples = self.skipped_examples.entry(skip.reason).or_default();
@@ -253,7 +254,7 @@ fn read_folder(
     let mut corpus = Corpus::default();
     corpus.stats.documents_seen = listing.unreadable.len();
     for skip in &listing.unreadable {
-        corpus.stats.skip(skip, reporter);
+        corpus.stats.record_skip(skip, reporter);
     }
     collect(&mut corpus, results, reporter);
     Ok(corpus)
@@ -316,7 +317,7 @@ fn collect(corpus: &mut Corpus, results: Vec<ReadResult>, reporter: &dyn CorpusR
                 }
                 corpus.documents.push(document);
             }
-            Err(skip) => corpus.stats.skip(&skip, reporter),
+            Err(skip) => corpus.stats.record_skip(&skip, reporter),
         }
     }
 }
