@@ -4,6 +4,7 @@
 
 mod bench;
 mod gc;
+mod models;
 mod plan;
 mod run;
 mod schema;
@@ -70,6 +71,8 @@ pub enum Command {
     Gc(gc::GcArgs),
     /// List the stage kinds a recipe can use.
     Stages,
+    /// Manage the registry of fine-tuned models.
+    Models(models::ModelsArgs),
     /// Run a benchmark kept in the repository.
     Bench(bench::BenchArgs),
 }
@@ -144,6 +147,7 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
         Command::Gc(args) => gc::execute(&args, &printer),
         Command::Stages => stages::execute(&printer),
         Command::Bench(args) => bench::execute(&args, &printer),
+        Command::Models(args) => models::execute(&args, &printer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
