@@ -4,7 +4,9 @@
 //! (`device`). Stages (train, mine, evaluate) call it; it knows nothing about recipes or the
 //! terminal.
 
+mod config_file;
 pub mod device;
 pub mod error;
 pub mod hub;
 pub mod kernels;
+pub mod pooling;
