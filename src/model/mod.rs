@@ -4,6 +4,8 @@
 //! (`device`). Stages (train, mine, evaluate) call it; it knows nothing about recipes or the
 //! terminal.
 
+pub mod bert;
+pub mod checkpoint;
 mod config_file;
 pub mod device;
 pub mod error;
