@@ -12,3 +12,4 @@ pub mod error;
 pub mod hub;
 pub mod kernels;
 pub mod pooling;
+pub mod tokenize;
