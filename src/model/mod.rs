@@ -8,6 +8,7 @@ pub mod bert;
 pub mod checkpoint;
 mod config_file;
 pub mod device;
+pub mod encoder;
 pub mod error;
 pub mod hub;
 pub mod kernels;
