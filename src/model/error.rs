@@ -44,3 +44,88 @@ pub enum HubError {
     #[error(transparent)]
     Fs(#[from] std::io::Error),
 }
+
+/// Why a model could not be loaded, run or placed on a device.
+///
+/// Candle's own errors are wrapped with what was being done ([`ModelError::Candle`]), because a
+/// bare "shape mismatch in matmul" does not tell the user which stage of which model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("`{}` is missing", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("`{}` holds neither `model.safetensors` nor `pytorch_model.bin`", dir.display())]
+    MissingWeights { dir: PathBuf },
+    #[error("bad `{key}` in `{}`: {message}", path.display())]
+    BadConfig {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("`{key}` = `{value}` in `{}` is not supported (supported: {supported})", path.display())]
+    UnsupportedConfig {
+        path: PathBuf,
+        key: String,
+        value: String,
+        supported: String,
+    },
+    #[error("module `{module}` listed in `{}` is not supported", path.display())]
+    UnsupportedModule { path: PathBuf, module: String },
+    #[error("weight `{name}` is missing from `{}`", path.display())]
+    MissingWeight { name: String, path: PathBuf },
+    #[error("`{name}` has shape {expected:?} by the config but {got:?} in the model")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("weight `{name}` has dtype `{dtype}`, not a float")]
+    NotAFloat { name: String, dtype: String },
+    #[error("cannot read the tokenizer `{}`", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("cannot tokenize the input")]
+    Tokenize {
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error(
+        "`{accelerator}` was asked for but this build lacks it: rebuild with `--features {feature}`"
+    )]
+    NotCompiled {
+        accelerator: &'static str,
+        feature: &'static str,
+    },
+    #[error("cannot open the `{accelerator}` device")]
+    DeviceUnavailable {
+        accelerator: &'static str,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("invalid argument `{name}`: {why}")]
+    InvalidArgument { name: &'static str, why: String },
+    #[error("{during} failed")]
+    Candle {
+        during: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Wraps a candle error with what was being done when it happened.
+pub(crate) trait CandleContext<T> {
+    fn during(self, what: impl FnOnce() -> String) -> Result<T, ModelError>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn during(self, what: impl FnOnce() -> String) -> Result<T, ModelError> {
+        self.map_err(|source| ModelError::Candle {
+            during: what(),
+            source,
+        })
+    }
+}
