@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod corpus;
 pub mod exec;
+pub mod index;
 pub mod model;
 pub mod output;
 pub mod plan;

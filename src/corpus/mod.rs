@@ -23,6 +23,7 @@ mod skip;
 mod source;
 
 pub use chunk::{Chunk, ChunkOptions, ChunkStats, Chunked, chunk_documents};
+pub(crate) use sentence::sentence_ends;
 pub use document::{Block, Document};
 pub use error::CorpusError;
 pub use reporter::{CorpusReporter, Phase};
