@@ -39,7 +39,10 @@ fn registry_failure(error: RegistryError) -> Failure {
         | RegistryError::DestinationNotEmpty { .. } => 1,
         _ => 2,
     };
-    Failure::report(miette::miette!("{}", crate::exec::error_chain(&error)), code)
+    Failure::report(
+        miette::miette!("{}", crate::exec::error_chain(&error)),
+        code,
+    )
 }
 
 pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failure> {

@@ -23,10 +23,10 @@ mod skip;
 mod source;
 
 pub use chunk::{Chunk, ChunkOptions, ChunkStats, Chunked, chunk_documents};
-pub(crate) use sentence::sentence_ends;
 pub use document::{Block, Document};
 pub use error::CorpusError;
 pub use reporter::{CorpusReporter, Phase};
+pub(crate) use sentence::sentence_ends;
 pub use skip::{Skip, SkipReason};
 pub use source::{
     Corpus, DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FileFilter, Listing, MAX_SKIP_EXAMPLES, ReadStats,

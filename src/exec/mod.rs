@@ -386,19 +386,7 @@ fn provenance_text(recipe: &Recipe) -> String {
     text
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message = format!("{message}: {text}");
-        }
-        source = cause.source();
-    }
-    message
-}
+pub use crate::stages::error::error_chain;
 
 /// Remembers which lock files use this workdir, so `gc` knows every key still referenced.
 fn register_lock(store: &Store, lock_path: &Path) -> Result<(), CacheError> {

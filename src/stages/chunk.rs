@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::io::CHUNKS_FILE;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -18,8 +19,7 @@ use crate::corpus::{
 };
 use crate::model::hub::WantedFile;
 
-/// The file names of the artifact.
-pub const CHUNKS_FILE: &str = "chunks.jsonl";
+/// The artifact's statistics, beside [`CHUNKS_FILE`].
 pub const STATS_FILE: &str = "stats.json";
 
 /// How many skipped files get their own warning line; the rest are counted in the table.

@@ -26,3 +26,17 @@ pub enum StageError {
     #[error("JSON error")]
     Json(#[from] serde_json::Error),
 }
+
+/// An error and its causes on one line (`failed to load: file missing: x.json`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
+}

@@ -9,6 +9,9 @@
 pub mod chunk;
 pub mod context;
 pub mod error;
+pub mod io;
+pub mod mine;
+pub mod query_gen;
 
 use std::path::PathBuf;
 
@@ -231,7 +234,11 @@ fn build<T: StageDef>(
 }
 
 /// Every stage kind, in canonical pipeline order.
-pub static REGISTRY: &[StageSpec] = &[spec::<chunk::Chunk>()];
+pub static REGISTRY: &[StageSpec] = &[
+    spec::<chunk::Chunk>(),
+    spec::<query_gen::QueryGen>(),
+    spec::<mine::Mine>(),
+];
 
 /// The registry entry for a recipe section name.
 pub fn by_section(section: &str) -> Option<&'static StageSpec> {

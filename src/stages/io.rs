@@ -1,0 +1,136 @@
+//! What stages hand each other (the record formats of their artifacts) and the reading, writing
+//! and model loading they all need.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{StageEnv, StageError};
+use crate::corpus::Chunk;
+use crate::model::encoder::SentenceEncoder;
+use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+
+/// `chunks.jsonl` of the chunk stage.
+pub const CHUNKS_FILE: &str = "chunks.jsonl";
+/// `queries.jsonl` of query-gen and judge.
+pub const QUERIES_FILE: &str = "queries.jsonl";
+/// The training examples of mine, and its held-out split for evaluate.
+pub const TRAIN_FILE: &str = "train.jsonl";
+pub const HELDOUT_FILE: &str = "heldout.jsonl";
+
+/// A line of `queries.jsonl`: a synthetic query and the passage it should retrieve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryRecord {
+    /// Stable: the blake3 of the chunk id, strategy and query, 16 hex digits.
+    pub id: String,
+    pub query: String,
+    /// The chunk the query was made from; its passage is the positive.
+    pub chunk_id: String,
+    pub doc_id: String,
+    /// The source document (relative path, or the BEIR `_id`).
+    pub source: String,
+    /// The text training pulls the query towards: the chunk's passage, or for the Inverse Cloze
+    /// Task the passage without the sentence that became the query.
+    pub positive: String,
+    /// `llm`, `ict` or `headings`.
+    pub strategy: String,
+}
+
+impl QueryRecord {
+    pub fn id_for(chunk_id: &str, strategy: &str, query: &str) -> String {
+        let mut hasher = blake3::Hasher::new();
+        for part in [chunk_id, strategy, query] {
+            hasher.update(part.as_bytes());
+            hasher.update(&[0]);
+        }
+        hasher.finalize().to_hex()[..16].to_owned()
+    }
+}
+
+/// A hard negative of a training example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Negative {
+    pub id: String,
+    pub text: String,
+}
+
+/// A line of `train.jsonl` and `heldout.jsonl`: ragd's training-data format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingExample {
+    pub query: String,
+    pub positive: String,
+    pub positive_id: String,
+    #[serde(default)]
+    pub negatives: Vec<Negative>,
+    pub source_document: String,
+}
+
+/// The text of a chunk as models see it: its heading path, then its text, as BEIR joins a
+/// document's title and text. The heading path is part of what a reader sees of a section.
+pub fn passage(chunk: &Chunk) -> String {
+    passage_of(&chunk.title, &chunk.text)
+}
+
+pub fn passage_of(title: &str, text: &str) -> String {
+    if title.is_empty() {
+        text.to_owned()
+    } else {
+        format!("{title} {text}")
+    }
+}
+
+/// Reads a JSONL file; a bad line is an error naming the file and line.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, StageError> {
+    let text = fs_err::read_to_string(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| StageError::BadRecord {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Writes records as JSONL.
+pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<(), StageError> {
+    let mut out = std::io::BufWriter::new(fs_err::File::create(path)?);
+    for record in records {
+        serde_json::to_writer(&mut out, record)?;
+        std::io::Write::write_all(&mut out, b"\n")?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+/// Writes a value as pretty JSON.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StageError> {
+    fs_err::write(path, serde_json::to_vec_pretty(value)?)?;
+    Ok(())
+}
+
+/// Loads a sentence-embedding model on the recipe's accelerator, saying which device it got.
+pub fn load_encoder(env: &StageEnv, reference: &str) -> Result<SentenceEncoder, StageError> {
+    let dir = env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
+    load_encoder_dir(env, &dir)
+}
+
+/// Loads a sentence-embedding model folder on the recipe's accelerator.
+pub fn load_encoder_dir(env: &StageEnv, dir: &Path) -> Result<SentenceEncoder, StageError> {
+    let device = crate::model::device::select(env.recipe.accelerator).map_err(model_error)?;
+    SentenceEncoder::load(dir, &device.device).map_err(model_error)
+}
+
+/// A model error with its causes, as a stage failure.
+pub fn model_error(error: crate::model::error::ModelError) -> StageError {
+    StageError::Failed(super::error::error_chain(&error))
+}
+
+/// An index error with its causes, as a stage failure.
+pub fn index_error(error: crate::index::IndexError) -> StageError {
+    StageError::Failed(super::error::error_chain(&error))
+}

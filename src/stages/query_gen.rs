@@ -1,0 +1,402 @@
+//! The query-gen stage: synthetic queries for each chunk, so documents become training pairs.
+//!
+//! Strategies (a recipe may combine several):
+//! - `ict`, the Inverse Cloze Task (Lee et al., 2019, "Latent Retrieval for Weakly Supervised
+//!   Open Domain Question Answering"): a sentence of the chunk becomes the query and the rest of
+//!   the chunk the positive. Needs no language model; it teaches the model the corpus's vocabulary
+//!   but not how users ask, so it trains a weaker model than questions written by an LLM.
+//! - `headings`: the chunk's heading path as the query, for documentation whose headings read
+//!   like what users search for ("Configuring retention > Remote repositories").
+//!
+//! Output: `queries.jsonl` ([`QueryRecord`]) and `stats.json`.
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::io::{self, CHUNKS_FILE, QUERIES_FILE, QueryRecord};
+use super::{
+    Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
+    StageError, StageOutcome, Table,
+};
+use crate::corpus::{Chunk, sentence_ends};
+
+/// How queries are made.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Inverse Cloze Task: a sentence as the query, the rest of the chunk as the positive.
+    Ict,
+    /// The chunk's heading path as the query.
+    Headings,
+}
+
+impl Strategy {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ict => "ict",
+            Self::Headings => "headings",
+        }
+    }
+}
+
+/// The `query_gen:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct QueryGenParams {
+    /// How queries are made; several strategies add up.
+    #[serde(default = "default_strategies")]
+    pub strategies: Vec<Strategy>,
+    /// Queries per chunk (for `ict`: sentences taken from it).
+    #[serde(default = "default_per_chunk")]
+    pub queries_per_chunk: usize,
+    /// Use at most this many chunks, a seeded sample (to bound the cost on a big corpus).
+    #[serde(default)]
+    pub max_chunks: Option<usize>,
+    /// Chunks with fewer tokens are skipped: too little to ask about.
+    #[serde(default = "default_min_chunk_tokens")]
+    pub min_chunk_tokens: usize,
+    /// Queries with fewer words are dropped.
+    #[serde(default = "default_min_words")]
+    pub min_words: usize,
+    /// Queries with more words are dropped.
+    #[serde(default = "default_max_words")]
+    pub max_words: usize,
+}
+
+impl Default for QueryGenParams {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({}))
+            .expect("every key of QueryGenParams has a default")
+    }
+}
+
+fn default_strategies() -> Vec<Strategy> {
+    vec![Strategy::Ict]
+}
+fn default_per_chunk() -> usize {
+    2
+}
+fn default_min_chunk_tokens() -> usize {
+    24
+}
+fn default_min_words() -> usize {
+    3
+}
+fn default_max_words() -> usize {
+    40
+}
+
+pub struct QueryGen {
+    params: QueryGenParams,
+    seed: u64,
+}
+
+impl StageDef for QueryGen {
+    const KIND: &'static str = "query-gen";
+    const SECTION: &'static str = "query_gen";
+    const ABOUT: &'static str =
+        "Write synthetic queries for each chunk (an LLM, or LLM-free strategies).";
+    const PRODUCES: Artifact = Artifact::Queries;
+    type Params = QueryGenParams;
+
+    fn new(params: QueryGenParams, env: &RecipeEnv) -> Result<Self, Vec<Invalid>> {
+        let mut invalid = Vec::new();
+        if params.strategies.is_empty() {
+            invalid.push(
+                Invalid::new(&["strategies"], "is empty")
+                    .with_help("name at least one strategy, e.g. `[ict]`"),
+            );
+        }
+        if params.queries_per_chunk == 0 || params.queries_per_chunk > 20 {
+            invalid.push(Invalid::new(
+                &["queries_per_chunk"],
+                "must be between 1 and 20",
+            ));
+        }
+        if params.min_words > params.max_words {
+            invalid.push(Invalid::new(
+                &["min_words"],
+                format!("is above `max_words` ({})", params.max_words),
+            ));
+        }
+        if params.max_chunks == Some(0) {
+            invalid.push(Invalid::new(
+                &["max_chunks"],
+                "must be at least 1 (or left out for all chunks)",
+            ));
+        }
+        if invalid.is_empty() {
+            Ok(Self {
+                params,
+                seed: env.seed,
+            })
+        } else {
+            Err(invalid)
+        }
+    }
+}
+
+impl Stage for QueryGen {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        vec![Input {
+            artifact: Artifact::Chunks,
+            required: true,
+            instead: None,
+        }]
+    }
+
+    fn params(&self) -> serde_json::Value {
+        let mut params = serde_json::to_value(&self.params).unwrap_or_default();
+        params["seed"] = self.seed.into();
+        params
+    }
+
+    fn externals(&self, _env: &StageEnv) -> Result<Vec<External>, StageError> {
+        Ok(Vec::new())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+        let chunks: Vec<Chunk> = io::read_jsonl(&ctx.input(Artifact::Chunks)?.join(CHUNKS_FILE))?;
+        let mut stats = QueryGenStats {
+            chunks: chunks.len(),
+            ..QueryGenStats::default()
+        };
+        let selected = self.select_chunks(&chunks, &mut stats);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut records = Vec::new();
+        for strategy in &self.params.strategies {
+            for chunk in &selected {
+                let made = match strategy {
+                    Strategy::Ict => ict(chunk, self.params.queries_per_chunk, &mut rng),
+                    Strategy::Headings => headings(chunk),
+                };
+                for (query, positive) in made {
+                    self.keep(&mut records, &mut stats, chunk, *strategy, query, positive);
+                }
+            }
+        }
+        io::write_jsonl(&ctx.out_dir.join(QUERIES_FILE), &records)?;
+        stats.queries = records.len();
+        io::write_json(&ctx.out_dir.join("stats.json"), &stats)?;
+        ctx.table(&stats.table());
+        if records.is_empty() {
+            return Err(StageError::Failed(
+                "no query was produced; see the table above for what was dropped".to_owned(),
+            ));
+        }
+        Ok(StageOutcome {
+            summary: serde_json::to_value(&stats)?,
+        })
+    }
+}
+
+impl QueryGen {
+    /// The chunks to make queries for: long enough, and a seeded sample when `max_chunks` is set.
+    fn select_chunks<'a>(&self, chunks: &'a [Chunk], stats: &mut QueryGenStats) -> Vec<&'a Chunk> {
+        let mut selected: Vec<&Chunk> = chunks
+            .iter()
+            .filter(|c| c.n_tokens >= self.params.min_chunk_tokens)
+            .collect();
+        stats.skipped_short_chunks = chunks.len() - selected.len();
+        if let Some(max) = self.params.max_chunks
+            && selected.len() > max
+        {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0x6368_756e_6b73);
+            selected.shuffle(&mut rng);
+            selected.truncate(max);
+            // Back to corpus order, so the output does not depend on the shuffle's order.
+            let order: BTreeMap<&str, usize> = chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.id.as_str(), i))
+                .collect();
+            selected.sort_by_key(|c| order[c.id.as_str()]);
+        }
+        stats.chunks_used = selected.len();
+        selected
+    }
+
+    /// Applies the length bounds and per-chunk de-duplication, then records the query.
+    fn keep(
+        &self,
+        records: &mut Vec<QueryRecord>,
+        stats: &mut QueryGenStats,
+        chunk: &Chunk,
+        strategy: Strategy,
+        query: String,
+        positive: String,
+    ) {
+        let query = query.split_whitespace().collect::<Vec<_>>().join(" ");
+        let words = query.split_whitespace().count();
+        let reason = if words < self.params.min_words {
+            Some("too short")
+        } else if words > self.params.max_words {
+            Some("too long")
+        } else if records
+            .iter()
+            .rev()
+            .take_while(|r| r.chunk_id == chunk.id)
+            .any(|r| r.query.eq_ignore_ascii_case(&query))
+        {
+            Some("repeated for the same chunk")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            *stats.dropped.entry(reason.to_owned()).or_default() += 1;
+            return;
+        }
+        *stats
+            .by_strategy
+            .entry(strategy.name().to_owned())
+            .or_default() += 1;
+        records.push(QueryRecord {
+            id: QueryRecord::id_for(&chunk.id, strategy.name(), &query),
+            query,
+            chunk_id: chunk.id.clone(),
+            doc_id: chunk.doc_id.clone(),
+            source: chunk.source.clone(),
+            positive,
+            strategy: strategy.name().to_owned(),
+        });
+    }
+}
+
+/// Up to `n` (query sentence, rest of the chunk) pairs. The sentence is removed from the positive
+/// (always, not ORQA's 90%): keeping it would teach exact-match lookup, not retrieval.
+fn ict(chunk: &Chunk, n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<(String, String)> {
+    let text = &chunk.text;
+    let mut sentences = Vec::new();
+    let mut start = 0;
+    for end in sentence_ends(text) {
+        let sentence = text[start..end].trim();
+        if !sentence.is_empty() {
+            sentences.push((start, end, sentence));
+        }
+        start = end;
+    }
+    if sentences.len() < 2 {
+        return Vec::new();
+    }
+    let mut picks: Vec<usize> = (0..sentences.len()).collect();
+    picks.shuffle(rng);
+    picks
+        .into_iter()
+        .take(n)
+        .map(|i| {
+            let (start, end, sentence) = sentences[i];
+            let rest = format!("{} {}", text[..start].trim_end(), text[end..].trim_start());
+            (
+                sentence.to_owned(),
+                io::passage_of(&chunk.title, rest.trim()),
+            )
+        })
+        .collect()
+}
+
+/// The heading path as one query (`A > B` becomes `A: B`), for chunks under a heading.
+fn headings(chunk: &Chunk) -> Vec<(String, String)> {
+    if chunk.title.is_empty() {
+        return Vec::new();
+    }
+    let query = chunk.title.split(" > ").collect::<Vec<_>>().join(": ");
+    // The positive leaves the heading out: it would be the query itself.
+    vec![(query, chunk.text.clone())]
+}
+
+/// What query generation did, for `stats.json` and the table.
+#[derive(Debug, Default, Serialize)]
+struct QueryGenStats {
+    chunks: usize,
+    skipped_short_chunks: usize,
+    chunks_used: usize,
+    queries: usize,
+    by_strategy: BTreeMap<String, usize>,
+    dropped: BTreeMap<String, usize>,
+}
+
+impl QueryGenStats {
+    fn table(&self) -> Table {
+        let mut rows = vec![
+            vec!["chunks".to_owned(), self.chunks.to_string()],
+            vec![
+                "skipped: too short".to_owned(),
+                self.skipped_short_chunks.to_string(),
+            ],
+            vec!["chunks used".to_owned(), self.chunks_used.to_string()],
+        ];
+        for (strategy, n) in &self.by_strategy {
+            rows.push(vec![format!("queries: {strategy}"), n.to_string()]);
+        }
+        for (reason, n) in &self.dropped {
+            rows.push(vec![format!("dropped: {reason}"), n.to_string()]);
+        }
+        rows.push(vec!["queries kept".to_owned(), self.queries.to_string()]);
+        Table {
+            title: "queries".to_owned(),
+            columns: vec!["what".to_owned(), "count".to_owned()],
+            rows,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(text: &str) -> Chunk {
+        Chunk {
+            id: "c1".into(),
+            doc_id: "d".into(),
+            source: "d.md".into(),
+            title: "Guide > Retention".into(),
+            text: text.into(),
+            n_tokens: 50,
+        }
+    }
+
+    #[test]
+    fn ict_takes_a_sentence_out_of_the_positive() {
+        let c = chunk(
+            "Snapshots are kept for thirty days. Remote repositories prune weekly. Local ones prune daily.",
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let pairs = ict(&c, 2, &mut rng);
+        assert_eq!(pairs.len(), 2);
+        for (query, positive) in &pairs {
+            assert!(!positive.contains(query.as_str()), "{query} in {positive}");
+            assert!(positive.starts_with("Guide > Retention "));
+            assert!(c.text.contains(query.as_str()));
+        }
+        assert_ne!(pairs[0].0, pairs[1].0);
+    }
+
+    #[test]
+    fn ict_needs_two_sentences() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        assert!(ict(&chunk("Only one sentence here."), 2, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn headings_become_queries() {
+        let pairs = headings(&chunk("Body."));
+        assert_eq!(
+            pairs,
+            vec![("Guide: Retention".to_owned(), "Body.".to_owned())]
+        );
+    }
+}
