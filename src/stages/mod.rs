@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod context;
 pub mod error;
 pub mod io;
+pub mod judge;
 pub mod mine;
 pub mod query_gen;
 
@@ -237,6 +238,7 @@ fn build<T: StageDef>(
 pub static REGISTRY: &[StageSpec] = &[
     spec::<chunk::Chunk>(),
     spec::<query_gen::QueryGen>(),
+    spec::<judge::Judge>(),
     spec::<mine::Mine>(),
 ];
 

@@ -1,0 +1,496 @@
+//! The judge stage: drops bad synthetic queries and counts every drop.
+//!
+//! Filters, each optional, cheapest first so the costly ones see fewer queries:
+//! 1. `dedupe`: the same query twice (after normalising case and punctuation) anywhere, or a
+//!    near-copy (word-set Jaccard ≥ `threshold`) of another query of the same chunk.
+//! 2. `round_trip`: consistency filtering (Alberti et al., 2019; Promptagator): keep a query only
+//!    if its own chunk ranks within `top_k` for it, with BM25 and/or the base model. A query its
+//!    chunk does not answer rarely finds that chunk.
+//!
+//! Output: `queries.jsonl` (kept), `dropped.jsonl` (each with its filter and why) and
+//! `summary.json` (counts and examples per filter).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::io::{self, CHUNKS_FILE, QUERIES_FILE, QueryRecord};
+use super::{
+    Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
+    StageError, StageOutcome, Table,
+};
+use crate::corpus::Chunk;
+use crate::index::{Bm25Index, DenseIndex};
+use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+
+/// Examples of dropped queries kept per filter in `summary.json`.
+const EXAMPLES_PER_FILTER: usize = 5;
+
+/// Which retrieval a round trip uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundTripMethod {
+    Bm25,
+    Dense,
+    /// Kept when either finds the chunk.
+    Either,
+    /// Kept only when both find it.
+    Both,
+}
+
+/// `judge.round_trip`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RoundTrip {
+    /// BM25, the base model (`dense`), `either` or `both`.
+    #[serde(default = "default_method")]
+    pub method: RoundTripMethod,
+    /// The query's chunk must rank within this many results.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_method() -> RoundTripMethod {
+    RoundTripMethod::Either
+}
+fn default_top_k() -> usize {
+    20
+}
+
+/// `judge.dedupe`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Dedupe {
+    /// Two queries of one chunk whose word sets overlap this much (Jaccard) are near-copies.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+}
+
+fn default_threshold() -> f64 {
+    0.8
+}
+
+/// The `judge:` section. Leave a filter out with `null`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct JudgeParams {
+    /// Drop repeated and near-identical queries.
+    #[serde(default = "default_dedupe")]
+    pub dedupe: Option<Dedupe>,
+    /// Keep a query only if its own chunk ranks within `top_k` for it.
+    #[serde(default = "default_round_trip")]
+    pub round_trip: Option<RoundTrip>,
+    /// Texts per batch when encoding with the base model.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+fn default_dedupe() -> Option<Dedupe> {
+    Some(Dedupe {
+        threshold: default_threshold(),
+    })
+}
+fn default_round_trip() -> Option<RoundTrip> {
+    Some(RoundTrip {
+        method: default_method(),
+        top_k: default_top_k(),
+    })
+}
+fn default_batch() -> usize {
+    64
+}
+
+impl Default for JudgeParams {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({}))
+            .expect("every key of JudgeParams has a default")
+    }
+}
+
+pub struct Judge {
+    params: JudgeParams,
+    base_model: String,
+}
+
+impl StageDef for Judge {
+    const KIND: &'static str = "judge";
+    const SECTION: &'static str = "judge";
+    const ABOUT: &'static str =
+        "Drop bad queries (duplicates, round-trip failures) and count every drop.";
+    const PRODUCES: Artifact = Artifact::Queries;
+    type Params = JudgeParams;
+
+    fn new(params: JudgeParams, env: &RecipeEnv) -> Result<Self, Vec<Invalid>> {
+        let mut invalid = Vec::new();
+        if let Some(d) = &params.dedupe
+            && !(d.threshold > 0.0 && d.threshold <= 1.0)
+        {
+            invalid.push(Invalid::new(&["dedupe", "threshold"], "must be in (0, 1]"));
+        }
+        if let Some(r) = &params.round_trip
+            && r.top_k == 0
+        {
+            invalid.push(Invalid::new(&["round_trip", "top_k"], "must be at least 1"));
+        }
+        if params.batch_size == 0 {
+            invalid.push(Invalid::new(&["batch_size"], "must be at least 1"));
+        }
+        if invalid.is_empty() {
+            Ok(Self {
+                params,
+                base_model: env.base_model.clone(),
+            })
+        } else {
+            Err(invalid)
+        }
+    }
+}
+
+impl Stage for Judge {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        [Artifact::Chunks, Artifact::Queries]
+            .map(|artifact| Input {
+                artifact,
+                required: true,
+                instead: None,
+            })
+            .to_vec()
+    }
+
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(&self.params).unwrap_or_default()
+    }
+
+    fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
+        let dense = self
+            .params
+            .round_trip
+            .as_ref()
+            .is_some_and(|r| r.method != RoundTripMethod::Bm25);
+        if !dense {
+            return Ok(Vec::new());
+        }
+        let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
+        Ok(vec![External::Model {
+            label: "base_model".to_owned(),
+            reference: self.base_model.clone(),
+            path,
+        }])
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+        let chunks: Vec<Chunk> = io::read_jsonl(&ctx.input(Artifact::Chunks)?.join(CHUNKS_FILE))?;
+        let queries: Vec<QueryRecord> =
+            io::read_jsonl(&ctx.input(Artifact::Queries)?.join(QUERIES_FILE))?;
+        let mut verdicts = Verdicts::new(queries.len());
+        if let Some(dedupe) = &self.params.dedupe {
+            dedupe_queries(&queries, dedupe.threshold, &mut verdicts);
+        }
+        if let Some(round_trip) = &self.params.round_trip {
+            self.round_trip(ctx, &chunks, &queries, round_trip, &mut verdicts)?;
+        }
+        ctx.check_cancelled()?;
+
+        let mut kept = Vec::new();
+        let mut dropped = Vec::new();
+        let mut summary = JudgeSummary {
+            queries: queries.len(),
+            ..JudgeSummary::default()
+        };
+        for (query, verdict) in queries.iter().zip(&verdicts.0) {
+            match verdict {
+                None => kept.push(query.clone()),
+                Some((filter, why)) => {
+                    let entry = summary.dropped.entry(filter.clone()).or_default();
+                    entry.count += 1;
+                    if entry.examples.len() < EXAMPLES_PER_FILTER {
+                        entry.examples.push(Example {
+                            query: query.query.clone(),
+                            why: why.clone(),
+                        });
+                    }
+                    dropped.push(DroppedQuery {
+                        filter: filter.clone(),
+                        why: why.clone(),
+                        query: query.clone(),
+                    });
+                }
+            }
+        }
+        summary.kept = kept.len();
+        io::write_jsonl(&ctx.out_dir.join(QUERIES_FILE), &kept)?;
+        io::write_jsonl(&ctx.out_dir.join("dropped.jsonl"), &dropped)?;
+        io::write_json(&ctx.out_dir.join("summary.json"), &summary)?;
+        ctx.table(&summary.table());
+        if kept.is_empty() {
+            return Err(StageError::Failed(
+                "the judge dropped every query; see the table above (loosen `judge` or check query-gen)".to_owned(),
+            ));
+        }
+        Ok(StageOutcome {
+            summary: serde_json::to_value(&summary)?,
+        })
+    }
+}
+
+impl Judge {
+    fn round_trip(
+        &self,
+        ctx: &StageContext,
+        chunks: &[Chunk],
+        queries: &[QueryRecord],
+        settings: &RoundTrip,
+        verdicts: &mut Verdicts,
+    ) -> Result<(), StageError> {
+        let pending: Vec<usize> = verdicts.pending().collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let position: HashMap<&str, usize> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.as_str(), i))
+            .collect();
+        let passages: Vec<String> = chunks.iter().map(io::passage).collect();
+        let texts: Vec<&str> = pending.iter().map(|&i| queries[i].query.as_str()).collect();
+        let k = settings.top_k;
+        // Rank (1-based) of each pending query's chunk under each method, None beyond top_k.
+        let mut bm25_rank = None;
+        let mut dense_rank = None;
+        let rank_of = |hits: &[crate::index::Hit], query: &QueryRecord| {
+            let own = position.get(query.chunk_id.as_str()).copied();
+            hits.iter().position(|h| Some(h.doc) == own).map(|r| r + 1)
+        };
+        if settings.method != RoundTripMethod::Dense {
+            let docs: Vec<(&str, &str)> = chunks
+                .iter()
+                .zip(&passages)
+                .map(|(c, p)| (c.id.as_str(), p.as_str()))
+                .collect();
+            let index = Bm25Index::build(&docs, None).map_err(io::index_error)?;
+            let bar = ctx.progress("round trip (BM25)", Some(texts.len() as u64));
+            let hits = index
+                .search_batch(&texts, k, &|n| bar.inc(n as u64))
+                .map_err(io::index_error)?;
+            bm25_rank = Some(
+                hits.iter()
+                    .zip(&pending)
+                    .map(|(h, &i)| rank_of(h, &queries[i]))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if settings.method != RoundTripMethod::Bm25 {
+            let encoder = io::load_encoder(&ctx.env, &self.base_model)?;
+            let corpus: Vec<&str> = passages.iter().map(String::as_str).collect();
+            let bar = ctx.progress("encoding chunks", Some(corpus.len() as u64));
+            let docs = encoder
+                .encode(&corpus, self.params.batch_size, &mut |n| bar.set(n as u64))
+                .map_err(io::model_error)?;
+            drop(bar);
+            ctx.check_cancelled()?;
+            let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
+            let embedded = encoder
+                .encode(&texts, self.params.batch_size, &mut |n| bar.set(n as u64))
+                .map_err(io::model_error)?;
+            drop(bar);
+            let index = DenseIndex::new(encoder.dim(), docs.into_vec()).map_err(io::index_error)?;
+            let hits = index
+                .search_batch(embedded.as_slice(), k, &|_| {})
+                .map_err(io::index_error)?;
+            dense_rank = Some(
+                hits.iter()
+                    .zip(&pending)
+                    .map(|(h, &i)| rank_of(h, &queries[i]))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        for (n, &i) in pending.iter().enumerate() {
+            let bm25 = bm25_rank.as_ref().map(|r| r[n]);
+            let dense = dense_rank.as_ref().map(|r| r[n]);
+            let found = |r: Option<Option<usize>>| r.is_some_and(|r| r.is_some());
+            let keep = match settings.method {
+                RoundTripMethod::Bm25 => found(bm25),
+                RoundTripMethod::Dense => found(dense),
+                RoundTripMethod::Either => found(bm25) || found(dense),
+                RoundTripMethod::Both => found(bm25) && found(dense),
+            };
+            if !keep {
+                verdicts.drop(i, "round_trip", format!("its chunk is not in the top {k}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per query: `None` while kept, else the filter that dropped it and why.
+struct Verdicts(Vec<Option<(String, String)>>);
+
+impl Verdicts {
+    fn new(n: usize) -> Self {
+        Self(vec![None; n])
+    }
+
+    fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_none())
+            .map(|(i, _)| i)
+    }
+
+    fn drop(&mut self, i: usize, filter: &str, why: String) {
+        if self.0[i].is_none() {
+            self.0[i] = Some((filter.to_owned(), why));
+        }
+    }
+}
+
+/// Lowercased words of letters and digits: "How do I…?" and "how do i" are the same query.
+fn words(query: &str) -> Vec<String> {
+    query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+fn dedupe_queries(queries: &[QueryRecord], threshold: f64, verdicts: &mut Verdicts) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut per_chunk: HashMap<&str, Vec<(usize, HashSet<String>)>> = HashMap::new();
+    for (i, query) in queries.iter().enumerate() {
+        let words = words(&query.query);
+        let normalized = words.join(" ");
+        if let Some(&first) = seen.get(&normalized) {
+            verdicts.drop(i, "dedupe", format!("same as `{}`", queries[first].query));
+            continue;
+        }
+        seen.insert(normalized, i);
+        let set: HashSet<String> = words.into_iter().collect();
+        let siblings = per_chunk.entry(query.chunk_id.as_str()).or_default();
+        if let Some((j, overlap)) = siblings
+            .iter()
+            .map(|(j, other)| (*j, jaccard(&set, other)))
+            .find(|(_, overlap)| *overlap >= threshold)
+        {
+            verdicts.drop(
+                i,
+                "dedupe",
+                format!("near-copy ({overlap:.2}) of `{}`", queries[j].query),
+            );
+            continue;
+        }
+        siblings.push((i, set));
+    }
+}
+
+fn jaccard(a: &HashSet<String>, b: &HashSet<String>) -> f64 {
+    let union = a.union(b).count();
+    if union == 0 {
+        return 1.0;
+    }
+    a.intersection(b).count() as f64 / union as f64
+}
+
+#[derive(Debug, Serialize)]
+struct DroppedQuery {
+    filter: String,
+    why: String,
+    #[serde(flatten)]
+    query: QueryRecord,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Example {
+    query: String,
+    why: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Dropped {
+    count: usize,
+    examples: Vec<Example>,
+}
+
+/// `summary.json`: kept, and dropped per filter with examples.
+#[derive(Debug, Default, Serialize)]
+struct JudgeSummary {
+    queries: usize,
+    kept: usize,
+    dropped: BTreeMap<String, Dropped>,
+}
+
+impl JudgeSummary {
+    fn table(&self) -> Table {
+        let mut rows = vec![vec![
+            "queries in".to_owned(),
+            self.queries.to_string(),
+            String::new(),
+        ]];
+        for (filter, dropped) in &self.dropped {
+            let example = dropped
+                .examples
+                .first()
+                .map(|e| {
+                    let q: String = e.query.chars().take(50).collect();
+                    format!("e.g. \"{q}\": {}", e.why)
+                })
+                .unwrap_or_default();
+            rows.push(vec![
+                format!("dropped: {filter}"),
+                dropped.count.to_string(),
+                example,
+            ]);
+        }
+        rows.push(vec![
+            "kept".to_owned(),
+            self.kept.to_string(),
+            String::new(),
+        ]);
+        Table {
+            title: "judge".to_owned(),
+            columns: vec!["what".to_owned(), "count".to_owned(), "example".to_owned()],
+            rows,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(chunk: &str, text: &str) -> QueryRecord {
+        QueryRecord {
+            id: QueryRecord::id_for(chunk, "llm", text),
+            query: text.to_owned(),
+            chunk_id: chunk.to_owned(),
+            doc_id: "d".to_owned(),
+            source: "d.md".to_owned(),
+            positive: "p".to_owned(),
+            strategy: "llm".to_owned(),
+        }
+    }
+
+    #[test]
+    fn dedupe_drops_repeats_anywhere_and_near_copies_within_a_chunk() {
+        let queries = vec![
+            query("a", "How do I restore a snapshot?"),
+            query("b", "how do I restore a snapshot"), // same words, other chunk
+            query("a", "How do I restore a snapshot quickly?"), // near-copy in chunk a
+            query("b", "How do I restore a snapshot quickly?"), // same text as above: a repeat
+            query("c", "What port does the daemon use?"),
+        ];
+        let mut verdicts = Verdicts::new(queries.len());
+        dedupe_queries(&queries, 0.8, &mut verdicts);
+        let dropped: Vec<bool> = verdicts.0.iter().map(Option::is_some).collect();
+        assert_eq!(dropped, [false, true, true, true, false]);
+    }
+}
