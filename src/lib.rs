@@ -6,6 +6,7 @@
 //! (`eval`) and the model registry (`registry`). Only `cli` and `output` touch the terminal.
 
 pub mod cache;
+pub mod eval;
 pub mod index;
 pub mod model;
 pub mod recipe;
