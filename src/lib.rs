@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod cli;
 pub mod corpus;
+pub mod eval;
 pub mod exec;
 pub mod index;
 pub mod model;

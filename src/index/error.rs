@@ -25,8 +25,11 @@ pub enum IndexError {
         #[source]
         source: tantivy::TantivyError,
     },
-    #[error("tantivy returned document {doc} of segment {segment}, which this index never wrote")]
-    UnknownDocument { segment: u32, doc: u32 },
+    #[error("reading the BM25 index failed")]
+    Read {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the BM25 index is not laid out in input order: {why}")]
     Layout { why: String },
     #[error("embedding dimension must be at least 1")]

@@ -9,6 +9,7 @@
 pub mod bm25;
 pub mod dense;
 pub mod error;
+mod top_k;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,254 @@
+//! `report.html`: one self-contained page (inline CSS, inline SVG, no script, nothing fetched)
+//! so it can be mailed or opened from disk anywhere.
+
+use super::svg::{self, Bar, BarChart, BarGroup, LineChart, Series, XScale};
+use super::{dimension_text, escape, full_size_systems, regression_lines, shown_metrics};
+use crate::eval::report::{Dataset, Report, SystemKind};
+use crate::eval::stats::{Verdict, format_percent};
+use crate::eval::training::TrainingCurve;
+
+const STYLE: &str = "
+body { font: 15px/1.5 system-ui, sans-serif; color: #222; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }
+h1 { font-size: 1.6rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { padding: .25rem .6rem; border-bottom: 1px solid #eee; text-align: right; }
+th:first-child, td:first-child, td.kind { text-align: left; }
+td .ci { color: #777; font-size: .85em; }
+.regression { background: #fde8e8; border: 2px solid #c0392b; padding: .75rem 1rem; border-radius: 6px; }
+.regression strong { color: #c0392b; }
+li.better { color: #1e7b34; } li.worse { color: #c0392b; font-weight: 600; } li.same { color: #555; }
+figure { margin: 1.5rem 0; }
+svg text { font: 12px system-ui, sans-serif; fill: #333; }
+svg text.title { font-weight: 600; font-size: 13px; }
+svg .grid { stroke: #eee; } svg .axis { stroke: #999; fill: none; }
+svg .whisker { stroke: #222; stroke-width: 1.5; fill: none; }
+details { margin: 1rem 0; }
+";
+
+/// Renders the report as a standalone HTML page.
+pub fn html(report: &Report) -> String {
+    let title = escape(&report.title);
+    let mut out = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
+    );
+    if report.regression {
+        out.push_str(
+            "<div class=\"regression\"><strong>REGRESSION:</strong> the fine-tuned model is worse \
+             than the base model beyond noise.\n<ul>\n",
+        );
+        for line in regression_lines(report) {
+            out.push_str(&format!("<li>{}</li>\n", escape(line)));
+        }
+        out.push_str("</ul></div>\n");
+    }
+    for dataset in &report.datasets {
+        dataset_section(&mut out, dataset, report.settings.confidence);
+    }
+    if let Some(training) = &report.training {
+        training_section(&mut out, training);
+    }
+    let settings = &report.settings;
+    out.push_str(&format!(
+        "<h2>Method</h2>\n<p>Metrics follow sentence-transformers' \
+         <code>InformationRetrievalEvaluator</code>. Intervals are {}% bootstrap percentile \
+         intervals over queries, paired for differences ({} resamples); p-values come from a \
+         paired sign-flip permutation test ({} random patterns, or all when fewer). A difference \
+         counts as beyond noise when its interval excludes 0 and p &lt; {} (seed {}).</p>\n</body>\n</html>\n",
+        format_percent(settings.confidence),
+        settings.resamples,
+        settings.permutations,
+        settings.alpha,
+        settings.seed
+    ));
+    out
+}
+
+fn dataset_section(out: &mut String, dataset: &Dataset, confidence: f64) {
+    out.push_str(&format!(
+        "<section>\n<h2>{}</h2>\n<p>{} queries, {} documents.</p>\n",
+        escape(&dataset.name),
+        dataset.query_ids.len(),
+        dataset.documents
+    ));
+    let metrics = shown_metrics(dataset);
+    out.push_str("<table>\n<tr><th>System</th><th>Kind</th><th>Dim</th>");
+    for metric in &metrics {
+        out.push_str(&format!("<th>{}</th>", metric.label()));
+    }
+    out.push_str("</tr>\n");
+    for system in &dataset.systems {
+        out.push_str(&format!(
+            "<tr><td>{}</td><td class=\"kind\">{}</td><td>{}</td>",
+            escape(&system.label),
+            system.kind.name(),
+            dimension_text(system.dimension)
+        ));
+        for metric in &metrics {
+            match system.metrics.get(metric) {
+                Some(summary) => out.push_str(&format!(
+                    "<td>{:.4} <span class=\"ci\">({:.3}–{:.3})</span></td>",
+                    summary.mean, summary.interval.low, summary.interval.high
+                )),
+                None => out.push_str("<td>–</td>"),
+            }
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str(&format!(
+        "</table>\n<p>In parentheses: {}% bootstrap interval of the mean.</p>\n",
+        format_percent(confidence)
+    ));
+
+    if !dataset.comparisons.is_empty() {
+        out.push_str("<h3>Verdicts</h3>\n<ul>\n");
+        for comparison in &dataset.comparisons {
+            let class = match comparison.result.verdict {
+                Verdict::Better => "better",
+                Verdict::Worse => "worse",
+                Verdict::NoDifference => "same",
+            };
+            out.push_str(&format!(
+                "<li class=\"{class}\">{}</li>\n",
+                escape(&comparison.sentence)
+            ));
+        }
+        out.push_str("</ul>\n");
+    }
+
+    out.push_str(&format!("<figure>{}</figure>\n", metric_bars(dataset)));
+    if let Some(chart) = dimension_chart(dataset) {
+        out.push_str(&format!("<figure>{chart}</figure>\n"));
+    }
+    out.push_str("</section>\n");
+}
+
+/// Headline metrics of each kind's full-size system, with bootstrap whiskers.
+fn metric_bars(dataset: &Dataset) -> String {
+    let systems = full_size_systems(dataset);
+    let groups = shown_metrics(dataset)
+        .into_iter()
+        .map(|metric| BarGroup {
+            label: metric.label(),
+            bars: systems
+                .iter()
+                .enumerate()
+                .filter_map(|(series, system)| {
+                    system.metrics.get(&metric).map(|summary| Bar {
+                        series,
+                        value: summary.mean,
+                        low: summary.interval.low,
+                        high: summary.interval.high,
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    svg::bar_chart(&BarChart {
+        title: "Headline metrics (whiskers: bootstrap interval)",
+        y_label: "score",
+        series_names: systems.iter().map(|system| system.label.clone()).collect(),
+        groups,
+    })
+}
+
+/// The primary metric against embedding dimension, one line per dense kind and BM25 as a
+/// dashed reference; `None` unless some kind was evaluated at two dimensions or more.
+fn dimension_chart(dataset: &Dataset) -> Option<String> {
+    let metric = *shown_metrics(dataset).first()?;
+    let line = |kind: SystemKind| {
+        let mut points: Vec<(f64, f64)> = dataset
+            .systems
+            .iter()
+            .filter(|system| system.kind == kind)
+            .filter_map(|system| {
+                let dimension = system.dimension?;
+                let summary = system.metrics.get(&metric)?;
+                Some((dimension as f64, summary.mean))
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    };
+    let (base, tuned) = (line(SystemKind::Base), line(SystemKind::FineTuned));
+    if base.len() < 2 && tuned.len() < 2 {
+        return None;
+    }
+    let dimensions: Vec<f64> = base.iter().chain(&tuned).map(|point| point.0).collect();
+    let (lowest, highest) = dimensions
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), d| {
+            (lo.min(*d), hi.max(*d))
+        });
+    let mut series = vec![
+        Series {
+            name: SystemKind::Base.name().to_owned(),
+            points: base,
+            dashed: false,
+        },
+        Series {
+            name: SystemKind::FineTuned.name().to_owned(),
+            points: tuned,
+            dashed: false,
+        },
+    ];
+    if let Some(bm25) = dataset
+        .systems
+        .iter()
+        .find(|system| system.kind == SystemKind::Bm25)
+        .and_then(|system| system.metrics.get(&metric))
+    {
+        series.push(Series {
+            name: SystemKind::Bm25.name().to_owned(),
+            points: vec![(lowest, bm25.mean), (highest, bm25.mean)],
+            dashed: true,
+        });
+    }
+    let title = format!("{} by embedding dimension", metric.label());
+    let y_label = metric.label();
+    Some(svg::line_chart(&LineChart {
+        title: &title,
+        x_label: "embedding dimension (Matryoshka truncation)",
+        y_label: &y_label,
+        x_scale: XScale::Log2,
+        series,
+    }))
+}
+
+fn training_section(out: &mut String, training: &TrainingCurve) {
+    out.push_str("<section>\n<h2>Training</h2>\n");
+    if training.points.is_empty() {
+        out.push_str("<p>The train log has no steps.</p>\n</section>\n");
+        return;
+    }
+    let curve = |name: &str, value: fn(&crate::eval::training::TrainPoint) -> f64| Series {
+        name: name.to_owned(),
+        points: training
+            .points
+            .iter()
+            .map(|point| (point.step as f64, value(point)))
+            .collect(),
+        dashed: false,
+    };
+    for (title, y_label, series) in [
+        ("Training loss", "loss", curve("loss", |point| point.loss)),
+        (
+            "Learning rate",
+            "learning rate",
+            curve("lr", |point| point.lr),
+        ),
+    ] {
+        out.push_str(&format!(
+            "<figure>{}</figure>\n",
+            svg::line_chart(&LineChart {
+                title,
+                x_label: "step",
+                y_label,
+                x_scale: XScale::Linear,
+                series: vec![series],
+            })
+        ));
+    }
+    out.push_str("</section>\n");
+}

@@ -1,0 +1,226 @@
+//! Renderings of a [`Report`]: Markdown (`report.md`), a self-contained HTML page with inline
+//! CSS and SVG charts (`report.html`), and a compact plain-text table the CLI prints. All are
+//! built as strings; writing them is [`Report::write`]'s job and printing the CLI's.
+
+mod html;
+mod markdown;
+mod svg;
+mod text;
+
+pub use html::html;
+pub use markdown::markdown;
+pub use text::text_table;
+
+use super::metrics::Metric;
+use super::report::{Dataset, HEADLINE_METRICS, Report, System};
+
+/// The headline metrics that some system of `dataset` has, in headline order.
+fn shown_metrics(dataset: &Dataset) -> Vec<Metric> {
+    HEADLINE_METRICS
+        .into_iter()
+        .filter(|metric| {
+            dataset
+                .systems
+                .iter()
+                .any(|system| system.metrics.contains_key(metric))
+        })
+        .collect()
+}
+
+/// Each kind's systems at its largest dimension: what the bar chart sets side by side.
+fn full_size_systems(dataset: &Dataset) -> Vec<&System> {
+    dataset
+        .systems
+        .iter()
+        .filter(|system| {
+            !dataset
+                .systems
+                .iter()
+                .any(|other| other.kind == system.kind && other.dimension > system.dimension)
+        })
+        .collect()
+}
+
+fn dimension_text(dimension: Option<usize>) -> String {
+    dimension.map_or_else(|| "–".to_owned(), |dimension| dimension.to_string())
+}
+
+/// The verdicts worth a line in the short renderings: those on the dataset's primary metric and
+/// every regression.
+fn key_comparisons(dataset: &Dataset) -> impl Iterator<Item = &super::report::Comparison> {
+    let primary = shown_metrics(dataset).first().copied();
+    dataset
+        .comparisons
+        .iter()
+        .filter(move |comparison| Some(comparison.metric) == primary || comparison.regression)
+}
+
+/// The regression warning, one line per regressed comparison.
+fn regression_lines(report: &Report) -> impl Iterator<Item = &str> {
+    report.regressions.iter().map(String::as_str)
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::eval::metrics::RunScores;
+    use crate::eval::report::{SystemKind, SystemSpec};
+    use crate::eval::stats::PairedTestConfig;
+    use crate::eval::training::TrainingCurve;
+
+    /// Fixture: `tests/fixtures/eval/` holds per-query metric values of five systems on six
+    /// queries and a ten-step train log, all made up by hand.
+    fn fixture_report() -> Report {
+        let fixture = |name: &str| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/eval")
+                .join(name)
+        };
+        let runs: BTreeMap<String, (SystemSpec, BTreeMap<Metric, Vec<f64>>)> =
+            serde_json::from_str::<Vec<FixtureSystem>>(
+                &fs_err::read_to_string(fixture("systems.json")).expect("the fixture exists"),
+            )
+            .expect("the fixture parses")
+            .into_iter()
+            .map(|system| {
+                let spec = SystemSpec {
+                    label: system.label.clone(),
+                    kind: system.kind,
+                    model: system.model,
+                    dimension: system.dimension,
+                };
+                (system.label, (spec, system.per_query))
+            })
+            .collect();
+        let query_ids: Vec<String> = (1..=6).map(|i| format!("q{i}")).collect();
+        let settings = PairedTestConfig::default();
+        let mut dataset = Dataset::new("held-out <queries> & \"friends\"", 40, query_ids.clone());
+        for label in ["bm25", "base", "fine-tuned", "base@64", "fine-tuned@64"] {
+            let (spec, values) = runs[label].clone();
+            let scores = RunScores {
+                query_ids: query_ids.clone(),
+                values,
+            };
+            dataset
+                .add_system(spec, scores, &settings)
+                .expect("the fixture covers the dataset's queries");
+        }
+        dataset
+            .compare_fine_tuned_with_base(&[Metric::NDCG_10, Metric::MRR_10], &settings)
+            .expect("both systems have the metrics");
+        dataset
+            .compare("bm25", "fine-tuned", &[Metric::NDCG_10], &settings)
+            .expect("both systems exist");
+        let training = TrainingCurve::from_jsonl(&fixture("train.jsonl")).expect("a valid log");
+        Report::new(
+            "demo <script>alert(1)</script>",
+            settings,
+            vec![dataset],
+            Some(training),
+        )
+    }
+
+    #[derive(serde::Deserialize)]
+    struct FixtureSystem {
+        label: String,
+        kind: SystemKind,
+        model: Option<String>,
+        dimension: Option<usize>,
+        per_query: BTreeMap<Metric, Vec<f64>>,
+    }
+
+    #[test]
+    fn fixture_flags_the_regression_at_64_dimensions() {
+        let report = fixture_report();
+        let comparisons = &report.datasets[0].comparisons;
+        assert_eq!(comparisons.len(), 5);
+        assert!(report.regression);
+        assert_eq!(report.regressions.len(), 1, "{:?}", report.regressions);
+        assert!(report.regressions[0].contains("fine-tuned@64 trails base@64 on MRR@10"));
+        assert!(report.regressions[0].ends_with("worse beyond noise"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let report = fixture_report();
+        let json = report.to_json().expect("the report serialises");
+        let back = Report::from_json(&json).expect("the report parses back");
+        assert_eq!(back, report);
+        assert!(json.contains("\"ndcg@10\""));
+        assert!(json.contains("\"regression\": true"));
+    }
+
+    #[test]
+    fn html_is_self_contained_with_charts() {
+        let page = html(&fixture_report());
+        assert!(page.starts_with("<!DOCTYPE html>"));
+        assert!(
+            !page.contains("http://") && !page.contains("https://"),
+            "{page}"
+        );
+        assert!(!page.contains("<script"), "user text must be escaped");
+        assert!(page.contains("demo &lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(page.contains("held-out &lt;queries&gt; &amp; &quot;friends&quot;"));
+        // Loss, learning rate, metric bars, metric against dimension.
+        assert_eq!(page.matches("<svg").count(), 4);
+        assert!(page.contains("aria-label=\"Training loss\""));
+        assert!(page.contains("aria-label=\"Learning rate\""));
+        assert!(page.contains("class=\"whisker\""));
+        assert!(page.contains("nDCG@10 by embedding dimension"));
+        assert!(page.contains("class=\"regression\""));
+    }
+
+    #[test]
+    fn markdown_has_tables_and_verdicts() {
+        let page = markdown(&fixture_report());
+        assert!(
+            page.contains("| System | Kind | Dim | nDCG@10 | MRR@10 |"),
+            "{page}"
+        );
+        assert!(page.contains("|---|---|---:|---:|---:|"));
+        assert!(page.contains("| fine-tuned@64 | fine-tuned | 64 |"));
+        assert!(page.contains("**REGRESSION**"));
+        assert!(page.contains("fine-tuned beats base on nDCG@10"));
+        assert!(page.contains("held-out &lt;queries&gt; &amp; \"friends\""));
+    }
+
+    #[test]
+    fn text_table_lists_systems_and_verdicts() {
+        let table = text_table(&fixture_report());
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("REGRESSION"), "{table}");
+        assert!(table.contains("system"));
+        assert!(table.contains("nDCG@10"));
+        for label in ["bm25", "base", "fine-tuned", "base@64", "fine-tuned@64"] {
+            assert!(lines.iter().any(|line| line.starts_with(label)), "{table}");
+        }
+        assert!(table.contains("better beyond noise"));
+        assert!(table.contains("worse beyond noise"));
+    }
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            escape("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+    }
+}
