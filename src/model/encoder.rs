@@ -364,3 +364,111 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod measure {
+    //! Timings for the record, not assertions: run with
+    //! `cargo test --lib model::encoder::measure -- --ignored --nocapture` (the test profile builds
+    //! candle at opt-level 3, so the numbers are a release build's) and, on a busy machine, read
+    //! the cpu seconds: with N free cores the wall time would be about cpu / N.
+
+    use std::time::Instant;
+
+    use candle_core::{D, Device, Tensor};
+
+    use super::*;
+    use crate::testutil::minilm_dir;
+
+    /// CPU time this process has used (all threads), in seconds: on a shared machine, wall time
+    /// depends on the neighbours and CPU time much less.
+    fn cpu_seconds() -> f64 {
+        // SAFETY: getrusage only writes the struct it is given.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    }
+
+    /// `count` texts of exactly `tokens` MiniLM tokens each (special tokens included).
+    fn texts_of_length(encoder: &SentenceEncoder, count: usize, tokens: usize) -> Vec<String> {
+        let words = [
+            "alpha", "river", "stone", "cloud", "table", "music", "green", "light",
+        ];
+        let texts: Vec<String> = (0..count)
+            .map(|i| {
+                (0..tokens - 2)
+                    .map(|j| words[(i + j * 3) % words.len()])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let ids = encoder
+            .sentence_tokenizer()
+            .token_ids(&refs)
+            .expect("tokenizes");
+        assert!(ids.iter().all(|ids| ids.len() == tokens));
+        texts
+    }
+
+    #[test]
+    #[ignore = "a measurement: about 3 minutes on 2 busy cores"]
+    #[allow(clippy::print_stderr)]
+    fn encoding_and_training_step_speed() {
+        let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
+        let texts = texts_of_length(&encoder, 160, 128);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+
+        encoder
+            .encode(&refs[..32], 32, &mut |_| {})
+            .expect("warm-up");
+        let (start, cpu) = (Instant::now(), cpu_seconds());
+        encoder
+            .encode(&refs[32..], 32, &mut |_| {})
+            .expect("encodes");
+        let (seconds, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        let count = (refs.len() - 32) as f64;
+        eprintln!(
+            "encode: {count} texts x 128 tokens, batch 32, {} threads: {:.1} sentences/s \
+             ({seconds:.2} s wall, {cpu:.2} s cpu: {:.1} sentences per cpu-second)",
+            candle_core::utils::get_num_threads(),
+            count / seconds,
+            count / cpu,
+        );
+
+        let tokenizer = encoder.sentence_tokenizer();
+        let ids = tokenizer.token_ids(&refs[..32]).expect("tokenizes");
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let batch = tokenizer.batch(&rows, &Device::Cpu).expect("batch");
+        for train in [false, true] {
+            for _ in 0..3 {
+                let (start, cpu) = (Instant::now(), cpu_seconds());
+                let embeddings = encoder.forward(&batch, train).expect("forward");
+                // MultipleNegativesRankingLoss over 16 (anchor, positive) pairs.
+                let loss = (|| {
+                    let anchors = embeddings.narrow(0, 0, 16)?;
+                    let positives = embeddings.narrow(0, 16, 16)?;
+                    let scores = (anchors.matmul(&positives.t()?)? * 20.)?;
+                    let log_sum_exp = scores.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                    let eye = Tensor::eye(16, candle_core::DType::F32, &Device::Cpu)?;
+                    let diagonal = (scores * eye)?.sum_keepdim(D::Minus1)?;
+                    (log_sum_exp - diagonal)?.mean_all()
+                })()
+                .expect("loss");
+                let forward = start.elapsed().as_secs_f64();
+                loss.backward().expect("backward");
+                let total = start.elapsed().as_secs_f64();
+                let cpu = cpu_seconds() - cpu;
+                eprintln!(
+                    "forward+backward, 32 x 128 tokens, dropout {}: forward {forward:.2} s, \
+                     backward {:.2} s, total {total:.2} s wall, {cpu:.2} s cpu",
+                    if train { "on" } else { "off" },
+                    total - forward
+                );
+            }
+        }
+    }
+}
