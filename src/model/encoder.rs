@@ -264,6 +264,34 @@ mod tests {
         }
     }
 
+    /// A plain Hugging Face folder (no `modules.json`, no `sentence_bert_config.json`) is pooled
+    /// by mean without normalisation and truncates at 512, as sentence-transformers loads one.
+    #[cfg(unix)] // links MiniLM's 90 MB of weights instead of copying them
+    #[test]
+    fn a_plain_bert_folder_pools_by_mean_without_normalising() {
+        let reference: EmbeddingsReference =
+            serde_json::from_str(&fixture("all-MiniLM-L6-v2.embeddings.json")).expect("fixture");
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+            std::os::unix::fs::symlink(minilm_dir().join(name), dir.path().join(name))
+                .expect("link a model file");
+        }
+        let encoder = SentenceEncoder::load(dir.path(), &Device::Cpu).expect("plain folder loads");
+        assert_eq!(
+            encoder.pooling().modes(),
+            [crate::model::pooling::PoolingMode::Mean]
+        );
+        assert_eq!(encoder.max_seq_length(), 512);
+        let item = &reference.items[0];
+        let embeddings = encoder
+            .encode(&[item.text.as_str()], 4, &mut |_| {})
+            .expect("encodes");
+        let norm = embeddings.row(0).iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.).abs() > 0.1, "not normalised: norm {norm}");
+        // The same mean-pooled vector as the normalised reference, before normalisation.
+        assert!(cosine(embeddings.row(0), &item.embedding) >= 0.9999);
+    }
+
     #[test]
     fn tokenizer_pads_batches_to_their_longest_and_truncates_at_max_seq_length() {
         let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
