@@ -104,6 +104,9 @@ impl SentenceEncoder {
     }
 
     /// The tokenizer, truncating at [`Self::max_seq_length`] and padding batches to their longest.
+    /// It does not strip or lowercase text as sentence-transformers does first; for exactly
+    /// sentence-transformers' ids use [`SentenceTokenizer::token_ids`] via
+    /// [`Self::sentence_tokenizer`].
     pub fn tokenizer(&self) -> &Tokenizer {
         self.tokenizer.tokenizer()
     }
@@ -135,7 +138,8 @@ impl SentenceEncoder {
     ///
     /// Texts are tokenized first and batched longest first, so each batch holds texts of similar
     /// length and padding (computed, then thrown away) stays small; the longest batch runs first,
-    /// so running out of memory shows at once. No backward graph is built.
+    /// so running out of memory shows at once. No backward graph is built. The token ids of all
+    /// texts are held at once (4 bytes a token); callers with huge corpora pass slices.
     pub fn encode(
         &self,
         texts: &[&str],
