@@ -790,7 +790,11 @@ pub(crate) mod tests {
         let diff = (&batched - &tracked)
             .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .expect("diff");
-        assert_eq!(diff, 0., "the detached weights are the same values");
+        // The same weights; inference takes candle's fused f32 kernels, so only rounding differs.
+        assert!(
+            diff < 1e-5,
+            "forward_no_grad differs from forward by {diff}"
+        );
 
         // The 4-token row alone, unpadded, gives the same states for its real tokens.
         let alone_ids = ids

@@ -104,6 +104,9 @@ impl SentenceEncoder {
     }
 
     /// The tokenizer, truncating at [`Self::max_seq_length`] and padding batches to their longest.
+    /// It does not strip or lowercase text as sentence-transformers does first; for exactly
+    /// sentence-transformers' ids use [`SentenceTokenizer::token_ids`] via
+    /// [`Self::sentence_tokenizer`].
     pub fn tokenizer(&self) -> &Tokenizer {
         self.tokenizer.tokenizer()
     }
@@ -135,7 +138,8 @@ impl SentenceEncoder {
     ///
     /// Texts are tokenized first and batched longest first, so each batch holds texts of similar
     /// length and padding (computed, then thrown away) stays small; the longest batch runs first,
-    /// so running out of memory shows at once. No backward graph is built.
+    /// so running out of memory shows at once. No backward graph is built. The token ids of all
+    /// texts are held at once (4 bytes a token); callers with huge corpora pass slices.
     pub fn encode(
         &self,
         texts: &[&str],
@@ -249,7 +253,47 @@ mod tests {
                 "cosine {similarity} for {:?}",
                 item.text
             );
+            // Stricter than the cosine: every component within 2e-6 (measured: under 3e-7).
+            let worst = embeddings
+                .row(i)
+                .iter()
+                .zip(&item.embedding)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 2e-6,
+                "component off by {worst} for {:?}",
+                item.text
+            );
         }
+    }
+
+    /// A plain Hugging Face folder (no `modules.json`, no `sentence_bert_config.json`) is pooled
+    /// by mean without normalisation and truncates at 512, as sentence-transformers loads one.
+    #[cfg(unix)] // links MiniLM's 90 MB of weights instead of copying them
+    #[test]
+    fn a_plain_bert_folder_pools_by_mean_without_normalising() {
+        let reference: EmbeddingsReference =
+            serde_json::from_str(&fixture("all-MiniLM-L6-v2.embeddings.json")).expect("fixture");
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+            std::os::unix::fs::symlink(minilm_dir().join(name), dir.path().join(name))
+                .expect("link a model file");
+        }
+        let encoder = SentenceEncoder::load(dir.path(), &Device::Cpu).expect("plain folder loads");
+        assert_eq!(
+            encoder.pooling().modes(),
+            [crate::model::pooling::PoolingMode::Mean]
+        );
+        assert_eq!(encoder.max_seq_length(), 512);
+        let item = &reference.items[0];
+        let embeddings = encoder
+            .encode(&[item.text.as_str()], 4, &mut |_| {})
+            .expect("encodes");
+        let norm = embeddings.row(0).iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.).abs() > 0.1, "not normalised: norm {norm}");
+        // The same mean-pooled vector as the normalised reference, before normalisation.
+        assert!(cosine(embeddings.row(0), &item.embedding) >= 0.9999);
     }
 
     #[test]
@@ -349,6 +393,114 @@ mod tests {
                 (got - want).abs() <= 1e-4 * want,
                 "`{name}` gradient norm {got}, pytorch {want}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    //! Timings for the record, not assertions: run with
+    //! `cargo test --lib model::encoder::measure -- --ignored --nocapture` (the test profile builds
+    //! candle at opt-level 3, so the numbers are a release build's) and, on a busy machine, read
+    //! the cpu seconds: with N free cores the wall time would be about cpu / N.
+
+    use std::time::Instant;
+
+    use candle_core::{D, Device, Tensor};
+
+    use super::*;
+    use crate::testutil::minilm_dir;
+
+    /// CPU time this process has used (all threads), in seconds: on a shared machine, wall time
+    /// depends on the neighbours and CPU time much less.
+    fn cpu_seconds() -> f64 {
+        // SAFETY: getrusage only writes the struct it is given.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    }
+
+    /// `count` texts of exactly `tokens` MiniLM tokens each (special tokens included).
+    fn texts_of_length(encoder: &SentenceEncoder, count: usize, tokens: usize) -> Vec<String> {
+        let words = [
+            "alpha", "river", "stone", "cloud", "table", "music", "green", "light",
+        ];
+        let texts: Vec<String> = (0..count)
+            .map(|i| {
+                (0..tokens - 2)
+                    .map(|j| words[(i + j * 3) % words.len()])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let ids = encoder
+            .sentence_tokenizer()
+            .token_ids(&refs)
+            .expect("tokenizes");
+        assert!(ids.iter().all(|ids| ids.len() == tokens));
+        texts
+    }
+
+    #[test]
+    #[ignore = "a measurement: about 3 minutes on 2 busy cores"]
+    #[allow(clippy::print_stderr)]
+    fn encoding_and_training_step_speed() {
+        let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
+        let texts = texts_of_length(&encoder, 160, 128);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+
+        encoder
+            .encode(&refs[..32], 32, &mut |_| {})
+            .expect("warm-up");
+        let (start, cpu) = (Instant::now(), cpu_seconds());
+        encoder
+            .encode(&refs[32..], 32, &mut |_| {})
+            .expect("encodes");
+        let (seconds, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        let count = (refs.len() - 32) as f64;
+        eprintln!(
+            "encode: {count} texts x 128 tokens, batch 32, {} threads: {:.1} sentences/s \
+             ({seconds:.2} s wall, {cpu:.2} s cpu: {:.1} sentences per cpu-second)",
+            candle_core::utils::get_num_threads(),
+            count / seconds,
+            count / cpu,
+        );
+
+        let tokenizer = encoder.sentence_tokenizer();
+        let ids = tokenizer.token_ids(&refs[..32]).expect("tokenizes");
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let batch = tokenizer.batch(&rows, &Device::Cpu).expect("batch");
+        for train in [false, true] {
+            for _ in 0..3 {
+                let (start, cpu) = (Instant::now(), cpu_seconds());
+                let embeddings = encoder.forward(&batch, train).expect("forward");
+                // MultipleNegativesRankingLoss over 16 (anchor, positive) pairs.
+                let loss = (|| {
+                    let anchors = embeddings.narrow(0, 0, 16)?;
+                    let positives = embeddings.narrow(0, 16, 16)?;
+                    let scores = (anchors.matmul(&positives.t()?)? * 20.)?;
+                    let log_sum_exp = scores.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                    let eye = Tensor::eye(16, candle_core::DType::F32, &Device::Cpu)?;
+                    let diagonal = (scores * eye)?.sum_keepdim(D::Minus1)?;
+                    (log_sum_exp - diagonal)?.mean_all()
+                })()
+                .expect("loss");
+                let forward = start.elapsed().as_secs_f64();
+                loss.backward().expect("backward");
+                let total = start.elapsed().as_secs_f64();
+                let cpu = cpu_seconds() - cpu;
+                eprintln!(
+                    "forward+backward, 32 x 128 tokens, dropout {}: forward {forward:.2} s, \
+                     backward {:.2} s, total {total:.2} s wall, {cpu:.2} s cpu",
+                    if train { "on" } else { "off" },
+                    total - forward
+                );
+            }
         }
     }
 }
