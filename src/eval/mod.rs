@@ -8,6 +8,7 @@
 //! `report.json`, `report.md` and `report.html` with [`Report::write`]. Nothing here reads
 //! recipes or prints: the stage decides what to evaluate and the CLI prints [`text_table`].
 
+pub mod beir;
 pub mod error;
 pub mod metrics;
 pub mod render;
@@ -15,6 +16,7 @@ pub mod report;
 pub mod stats;
 pub mod training;
 
+pub use beir::{BeirDataset, BeirDocument};
 pub use error::EvalError;
 pub use metrics::{Metric, MetricKind, RunScores, default_metrics, max_k, score_query};
 pub use render::{html, markdown, text_table};

@@ -304,6 +304,31 @@ impl Report {
         }
     }
 
+    /// `{dataset: {system: {metric: mean}}}` over [`HEADLINE_METRICS`]: the figures a registry
+    /// entry and a run summary carry.
+    pub fn headline_means(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.datasets
+            .iter()
+            .map(|dataset| {
+                let systems: serde_json::Map<String, serde_json::Value> = dataset
+                    .systems
+                    .iter()
+                    .map(|system| {
+                        let metrics: serde_json::Map<String, serde_json::Value> = HEADLINE_METRICS
+                            .iter()
+                            .filter_map(|metric| {
+                                let mean = system.metrics.get(metric)?.mean;
+                                Some((metric.to_string(), mean.into()))
+                            })
+                            .collect();
+                        (system.label.clone(), metrics.into())
+                    })
+                    .collect();
+                (dataset.name.clone(), systems.into())
+            })
+            .collect()
+    }
+
     pub fn to_json(&self) -> Result<String, EvalError> {
         serde_json::to_string_pretty(self).map_err(EvalError::Json)
     }

@@ -20,6 +20,8 @@ pub enum DirtyReason {
     NotInStore,
     /// The artifact is there but damaged.
     ArtifactCorrupt { detail: String },
+    /// The artifact is there, but what the stage did outside the store is gone.
+    EffectMissing { detail: String },
     /// Keys are built differently now (the key format or the tool version changed).
     ToolChanged { old: String, new: String },
     /// The stage's implementation version changed.
@@ -92,6 +94,7 @@ impl fmt::Display for DirtyReason {
             Self::NeverRun => write!(f, "never run"),
             Self::NotInStore => write!(f, "not in this workdir's store (the lock matches)"),
             Self::ArtifactCorrupt { detail } => write!(f, "cached artifact is damaged: {detail}"),
+            Self::EffectMissing { detail } => write!(f, "{detail}"),
             Self::ToolChanged { old, new } => write!(f, "ragd-pipe changed ({old} → {new})"),
             Self::StageVersion { old, new } => {
                 write!(f, "stage implementation changed (v{old} → v{new})")

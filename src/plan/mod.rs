@@ -356,7 +356,12 @@ impl Plan {
                     .any(|f| f == kind || f == node.spec.section);
             let status = match store.verify(&key, memo) {
                 _ if forced => Status::Run(vec![DirtyReason::Forced]),
-                Verification::Valid(manifest) => Status::Cached(Box::new(manifest)),
+                Verification::Valid(manifest) => {
+                    match node.stage.effect_missing(&store.artifact_dir(&key)) {
+                        Some(detail) => Status::Run(vec![DirtyReason::EffectMissing { detail }]),
+                        None => Status::Cached(Box::new(manifest)),
+                    }
+                }
                 Verification::Corrupt { reason } => {
                     Status::Run(vec![DirtyReason::ArtifactCorrupt { detail: reason }])
                 }

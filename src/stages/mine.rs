@@ -444,11 +444,11 @@ fn merge(list: &mut Scored, hits: &[Hit]) {
 
 /// Splits queries by source document: the documents whose seeded hash ranks in the first
 /// `fraction` are held out, at least one when there are two or more documents.
-fn split_by_document<'a>(
-    queries: &'a [QueryRecord],
+fn split_by_document(
+    queries: &[QueryRecord],
     fraction: f64,
     seed: u64,
-) -> (Vec<&'a QueryRecord>, Vec<&'a QueryRecord>) {
+) -> (Vec<&QueryRecord>, Vec<&QueryRecord>) {
     let mut documents: Vec<&str> = queries.iter().map(|q| q.doc_id.as_str()).collect();
     documents.sort_unstable();
     documents.dedup();

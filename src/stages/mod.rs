@@ -9,10 +9,12 @@
 pub mod chunk;
 pub mod context;
 pub mod error;
+pub mod evaluate;
 pub mod io;
 pub mod judge;
 pub mod mine;
 pub mod query_gen;
+pub mod register;
 
 use std::path::PathBuf;
 
@@ -43,6 +45,8 @@ pub enum Artifact {
     Model,
     /// `report.json` and friends: base against fine-tuned.
     Evaluation,
+    /// `registered.json`: where the model was registered.
+    Registration,
 }
 
 impl Artifact {
@@ -53,6 +57,7 @@ impl Artifact {
             Self::TrainingData => "training data",
             Self::Model => "model",
             Self::Evaluation => "evaluation",
+            Self::Registration => "registration",
         }
     }
 }
@@ -144,6 +149,12 @@ pub trait Stage: Send + Sync {
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError>;
     /// Does the work, writing the artifact into `ctx.out_dir`.
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError>;
+    /// For a stage whose work lies outside the store (registering a model), what is missing
+    /// outside it although its artifact is cached, read from that artifact: the stage then runs
+    /// again rather than reporting a cached success that is no longer true.
+    fn effect_missing(&self, _artifact: &std::path::Path) -> Option<String> {
+        None
+    }
 }
 
 /// The static side of a stage, from which its [`StageSpec`] is built.
@@ -240,6 +251,8 @@ pub static REGISTRY: &[StageSpec] = &[
     spec::<query_gen::QueryGen>(),
     spec::<judge::Judge>(),
     spec::<mine::Mine>(),
+    spec::<evaluate::Evaluate>(),
+    spec::<register::Register>(),
 ];
 
 /// The registry entry for a recipe section name.

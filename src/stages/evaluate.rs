@@ -1,0 +1,655 @@
+//! The evaluate stage: base against fine-tuned (and BM25 as the floor) on the held-out split that
+//! mine made and on the user's own labelled query sets, at every embedding dimension trained.
+//!
+//! Every system ranks the same corpus for the same queries, so comparisons are paired per query
+//! (bootstrap intervals, permutation and sign tests in `crate::eval`). The report is written as
+//! `report.json`, `report.md` and `report.html`; a fine-tuned model worse than its base beyond
+//! noise raises the report's regression flag, which register reads.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
+use super::{
+    Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
+    StageError, StageOutcome, Table,
+};
+use crate::corpus::Chunk;
+use crate::eval::{
+    self, BeirDataset, Dataset, HEADLINE_METRICS, Metric, PairedTestConfig, Report, RunScores,
+    SystemKind, SystemSpec, TrainingCurve,
+};
+use crate::index::{Bm25Index, DenseIndex, Hit, truncate_and_normalize};
+use crate::model::encoder::SentenceEncoder;
+use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+
+/// Where a trained model sits inside the train stage's artifact.
+pub const MODEL_DIR: &str = "model";
+/// The train stage's per-step log inside its artifact.
+pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
+/// The report register reads for the regression guard.
+pub const REPORT_FILE: &str = "report.json";
+
+/// A labelled query set in BEIR format.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LabelledSet {
+    /// Folder holding `corpus.jsonl`, `queries.jsonl` and `qrels/<split>.tsv`, relative to the
+    /// recipe.
+    pub path: PathBuf,
+    /// The name in the report; default: the folder's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which qrels file to score.
+    #[serde(default = "default_split")]
+    pub split: String,
+}
+
+fn default_split() -> String {
+    "test".to_owned()
+}
+
+/// The `evaluate:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct EvaluateParams {
+    /// Score the held-out queries of the mine stage (documents never seen in training) when the
+    /// recipe mines training data.
+    #[serde(default = "yes")]
+    pub heldout: bool,
+    /// Your own labelled queries, in BEIR format; list as many as you have.
+    #[serde(default)]
+    pub datasets: Vec<LabelledSet>,
+    /// Embedding dimensions to score besides the model's own (Matryoshka truncations); the
+    /// dimensions the model was trained at are always scored.
+    #[serde(default)]
+    pub dimensions: Vec<usize>,
+    /// Score BM25 too: the floor a dense model should clear.
+    #[serde(default = "yes")]
+    pub bm25: bool,
+    /// Texts per batch when encoding.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Bootstrap resamples for each confidence interval.
+    #[serde(default = "default_resamples")]
+    pub resamples: usize,
+    /// Confidence level of the intervals (and 1 − the tests' significance level).
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+}
+
+impl Default for EvaluateParams {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({}))
+            .expect("every key of EvaluateParams has a default")
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_batch() -> usize {
+    64
+}
+fn default_resamples() -> usize {
+    10_000
+}
+fn default_confidence() -> f64 {
+    0.95
+}
+
+pub struct Evaluate {
+    params: EvaluateParams,
+    /// Each labelled set's folder, resolved against the recipe.
+    dataset_dirs: Vec<PathBuf>,
+    base_model: String,
+    recipe_name: String,
+    seed: u64,
+}
+
+impl StageDef for Evaluate {
+    const KIND: &'static str = "evaluate";
+    const SECTION: &'static str = "evaluate";
+    const ABOUT: &'static str = "Score base against fine-tuned (and BM25) on held-out and labelled queries, with confidence intervals.";
+    const PRODUCES: Artifact = Artifact::Evaluation;
+    type Params = EvaluateParams;
+
+    fn new(params: EvaluateParams, env: &RecipeEnv) -> Result<Self, Vec<Invalid>> {
+        let mut invalid = Vec::new();
+        let mut dataset_dirs = Vec::new();
+        for (index, set) in params.datasets.iter().enumerate() {
+            let dir = env.dir.join(&set.path);
+            let position = |key: &str| Invalid {
+                path: vec!["datasets".to_owned(), index.to_string(), key.to_owned()],
+                message: String::new(),
+                help: None,
+            };
+            match eval::beir::files(&dir, &set.split)
+                .into_iter()
+                .find(|file| !file.is_file())
+            {
+                Some(missing) if !dir.is_dir() => invalid.push(Invalid {
+                    message: format!("`{}` is not a folder", dir.display()),
+                    help: Some(format!(
+                        "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/; `{}` is missing",
+                        missing.display()
+                    )),
+                    ..position("path")
+                }),
+                Some(missing) => invalid.push(Invalid {
+                    message: format!("`{}` does not exist", missing.display()),
+                    help: Some(
+                        "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
+                            .to_owned(),
+                    ),
+                    ..position(if missing.starts_with(dir.join("qrels")) {
+                        "split"
+                    } else {
+                        "path"
+                    })
+                }),
+                None => {}
+            }
+            dataset_dirs.push(dir);
+        }
+        if params.batch_size == 0 {
+            invalid.push(Invalid::new(&["batch_size"], "must be at least 1"));
+        }
+        if params.resamples == 0 {
+            invalid.push(Invalid::new(&["resamples"], "must be at least 1"));
+        }
+        if !(params.confidence > 0.5 && params.confidence < 1.0) {
+            invalid.push(Invalid::new(
+                &["confidence"],
+                format!("{} is not between 0.5 and 1", params.confidence),
+            ));
+        }
+        if let Some(index) = params.dimensions.iter().position(|d| *d == 0) {
+            invalid.push(Invalid {
+                path: vec!["dimensions".to_owned(), index.to_string()],
+                message: "must be at least 1".to_owned(),
+                help: None,
+            });
+        }
+        if invalid.is_empty() {
+            Ok(Self {
+                params,
+                dataset_dirs,
+                base_model: env.base_model.clone(),
+                recipe_name: env.name.clone(),
+                seed: env.seed,
+            })
+        } else {
+            Err(invalid)
+        }
+    }
+}
+
+impl Stage for Evaluate {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        [Artifact::Chunks, Artifact::TrainingData, Artifact::Model]
+            .map(|artifact| Input {
+                artifact,
+                required: false,
+                instead: None,
+            })
+            .to_vec()
+    }
+
+    fn params(&self) -> serde_json::Value {
+        let mut params = serde_json::to_value(&self.params).unwrap_or_default();
+        params["seed"] = self.seed.into();
+        params
+    }
+
+    fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
+        let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
+        let mut externals = vec![External::Model {
+            label: "base_model".to_owned(),
+            reference: self.base_model.clone(),
+            path,
+        }];
+        for (set, dir) in self.params.datasets.iter().zip(&self.dataset_dirs) {
+            externals.push(External::Files {
+                label: format!("dataset {}", set_name(set, dir)),
+                root: dir.clone(),
+                files: eval::beir::files(dir, &set.split).to_vec(),
+            });
+        }
+        Ok(externals)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+        let mut sets = Vec::new();
+        if self.params.heldout
+            && let Ok(data) = ctx.input(Artifact::TrainingData)
+        {
+            match self.heldout_set(ctx, data)? {
+                Some(set) => sets.push(set),
+                None => ctx.warn(
+                    "the held-out split is empty: raise `mine.heldout_fraction` to measure on documents training never saw",
+                ),
+            }
+        }
+        for (set, dir) in self.params.datasets.iter().zip(&self.dataset_dirs) {
+            let data = BeirDataset::load(dir, &set.split).map_err(eval_error)?;
+            sets.push(EvalSet::from_beir(set_name(set, dir), data));
+        }
+        if sets.is_empty() {
+            return Err(StageError::Failed(
+                "there is nothing to evaluate on: no held-out split (run `mine`) and no `evaluate.datasets`".to_owned(),
+            ));
+        }
+
+        let mut models = vec![(
+            SystemKind::Base,
+            self.base_model.clone(),
+            io::load_encoder(&ctx.env, &self.base_model)?,
+        )];
+        let mut trained_dims = Vec::new();
+        let mut training = None;
+        if let Ok(artifact) = ctx.input(Artifact::Model) {
+            let dir = artifact.join(MODEL_DIR);
+            models.push((
+                SystemKind::FineTuned,
+                dir.display().to_string(),
+                io::load_encoder_dir(&ctx.env, &dir)?,
+            ));
+            trained_dims = recorded_dimensions(&dir);
+            let log = artifact.join(TRAIN_LOG_FILE);
+            if log.is_file() {
+                training = Some(TrainingCurve::from_jsonl(&log).map_err(eval_error)?);
+            }
+        } else {
+            ctx.info("no fine-tuned model in this recipe: scoring the base model only");
+        }
+
+        let settings = PairedTestConfig {
+            resamples: self.params.resamples,
+            confidence: self.params.confidence,
+            alpha: 1.0 - self.params.confidence,
+            seed: self.seed,
+            ..PairedTestConfig::default()
+        };
+        let metrics = eval::default_metrics();
+        let mut datasets = Vec::new();
+        for set in &sets {
+            ctx.check_cancelled()?;
+            let mut dataset = Dataset::new(&set.name, set.documents.len(), set.query_ids());
+            if self.params.bm25 {
+                let ranked = set.rank_bm25(ctx, eval::max_k(&metrics))?;
+                let scores = set.score(&ranked, &metrics);
+                let spec = SystemSpec {
+                    label: "bm25".to_owned(),
+                    kind: SystemKind::Bm25,
+                    model: None,
+                    dimension: None,
+                };
+                dataset
+                    .add_system(spec, scores, &settings)
+                    .map_err(eval_error)?;
+            }
+            for (kind, reference, encoder) in &models {
+                let dims = self.dimensions(encoder.dim(), &trained_dims);
+                for (dim, ranked) in
+                    set.rank_dense(ctx, encoder, &dims, self.params.batch_size, &metrics)?
+                {
+                    let label = if dim == encoder.dim() {
+                        kind.name().to_owned()
+                    } else {
+                        format!("{}@{dim}", kind.name())
+                    };
+                    let spec = SystemSpec {
+                        label,
+                        kind: *kind,
+                        model: Some(reference.clone()),
+                        dimension: Some(dim),
+                    };
+                    let scores = set.score(&ranked, &metrics);
+                    dataset
+                        .add_system(spec, scores, &settings)
+                        .map_err(eval_error)?;
+                }
+            }
+            dataset
+                .compare_fine_tuned_with_base(&HEADLINE_METRICS, &settings)
+                .map_err(eval_error)?;
+            datasets.push(dataset);
+        }
+
+        let report = Report::new(
+            format!("{}: evaluation", self.recipe_name),
+            settings,
+            datasets,
+            training,
+        );
+        report.write(&ctx.out_dir).map_err(eval_error)?;
+        ctx.table(&metrics_table(&report));
+        for dataset in &report.datasets {
+            for comparison in dataset
+                .comparisons
+                .iter()
+                .filter(|c| c.metric == Metric::NDCG_10)
+            {
+                ctx.info(format!("{}: {}", dataset.name, comparison.sentence));
+            }
+        }
+        if report.regression {
+            ctx.warn(format!(
+                "THE FINE-TUNED MODEL IS WORSE THAN THE BASE beyond noise:\n  {}\nregister will not make it the default unless `register.allow_worse: true`",
+                report.regressions.join("\n  ")
+            ));
+        }
+        Ok(StageOutcome {
+            summary: summary(&report),
+        })
+    }
+}
+
+impl Evaluate {
+    /// The model's own dimension first, then every smaller trained or requested one, largest
+    /// first.
+    fn dimensions(&self, full: usize, trained: &[usize]) -> Vec<usize> {
+        let smaller: BTreeSet<usize> = trained
+            .iter()
+            .chain(&self.params.dimensions)
+            .copied()
+            .filter(|d| *d < full)
+            .collect();
+        std::iter::once(full)
+            .chain(smaller.into_iter().rev())
+            .collect()
+    }
+
+    /// The held-out queries against every chunk when the recipe chunks, else against every
+    /// passage the training data names.
+    fn heldout_set(&self, ctx: &StageContext, data: &Path) -> Result<Option<EvalSet>, StageError> {
+        let heldout: Vec<TrainingExample> = io::read_jsonl(&data.join(HELDOUT_FILE))?;
+        if heldout.is_empty() {
+            return Ok(None);
+        }
+        let documents: Vec<(String, String)> = match ctx.input(Artifact::Chunks) {
+            Ok(chunks) => io::read_jsonl::<Chunk>(&chunks.join(CHUNKS_FILE))?
+                .iter()
+                .map(|chunk| (chunk.id.clone(), io::passage(chunk)))
+                .collect(),
+            Err(_) => {
+                let train: Vec<TrainingExample> = io::read_jsonl(&data.join(TRAIN_FILE))?;
+                let mut seen = HashSet::new();
+                train
+                    .iter()
+                    .chain(&heldout)
+                    .flat_map(|example| {
+                        std::iter::once((example.positive_id.clone(), example.positive.clone()))
+                            .chain(
+                                example
+                                    .negatives
+                                    .iter()
+                                    .map(|n| (n.id.clone(), n.text.clone())),
+                            )
+                    })
+                    .filter(|(id, _)| seen.insert(id.clone()))
+                    .collect()
+            }
+        };
+        let mut queries = Vec::new();
+        let mut relevant = HashMap::new();
+        for (index, example) in heldout.into_iter().enumerate() {
+            let id = format!("heldout-{index}");
+            relevant.insert(id.clone(), HashSet::from([example.positive_id]));
+            queries.push((id, example.query));
+        }
+        Ok(Some(EvalSet {
+            name: "held-out".to_owned(),
+            documents,
+            queries,
+            relevant,
+        }))
+    }
+}
+
+fn set_name(set: &LabelledSet, dir: &Path) -> String {
+    set.name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string())
+    })
+}
+
+/// The Matryoshka dimensions a model was trained at, from its `training_metadata.json`.
+fn recorded_dimensions(model_dir: &Path) -> Vec<usize> {
+    let Ok(text) = fs_err::read_to_string(model_dir.join("training_metadata.json")) else {
+        return Vec::new();
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|meta| meta.get("matryoshka_dims").cloned())
+        .and_then(|dims| serde_json::from_value(dims).ok())
+        .unwrap_or_default()
+}
+
+fn eval_error(error: eval::EvalError) -> StageError {
+    StageError::Failed(super::error::error_chain(&error))
+}
+
+/// One query set: documents `(id, text)`, queries `(id, text)` and the relevant ids per query.
+struct EvalSet {
+    name: String,
+    documents: Vec<(String, String)>,
+    queries: Vec<(String, String)>,
+    relevant: HashMap<String, HashSet<String>>,
+}
+
+/// Ranked document ids per scored query.
+type Rankings = Vec<Vec<String>>;
+
+impl EvalSet {
+    /// BEIR joins a document's title and text for the model to read, as sentence-transformers'
+    /// evaluation does; queries without a relevant document are not scored.
+    fn from_beir(name: String, data: BeirDataset) -> Self {
+        let queries = data
+            .queries
+            .into_iter()
+            .filter(|(id, _)| data.relevant.get(id).is_some_and(|r| !r.is_empty()))
+            .collect();
+        Self {
+            name,
+            documents: data
+                .documents
+                .into_iter()
+                .map(|doc| (doc.id, io::passage_of(&doc.title, &doc.text)))
+                .collect(),
+            queries,
+            relevant: data.relevant,
+        }
+    }
+
+    fn query_ids(&self) -> Vec<String> {
+        self.queries.iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn query_texts(&self) -> Vec<&str> {
+        self.queries.iter().map(|(_, text)| text.as_str()).collect()
+    }
+
+    fn ids(&self, hits: Vec<Vec<Hit>>) -> Rankings {
+        hits.into_iter()
+            .map(|hits| {
+                hits.into_iter()
+                    .map(|hit| self.documents[hit.doc].0.clone())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn score(&self, ranked: &Rankings, metrics: &[Metric]) -> RunScores {
+        let empty = HashSet::new();
+        RunScores::evaluate(
+            self.queries.iter().zip(ranked).map(|((id, _), ranked)| {
+                (
+                    id.as_str(),
+                    ranked.as_slice(),
+                    self.relevant.get(id).unwrap_or(&empty),
+                )
+            }),
+            metrics,
+        )
+    }
+
+    fn rank_bm25(&self, ctx: &StageContext, k: usize) -> Result<Rankings, StageError> {
+        // BM25 needs unique ids; positions name documents in hits anyway.
+        let keys: Vec<String> = (0..self.documents.len()).map(|i| i.to_string()).collect();
+        let docs: Vec<(&str, &str)> = keys
+            .iter()
+            .zip(&self.documents)
+            .map(|(key, (_, text))| (key.as_str(), text.as_str()))
+            .collect();
+        let index = Bm25Index::build(&docs, None).map_err(io::index_error)?;
+        let bar = ctx.progress(
+            &format!("{}: BM25", self.name),
+            Some(self.queries.len() as u64),
+        );
+        let hits = index
+            .search_batch(&self.query_texts(), k, &|n| bar.inc(n as u64))
+            .map_err(io::index_error)?;
+        Ok(self.ids(hits))
+    }
+
+    /// Rankings at each of `dims` (truncated and renormalised embeddings), from one encoding.
+    fn rank_dense(
+        &self,
+        ctx: &StageContext,
+        encoder: &SentenceEncoder,
+        dims: &[usize],
+        batch_size: usize,
+        metrics: &[Metric],
+    ) -> Result<Vec<(usize, Rankings)>, StageError> {
+        let texts: Vec<&str> = self.documents.iter().map(|(_, t)| t.as_str()).collect();
+        let bar = ctx.progress(
+            &format!("{}: encoding documents", self.name),
+            Some(texts.len() as u64),
+        );
+        let docs = encoder
+            .encode(&texts, batch_size, &mut |n| bar.set(n as u64))
+            .map_err(io::model_error)?;
+        drop(bar);
+        ctx.check_cancelled()?;
+        let queries = encoder
+            .encode(&self.query_texts(), batch_size, &mut |_| {})
+            .map_err(io::model_error)?;
+        let full = encoder.dim();
+        let mut rankings = Vec::with_capacity(dims.len());
+        for &dim in dims {
+            let doc_vectors =
+                truncate_and_normalize(docs.as_slice(), full, dim).map_err(io::index_error)?;
+            let query_vectors =
+                truncate_and_normalize(queries.as_slice(), full, dim).map_err(io::index_error)?;
+            let index = DenseIndex::new(dim, doc_vectors).map_err(io::index_error)?;
+            let hits = index
+                .search_batch(&query_vectors, eval::max_k(metrics), &|_| {})
+                .map_err(io::index_error)?;
+            rankings.push((dim, self.ids(hits)));
+        }
+        Ok(rankings)
+    }
+}
+
+/// The headline metrics of every system, one row per dataset and system.
+fn metrics_table(report: &Report) -> Table {
+    let mut columns = vec!["dataset".to_owned(), "system".to_owned()];
+    columns.extend(HEADLINE_METRICS.iter().map(|m| m.label()));
+    let rows = report
+        .datasets
+        .iter()
+        .flat_map(|dataset| {
+            dataset.systems.iter().map(|system| {
+                let mut row = vec![
+                    format!("{} ({} queries)", dataset.name, dataset.query_ids.len()),
+                    system.label.clone(),
+                ];
+                row.extend(HEADLINE_METRICS.iter().map(|metric| {
+                    system
+                        .metrics
+                        .get(metric)
+                        .map(|m| format!("{:.4}", m.mean))
+                        .unwrap_or_default()
+                }));
+                row
+            })
+        })
+        .collect();
+    Table {
+        title: "retrieval quality (mean over queries)".to_owned(),
+        columns,
+        rows,
+    }
+}
+
+/// The regression flag and headline means: what the lock and `--json` show without opening
+/// the report.
+fn summary(report: &Report) -> serde_json::Value {
+    serde_json::json!({"regression": report.regression, "datasets": report.headline_means()})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> EvalSet {
+        EvalSet {
+            name: "t".to_owned(),
+            documents: vec![
+                ("a".to_owned(), "the cat sat on the mat".to_owned()),
+                ("b".to_owned(), "dogs bark at night".to_owned()),
+                ("c".to_owned(), "a mat for the kitchen".to_owned()),
+            ],
+            queries: vec![
+                ("q1".to_owned(), "cat on a mat".to_owned()),
+                ("q2".to_owned(), "why do dogs bark".to_owned()),
+            ],
+            relevant: HashMap::from([
+                ("q1".to_owned(), HashSet::from(["a".to_owned()])),
+                ("q2".to_owned(), HashSet::from(["b".to_owned()])),
+            ]),
+        }
+    }
+
+    #[test]
+    fn scores_align_rankings_with_queries() {
+        let set = set();
+        let ranked = vec![
+            vec!["c".to_owned(), "a".to_owned(), "b".to_owned()],
+            vec!["b".to_owned(), "a".to_owned(), "c".to_owned()],
+        ];
+        let scores = set.score(&ranked, &[Metric::MRR_10, Metric::ACCURACY_1]);
+        assert_eq!(scores.query_ids, vec!["q1", "q2"]);
+        assert_eq!(scores.values[&Metric::MRR_10], vec![0.5, 1.0]);
+        assert_eq!(scores.values[&Metric::ACCURACY_1], vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn dimensions_put_the_full_one_first_and_drop_impossible_ones() {
+        let stage = Evaluate {
+            params: EvaluateParams {
+                dimensions: vec![64, 512, 128],
+                ..EvaluateParams::default()
+            },
+            dataset_dirs: Vec::new(),
+            base_model: String::new(),
+            recipe_name: String::new(),
+            seed: 0,
+        };
+        assert_eq!(stage.dimensions(384, &[128, 256]), vec![384, 256, 128, 64]);
+    }
+}
