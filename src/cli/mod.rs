@@ -3,6 +3,7 @@
 //! (0 ok, 1 bad input, 2 internal or environment failure, 130 interrupted).
 
 mod bench;
+mod doctor;
 mod gc;
 mod models;
 mod plan;
@@ -75,6 +76,8 @@ pub enum Command {
     Models(models::ModelsArgs),
     /// Run a benchmark kept in the repository.
     Bench(bench::BenchArgs),
+    /// Show the accelerators this build and machine offer.
+    Doctor,
 }
 
 /// A recipe and `--set` overrides, shared by the commands that read one.
@@ -148,6 +151,7 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
         Command::Stages => stages::execute(&printer),
         Command::Bench(args) => bench::execute(&args, &printer),
         Command::Models(args) => models::execute(&args, &printer),
+        Command::Doctor => doctor::execute(&printer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

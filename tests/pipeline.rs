@@ -1,0 +1,155 @@
+//! Issue 5: all seven stages end to end on the bundled example documentation with the real
+//! all-MiniLM-L6-v2, LLM-free (ICT queries) and a few training steps so the test stays short:
+//! the report, the registered model and its provenance, a no-op rerun, a register that reruns
+//! when its model was deleted, and the regression guard.
+
+use std::path::Path;
+
+use crate::util::Project;
+
+/// The pipeline over a copy of `examples/`, small enough for a test.
+const RECIPE: &str = "\
+name: e2e
+seed: 7
+chunk:
+  input: examples/docs
+query_gen:
+  strategies: [ict]
+  max_chunks: 48
+judge: {}
+mine:
+  negatives_per_query: 1
+train:
+  batch_size: 8
+  mini_batch_size: 8
+  max_steps: 4
+  max_seq_length: 96
+evaluate:
+  resamples: 500
+  datasets:
+    - path: examples/labelled
+      name: labelled
+register:
+  make_default: true
+";
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create folder");
+    for entry in std::fs::read_dir(from).expect("read folder") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+fn project() -> Project {
+    let project = Project::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    copy_dir(&examples.join("docs"), &project.path("examples/docs"));
+    copy_dir(&examples.join("labelled"), &project.path("examples/labelled"));
+    project.write("recipe.yaml", RECIPE);
+    project
+}
+
+fn json(project: &Project, relative: &str) -> serde_json::Value {
+    serde_json::from_str(&project.read(relative)).expect("valid JSON")
+}
+
+#[test]
+fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
+    let project = project();
+    let first = project.run(&["run", "recipe.yaml"]);
+    first.success();
+    assert_eq!(
+        first.ran(),
+        [
+            "chunk",
+            "query-gen",
+            "judge",
+            "mine",
+            "train",
+            "evaluate",
+            "register"
+        ],
+        "{}",
+        first.stderr
+    );
+
+    // The registered model is a sentence-transformers folder with its provenance.
+    let model = project.path(".ragd-home/models/e2e");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modules.json",
+        "1_Pooling/config.json",
+    ] {
+        assert!(model.join(file).is_file(), "{file} missing from {model:?}");
+    }
+    let metadata = json(&project, ".ragd-home/models/e2e/training_metadata.json");
+    assert_eq!(
+        metadata["base_model"], "sentence-transformers/all-MiniLM-L6-v2",
+        "{metadata}"
+    );
+    assert!(
+        metadata["recipe"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("name: e2e")),
+        "{metadata}"
+    );
+    let metrics = metadata["metrics"].as_object().expect("metrics");
+    assert!(!metrics.is_empty(), "{metadata}");
+
+    // The report scores BM25, the base and the fine-tuned model on both sets.
+    let show = project.run(&["models", "show", "e2e", "--json"]);
+    show.success();
+    let listed = project.run(&["models", "list"]);
+    listed.success();
+    assert!(listed.stdout.contains("e2e"), "{}", listed.stdout);
+
+    // A second run does nothing.
+    let second = project.run(&["run", "recipe.yaml"]);
+    second.success();
+    assert!(second.ran().is_empty(), "{}", second.stderr);
+
+    // Deleting the registered model reruns register alone, and says why.
+    std::fs::remove_dir_all(&model).expect("remove the registered model");
+    let third = project.run(&["run", "recipe.yaml"]);
+    third.success();
+    assert_eq!(third.ran(), ["register"], "{}", third.stderr);
+    assert!(
+        third.stderr.contains("no longer in"),
+        "the reason is named: {}",
+        third.stderr
+    );
+    assert!(model.join("model.safetensors").is_file());
+}
+
+#[test]
+fn a_model_made_worse_is_flagged_and_not_made_the_default() {
+    let project = project();
+    // A learning rate a thousand times too high wrecks the encoder in a few steps.
+    let run = project.run(&["run", "recipe.yaml", "--set", "train.learning_rate=0.05"]);
+    run.success();
+    assert!(
+        run.stderr.contains("WORSE THAN THE BASE"),
+        "the regression is said loudly: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("NOT making `e2e` ragd's default"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !project.path(".ragd-home/config.yaml").exists(),
+        "ragd's config was left alone"
+    );
+    // The model is still registered, marked as a regression.
+    let metadata = json(&project, ".ragd-home/models/e2e/training_metadata.json");
+    assert_eq!(metadata["evaluation_regression"], true, "{metadata}");
+}
