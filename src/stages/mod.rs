@@ -13,6 +13,7 @@ pub mod io;
 pub mod judge;
 pub mod mine;
 pub mod query_gen;
+pub mod train;
 
 use std::path::PathBuf;
 
@@ -240,6 +241,7 @@ pub static REGISTRY: &[StageSpec] = &[
     spec::<query_gen::QueryGen>(),
     spec::<judge::Judge>(),
     spec::<mine::Mine>(),
+    spec::<train::Train>(),
 ];
 
 /// The registry entry for a recipe section name.
