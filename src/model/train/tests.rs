@@ -207,3 +207,77 @@ fn one_step_matches_pytorch_and_the_saved_model_reloads() {
     let again = reloaded.encode(&texts, 8, &mut |_| {}).expect("encodes");
     assert_eq!(again.as_slice(), trained.as_slice());
 }
+
+/// CPU time this process has used (all threads), in seconds: on a shared machine, wall time
+/// depends on the neighbours and CPU time much less.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// The issue's benchmark, for the record rather than as an assertion: one full training step
+/// (forward, MNRL, backward, clipping, AdamW) at 16 pairs × 128 tokens, dropout on. Run with
+/// `cargo test --lib model::train::tests::measure -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: about a minute on 2 busy cores"]
+#[allow(clippy::print_stderr)]
+fn measure_a_training_step_at_16_pairs_of_128_tokens() {
+    let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
+    let words = [
+        "alpha", "river", "stone", "cloud", "table", "music", "green", "light",
+    ];
+    let text = |i: usize| {
+        (0..126)
+            .map(|j| words[(i + j * 3) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let texts: Vec<String> = (0..32).map(text).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ids = encoder
+        .sentence_tokenizer()
+        .token_ids(&refs)
+        .expect("tokenizes");
+    assert!(ids.iter().all(|ids| ids.len() == 128));
+    let examples: Vec<TokenizedExample> = (0..16)
+        .map(|i| TokenizedExample {
+            anchor: ids[2 * i].clone(),
+            positive: ids[2 * i + 1].clone(),
+            positive_id: i.to_string(),
+            negatives: Vec::new(),
+        })
+        .collect();
+    let batch: Vec<&TokenizedExample> = examples.iter().collect();
+    let model = TrainModel {
+        bert: encoder.bert(),
+        pooling: encoder.pooling(),
+    };
+    let mut trainer = Trainer::new(
+        model,
+        TrainConfig {
+            batch_size: 16,
+            ..TrainConfig::default()
+        },
+    )
+    .expect("trainer");
+    for step in 1..=3 {
+        let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
+        let (loss, grads) = trainer.gradients(&batch, step).expect("gradients");
+        let middle = start.elapsed().as_secs_f64();
+        trainer.apply(grads, 2e-5, step).expect("step");
+        let (wall, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+        eprintln!(
+            "training step {step}, 16 pairs x 128 tokens, {} threads: {wall:.2} s wall \
+             (gradients {middle:.2} s, AdamW {:.2} s), {cpu:.2} s cpu, loss {loss:.4}, peak RSS {} MiB",
+            candle_core::utils::get_num_threads(),
+            wall - middle,
+            super::peak_rss_bytes().unwrap_or(0) / (1024 * 1024)
+        );
+    }
+}
