@@ -373,6 +373,7 @@ impl Stage for Train {
             max_seq_length,
             &ctx.out_dir.join(MODEL_DIR),
             &metadata,
+            Some(&ctx.recipe_text),
         )
         .map_err(train_error)?;
 

@@ -51,7 +51,7 @@ pub struct TrainingMetadata {
 
 /// Writes `bert` with `pooling` into `out` (created if needed) as a sentence-transformers folder,
 /// taking the tokenizer and configs from `base_dir` (the model trained from), truncating inputs at
-/// `max_seq_length`.
+/// `max_seq_length`. `recipe`, the text of the recipe that trained it, goes into the model card.
 pub fn save_model(
     bert: &Bert,
     pooling: &Pooling,
@@ -59,6 +59,7 @@ pub fn save_model(
     max_seq_length: usize,
     out: &Path,
     metadata: &TrainingMetadata,
+    recipe: Option<&str>,
 ) -> Result<(), TrainError> {
     let base = SentenceModules::read(base_dir)?.transformer_dir;
     fs_err::create_dir_all(out)?;
@@ -103,10 +104,14 @@ pub fn save_model(
     )?;
 
     write_json(&out.join(METADATA_FILE), &serde_json::to_value(metadata)?)?;
-    fs_err::write(
-        out.join("README.md"),
-        model_card(metadata, bert, pooling, max_seq_length),
-    )?;
+    let mut card = model_card(metadata, bert, pooling, max_seq_length);
+    if let Some(recipe) = recipe {
+        card.push_str(&format!(
+            "\n## Recipe\n\n```yaml\n{}\n```\n",
+            recipe.trim_end()
+        ));
+    }
+    fs_err::write(out.join("README.md"), card)?;
     Ok(())
 }
 

@@ -179,8 +179,15 @@ fn one_step_matches_pytorch_and_the_saved_model_reloads() {
         encoder.max_seq_length(),
         out.path(),
         &metadata(),
+        Some("name: parity\n"),
     )
     .expect("saves");
+    let card = std::fs::read_to_string(out.path().join("README.md")).expect("model card");
+    assert!(
+        card.contains("base_model: sentence-transformers/all-MiniLM-L6-v2"),
+        "{card}"
+    );
+    assert!(card.contains("name: parity"), "{card}");
     let (original, _) = tensor_names(&base.join("model.safetensors"));
     let (saved, format) = tensor_names(&out.path().join("model.safetensors"));
     assert_eq!(
