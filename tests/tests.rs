@@ -6,3 +6,4 @@ mod caching;
 mod cli;
 mod diagnostics;
 mod pipeline;
+mod train;

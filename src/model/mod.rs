@@ -14,3 +14,4 @@ pub mod hub;
 pub mod kernels;
 pub mod pooling;
 pub mod tokenize;
+pub mod train;

@@ -15,6 +15,7 @@ pub mod judge;
 pub mod mine;
 pub mod query_gen;
 pub mod register;
+pub mod train;
 
 use std::path::PathBuf;
 
@@ -251,6 +252,7 @@ pub static REGISTRY: &[StageSpec] = &[
     spec::<query_gen::QueryGen>(),
     spec::<judge::Judge>(),
     spec::<mine::Mine>(),
+    spec::<train::Train>(),
     spec::<evaluate::Evaluate>(),
     spec::<register::Register>(),
 ];

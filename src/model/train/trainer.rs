@@ -1,0 +1,714 @@
+//! The training loop: batches from the sampler, gradients of the ranking loss (directly, or by
+//! GradCache when a batch is larger than what fits in one pass), clipping, AdamW, the schedule,
+//! per-step records and checkpoints in a journal for resuming.
+//!
+//! GradCache (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+//! Setup"; sentence-transformers' CachedMultipleNegativesRankingLoss): embed every mini-batch
+//! without keeping its graph, compute the loss and its gradient with respect to the embeddings,
+//! then run each mini-batch again with its graph and backpropagate `sum(embedding * gradient)`.
+//! The parameter gradients are those of the whole batch; memory holds one mini-batch's graph.
+//! Both passes of a mini-batch draw the same dropout masks (the model's stream is reseeded).
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::error::TrainError;
+use super::journal::{self, Loaded, Snapshot};
+use super::optim::{self, AdamW, Param, Schedule};
+use super::sampler::{self, SamplerConfig};
+use super::{TokenizedExample, TrainConfig};
+use crate::model::bert::Bert;
+use crate::model::error::{CandleContext, ModelError};
+use crate::model::pooling::Pooling;
+
+/// What one optimiser step did; one line of the training log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based.
+    pub step: u64,
+    /// 0-based.
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    /// The gradients' global norm before clipping.
+    pub grad_norm: f64,
+    pub examples_per_s: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOutcome {
+    /// Every step's record, those before a resume included.
+    pub log: Vec<StepRecord>,
+    pub total_steps: u64,
+    /// The checkpoint step this run resumed from.
+    pub resumed_from: Option<u64>,
+    /// Wall time of the steps, summed over resumed runs.
+    pub train_seconds: f64,
+    /// The process's peak resident memory (`getrusage`), if the platform reports it.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl TrainOutcome {
+    pub fn final_loss(&self) -> Option<f64> {
+        self.log.last().map(|r| r.loss)
+    }
+}
+
+/// The model being trained: its transformer and pooling (those of a
+/// [`crate::model::encoder::SentenceEncoder`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainModel<'a> {
+    pub bert: &'a Bert,
+    pub pooling: &'a Pooling,
+}
+
+/// Trains one model with one configuration.
+#[derive(Debug)]
+pub struct Trainer<'a> {
+    model: TrainModel<'a>,
+    config: TrainConfig,
+    optimizer: AdamW,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(model: TrainModel<'a>, config: TrainConfig) -> Result<Self, TrainError> {
+        config.check()?;
+        let dim = model.pooling.output_dim(model.bert.config().hidden_size);
+        if let Some(dims) = &config.loss.matryoshka_dims
+            && let Some(&bad) = dims.iter().find(|&&d| d > dim)
+        {
+            return Err(TrainError::InvalidConfig {
+                name: "matryoshka_dims",
+                why: format!("{bad} is above the model's embedding dimension {dim}"),
+            });
+        }
+        let vars = model
+            .bert
+            .vars()
+            .data()
+            .lock()
+            .map_err(|_| TrainError::InvalidConfig {
+                name: "model",
+                why: "its parameters are locked by a thread that panicked".to_owned(),
+            })?
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>();
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let decay = config.decay_all || optim::decays(&name);
+                Param::new(name.clone(), var, decay)
+                    .during(|| format!("allocating the optimiser state of `{name}`"))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self {
+            model,
+            optimizer: AdamW::new(config.adamw, params),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The parameters with their optimiser state, by name.
+    pub fn params(&self) -> &[Param] {
+        &self.optimizer.params
+    }
+
+    /// Runs training to the end (or to `config.max_steps`), resuming from the newest usable
+    /// checkpoint in `journal`, and saving one there every `config.checkpoint_every` steps.
+    /// `on_step` sees each step's record; `ControlFlow::Break` stops the run with
+    /// [`TrainError::Stopped`] (the journal keeps the last checkpoint).
+    pub fn run(
+        &mut self,
+        examples: &[TokenizedExample],
+        journal_dir: Option<&Path>,
+        on_step: &mut dyn FnMut(&StepRecord) -> ControlFlow<()>,
+    ) -> Result<TrainOutcome, TrainError> {
+        let plan = self.plan(examples)?;
+        let total_steps = plan.len() as u64;
+        let schedule = Schedule::new(
+            self.config.learning_rate,
+            self.config.warmup_ratio,
+            total_steps,
+        );
+        let fingerprint = fingerprint(&self.config, examples)?;
+
+        let mut log = Vec::new();
+        let mut resumed_from = None;
+        let mut train_seconds = 0.;
+        if let Some(dir) = journal_dir
+            && let Some(snapshot) = journal::latest(dir, &fingerprint)?
+        {
+            self.restore(&snapshot)?;
+            resumed_from = Some(snapshot.state.step);
+            train_seconds = snapshot.state.train_seconds;
+            log = snapshot.state.log;
+        }
+        let start = resumed_from.unwrap_or(0);
+        for step in start + 1..=total_steps {
+            let started = Instant::now();
+            let (epoch, indices) = &plan[(step - 1) as usize];
+            let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
+            let (loss, grads) = self.gradients(&batch, step)?;
+            if !loss.is_finite() {
+                return Err(TrainError::NotFinite {
+                    step,
+                    what: "loss",
+                    value: loss,
+                });
+            }
+            let lr = schedule.lr(step);
+            let grad_norm = self.apply(grads, lr, step)?;
+            let seconds = started.elapsed().as_secs_f64();
+            train_seconds += seconds;
+            let record = StepRecord {
+                step,
+                epoch: *epoch,
+                loss,
+                lr,
+                grad_norm,
+                examples_per_s: batch.len() as f64 / seconds.max(1e-9),
+            };
+            log.push(record.clone());
+            if let (Some(dir), Some(every)) = (journal_dir, self.config.checkpoint_every)
+                && step % every == 0
+                && step < total_steps
+            {
+                journal::save(dir, &self.snapshot(&fingerprint, step, train_seconds, &log))?;
+            }
+            if on_step(&record).is_break() {
+                return Err(TrainError::Stopped { step });
+            }
+        }
+        Ok(TrainOutcome {
+            log,
+            total_steps,
+            resumed_from,
+            train_seconds,
+            peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+
+    /// The number of optimiser steps a run over `examples` takes.
+    pub fn total_steps(&self, examples: &[TokenizedExample]) -> Result<u64, TrainError> {
+        Ok(self.plan(examples)?.len() as u64)
+    }
+
+    /// The batches of every step, with their epoch, capped at `max_steps`.
+    fn plan(&self, examples: &[TokenizedExample]) -> Result<Vec<(u64, Vec<usize>)>, TrainError> {
+        let positives: Vec<&str> = examples.iter().map(|e| e.positive_id.as_str()).collect();
+        let lengths: Vec<usize> = examples.iter().map(|e| e.positive.len()).collect();
+        let sampler = SamplerConfig {
+            batch_size: self.config.batch_size,
+            seed: self.config.seed,
+            length_pool_batches: self.config.length_pool_batches,
+        };
+        let mut plan = Vec::new();
+        for epoch in 0..self.config.epochs {
+            for batch in sampler::epoch_batches(&positives, &lengths, sampler, epoch) {
+                plan.push((epoch, batch));
+            }
+        }
+        if let Some(max) = self.config.max_steps {
+            plan.truncate(max as usize);
+        }
+        if plan.is_empty() {
+            return Err(TrainError::NoBatches {
+                why: format!(
+                    "{} examples with {} distinct positives; a batch needs two examples with different positives",
+                    examples.len(),
+                    positives
+                        .iter()
+                        .collect::<std::collections::HashSet<_>>()
+                        .len()
+                ),
+            });
+        }
+        Ok(plan)
+    }
+
+    /// The loss of `batch` and the gradient of every parameter (in [`Self::params`] order).
+    /// `step` seeds the dropout masks.
+    pub fn gradients(
+        &self,
+        batch: &[&TokenizedExample],
+        step: u64,
+    ) -> Result<(f64, Vec<Tensor>), TrainError> {
+        let (anchors, candidates) = batch_rows(batch);
+        let groups = [anchors, candidates];
+        let mini = self.config.mini_batch_size;
+        let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
+        let loss = if batch.len() <= mini {
+            let [a, c] = [0, 1].map(|g| self.embed(&groups[g], self.seed(step, g, 0)));
+            let loss = self
+                .config
+                .loss
+                .loss(&a?, &c?)
+                .during(|| "the loss".to_owned())?;
+            let store = loss.backward().during(|| "the backward pass".to_owned())?;
+            self.accumulate(&store, &mut sums)?;
+            scalar(&loss)?
+        } else {
+            // Pass 1: every mini-batch's embeddings, no graph kept.
+            let mut embedded = Vec::new();
+            for (g, rows) in groups.iter().enumerate() {
+                let mut parts = Vec::new();
+                for (k, chunk) in rows.chunks(mini).enumerate() {
+                    parts.push(self.embed(chunk, self.seed(step, g, k))?.detach());
+                }
+                let all = Tensor::cat(&parts, 0).during(|| "joining embeddings".to_owned())?;
+                embedded.push(Var::from_tensor(&all).during(|| "caching embeddings".to_owned())?);
+            }
+            let loss = self
+                .config
+                .loss
+                .loss(embedded[0].as_tensor(), embedded[1].as_tensor())
+                .during(|| "the loss".to_owned())?;
+            let store = loss
+                .backward()
+                .during(|| "the loss's backward pass".to_owned())?;
+            // Pass 2: each mini-batch again with its graph, weighted by its embeddings' gradient.
+            for (g, rows) in groups.iter().enumerate() {
+                let grad = store
+                    .get(embedded[g].as_tensor())
+                    .ok_or_else(|| TrainError::NoGradient {
+                        name: "the cached embeddings".to_owned(),
+                    })?
+                    .detach();
+                for (k, chunk) in rows.chunks(mini).enumerate() {
+                    let embeddings = self.embed(chunk, self.seed(step, g, k))?;
+                    let weight = grad
+                        .narrow(0, k * mini, chunk.len())
+                        .during(|| "slicing the embeddings' gradient".to_owned())?;
+                    let surrogate = (embeddings * weight)
+                        .and_then(|t| t.sum_all())
+                        .during(|| "the GradCache surrogate".to_owned())?;
+                    let store = surrogate
+                        .backward()
+                        .during(|| "a mini-batch's backward pass".to_owned())?;
+                    self.accumulate(&store, &mut sums)?;
+                }
+            }
+            scalar(&loss)?
+        };
+        let grads = sums
+            .into_iter()
+            .zip(&self.optimizer.params)
+            .map(|(sum, param)| {
+                sum.ok_or_else(|| TrainError::NoGradient {
+                    name: param.name.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((loss, grads))
+    }
+
+    /// Clips `grads`, then takes one AdamW step at `lr`; returns the norm before clipping.
+    pub fn apply(&mut self, grads: Vec<Tensor>, lr: f64, step: u64) -> Result<f64, TrainError> {
+        let norm = optim::global_norm(&grads).during(|| "the gradient norm".to_owned())?;
+        if !norm.is_finite() {
+            return Err(TrainError::NotFinite {
+                step,
+                what: "gradient norm",
+                value: norm,
+            });
+        }
+        let grads = match self.config.max_grad_norm {
+            Some(max) => optim::clip(grads, norm, max).during(|| "clipping".to_owned())?,
+            None => grads,
+        };
+        self.optimizer
+            .step(&grads, lr)
+            .during(|| "the optimiser step".to_owned())?;
+        Ok(norm)
+    }
+
+    /// Sentence embeddings of `rows` with the graph recorded, dropout (if on) seeded by `seed`.
+    fn embed(&self, rows: &[&[u32]], seed: u64) -> Result<Tensor, TrainError> {
+        let bert = self.model.bert;
+        let (ids, mask) = pad(rows, bert.config().pad_token_id, bert.device())?;
+        if self.config.dropout {
+            bert.reseed_dropout(seed);
+        }
+        let hidden = bert.forward(&ids, &mask, self.config.dropout)?;
+        Ok(self.model.pooling.forward(&hidden, &mask)?)
+    }
+
+    /// The dropout seed of mini-batch `chunk` of group `group` (anchors 0, candidates 1) at
+    /// `step`: both GradCache passes of a mini-batch get the same masks.
+    fn seed(&self, step: u64, group: usize, chunk: usize) -> u64 {
+        let mut hasher = blake3::Hasher::new();
+        for part in [self.config.seed, step, group as u64, chunk as u64] {
+            hasher.update(&part.to_le_bytes());
+        }
+        let bytes = hasher.finalize();
+        u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+    }
+
+    fn accumulate(
+        &self,
+        store: &candle_core::backprop::GradStore,
+        sums: &mut [Option<Tensor>],
+    ) -> Result<(), TrainError> {
+        for (param, sum) in self.optimizer.params.iter().zip(sums.iter_mut()) {
+            if let Some(grad) = store.get(param.var.as_tensor()) {
+                *sum = Some(match sum.take() {
+                    Some(previous) => {
+                        (previous + grad).during(|| "summing gradients".to_owned())?
+                    }
+                    None => grad.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(
+        &self,
+        fingerprint: &str,
+        step: u64,
+        train_seconds: f64,
+        log: &[StepRecord],
+    ) -> Snapshot {
+        Snapshot {
+            state: journal::State {
+                fingerprint: fingerprint.to_owned(),
+                step,
+                optimizer_steps: self.optimizer.steps,
+                train_seconds,
+                log: log.to_vec(),
+            },
+            tensors: self
+                .optimizer
+                .params
+                .iter()
+                .flat_map(|p| {
+                    [
+                        (format!("param.{}", p.name), p.var.as_detached_tensor()),
+                        (format!("m.{}", p.name), p.m.clone()),
+                        (format!("v.{}", p.name), p.v.clone()),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
+    fn restore(&mut self, snapshot: &Loaded) -> Result<(), TrainError> {
+        let device = self.model.bert.device().clone();
+        let get = |key: String, like: &Tensor| -> Result<Tensor, TrainError> {
+            let tensor = snapshot
+                .tensors
+                .get(&key)
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: snapshot.path.clone(),
+                    message: format!("`{key}` is missing"),
+                })?;
+            if tensor.dims() != like.dims() {
+                return Err(TrainError::Checkpoint {
+                    path: snapshot.path.clone(),
+                    message: format!(
+                        "`{key}` has shape {:?}, not {:?}",
+                        tensor.dims(),
+                        like.dims()
+                    ),
+                });
+            }
+            Ok(tensor
+                .to_device(&device)
+                .and_then(|t| t.to_dtype(like.dtype()))
+                .during(|| format!("restoring `{key}`"))?)
+        };
+        for param in &mut self.optimizer.params {
+            let value = get(format!("param.{}", param.name), param.var.as_tensor())?;
+            param
+                .var
+                .set(&value)
+                .during(|| format!("restoring `{}`", param.name))?;
+            param.m = get(format!("m.{}", param.name), &param.m)?;
+            param.v = get(format!("v.{}", param.name), &param.v)?;
+        }
+        self.optimizer.steps = snapshot.state.optimizer_steps;
+        Ok(())
+    }
+}
+
+/// The anchors' token ids, and the candidates': every positive, then each distinct hard negative
+/// that is not one of the batch's positives (that would mark a right answer wrong).
+fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> (Vec<&'e [u32]>, Vec<&'e [u32]>) {
+    let anchors = batch.iter().map(|e| e.anchor.as_slice()).collect();
+    let mut seen: std::collections::HashSet<&str> =
+        batch.iter().map(|e| e.positive_id.as_str()).collect();
+    let mut candidates: Vec<&[u32]> = batch.iter().map(|e| e.positive.as_slice()).collect();
+    for example in batch {
+        for negative in &example.negatives {
+            if seen.insert(negative.id.as_str()) {
+                candidates.push(negative.ids.as_slice());
+            }
+        }
+    }
+    (anchors, candidates)
+}
+
+/// Token ids padded on the right to the longest row, and the attention mask.
+fn pad(rows: &[&[u32]], pad_id: u32, device: &Device) -> Result<(Tensor, Tensor), TrainError> {
+    let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = vec![pad_id; rows.len() * seq];
+    let mut mask = vec![0u32; rows.len() * seq];
+    for (i, row) in rows.iter().enumerate() {
+        ids[i * seq..i * seq + row.len()].copy_from_slice(row);
+        mask[i * seq..i * seq + row.len()].fill(1);
+    }
+    let shape = (rows.len(), seq);
+    let ids = Tensor::from_vec(ids, shape, device).during(|| "a batch's token ids".to_owned())?;
+    let mask = Tensor::from_vec(mask, shape, device).during(|| "a batch's mask".to_owned())?;
+    Ok((ids, mask))
+}
+
+fn scalar(loss: &Tensor) -> Result<f64, TrainError> {
+    Ok(loss
+        .to_dtype(DType::F64)
+        .and_then(|t| t.to_scalar::<f64>())
+        .during(|| "reading the loss".to_owned())?)
+}
+
+/// Identifies a run's settings and data, so a checkpoint of another run is never resumed.
+fn fingerprint(config: &TrainConfig, examples: &[TokenizedExample]) -> Result<String, TrainError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&serde_json::to_vec(config)?);
+    for example in examples {
+        hasher.update(&serde_json::to_vec(example)?);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The peak resident set size of this process.
+pub fn peak_rss_bytes() -> Option<u64> {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return None;
+        }
+        usage
+    };
+    let max = u64::try_from(usage.ru_maxrss).ok()?;
+    // Linux reports kilobytes, macOS bytes.
+    Some(if cfg!(target_os = "macos") {
+        max
+    } else {
+        max * 1024
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::model::bert::tests::tiny_bert;
+    use crate::model::pooling::PoolingMode;
+    use crate::model::train::TokenizedText;
+
+    /// Random examples over the tiny model's 50-token vocabulary: `[CLS]`-like 1 first, lengths
+    /// 3 to 9, two hard negatives each (one shared with the next example).
+    fn tiny_examples(n: usize, seed: u64) -> Vec<TokenizedExample> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let text = |rng: &mut ChaCha8Rng| {
+            let len = rng.random_range(3..10);
+            std::iter::once(1)
+                .chain((1..len).map(|_| rng.random_range(2..50)))
+                .collect::<Vec<u32>>()
+        };
+        (0..n)
+            .map(|i| TokenizedExample {
+                anchor: text(&mut rng),
+                positive: text(&mut rng),
+                positive_id: format!("p{i}"),
+                negatives: vec![
+                    TokenizedText {
+                        id: format!("n{i}"),
+                        ids: text(&mut rng),
+                    },
+                    TokenizedText {
+                        id: format!("n{}", (i + 1) % n),
+                        ids: text(&mut rng),
+                    },
+                ],
+            })
+            .collect()
+    }
+
+    fn tiny_config(batch_size: usize, mini_batch_size: usize) -> TrainConfig {
+        TrainConfig {
+            batch_size,
+            mini_batch_size,
+            learning_rate: 1e-3,
+            checkpoint_every: None,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(DType::F64))
+            .and_then(|t| t.to_vec1::<f64>())
+            .expect("values")
+    }
+
+    #[test]
+    fn gradcache_gives_the_plain_gradients() {
+        let bert = tiny_bert(DType::F64);
+        let pooling = Pooling::new(vec![PoolingMode::Mean], true);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let examples = tiny_examples(6, 3);
+        let batch: Vec<&TokenizedExample> = examples.iter().collect();
+        let config = |mini| TrainConfig {
+            dropout: false,
+            ..tiny_config(6, mini)
+        };
+        let plain = Trainer::new(model, config(6)).expect("trainer");
+        let cached = Trainer::new(model, config(4)).expect("trainer");
+        let (plain_loss, plain_grads) = plain.gradients(&batch, 1).expect("plain");
+        let (cached_loss, cached_grads) = cached.gradients(&batch, 1).expect("cached");
+        assert!((plain_loss - cached_loss).abs() < 1e-12);
+        assert_eq!(plain_grads.len(), 5 + 2 * 16);
+        // Compared against the largest gradient anywhere: the key biases' exact gradient is zero
+        // (softmax ignores a shift of a whole row), so theirs is rounding noise in both.
+        let largest = plain_grads
+            .iter()
+            .flat_map(values)
+            .fold(0f64, |m, v| m.max(v.abs()));
+        for ((p, c), param) in plain_grads.iter().zip(&cached_grads).zip(plain.params()) {
+            let worst = values(p)
+                .iter()
+                .zip(values(c))
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-10 * largest,
+                "`{}`: off by {worst} (largest gradient {largest})",
+                param.name
+            );
+        }
+    }
+
+    /// A run stopped at step 6, resumed from its step-4 checkpoint, ends with exactly the
+    /// weights, moments and log of a run that was never stopped (dropout on, GradCache on).
+    #[test]
+    fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+        let pooling = Pooling::new(vec![PoolingMode::Mean], true);
+        let examples = tiny_examples(24, 5);
+        let config = TrainConfig {
+            epochs: 2,
+            checkpoint_every: Some(4),
+            ..tiny_config(4, 2)
+        };
+        let journal = tempfile::tempdir().expect("temp dir");
+
+        let bert = tiny_bert(DType::F32);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let mut trainer = Trainer::new(model, config.clone()).expect("trainer");
+        let whole = trainer
+            .run(&examples, None, &mut |_| ControlFlow::Continue(()))
+            .expect("run");
+        assert_eq!(whole.total_steps, 12);
+        assert_eq!(whole.log.len(), 12);
+        let want: Vec<Vec<f64>> = trainer
+            .params()
+            .iter()
+            .map(|p| values(p.var.as_tensor()))
+            .collect();
+        let want_m: Vec<Vec<f64>> = trainer.params().iter().map(|p| values(&p.m)).collect();
+
+        let bert = tiny_bert(DType::F32);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let mut trainer = Trainer::new(model, config.clone()).expect("trainer");
+        let stopped = trainer.run(&examples, Some(journal.path()), &mut |record| {
+            if record.step == 6 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert!(
+            matches!(stopped, Err(TrainError::Stopped { step: 6 })),
+            "{stopped:?}"
+        );
+
+        let bert = tiny_bert(DType::F32);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let mut trainer = Trainer::new(model, config).expect("trainer");
+        let mut seen = Vec::new();
+        let resumed = trainer
+            .run(&examples, Some(journal.path()), &mut |record| {
+                seen.push(record.step);
+                ControlFlow::Continue(())
+            })
+            .expect("resumed run");
+        assert_eq!(resumed.resumed_from, Some(4));
+        assert_eq!(seen, (5..=12).collect::<Vec<u64>>());
+        let losses = |log: &[StepRecord]| {
+            log.iter()
+                .map(|r| (r.step, r.loss, r.lr))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(losses(&resumed.log), losses(&whole.log));
+        for (i, param) in trainer.params().iter().enumerate() {
+            assert_eq!(
+                values(param.var.as_tensor()),
+                want[i],
+                "`{}` differs",
+                param.name
+            );
+            assert_eq!(
+                values(&param.m),
+                want_m[i],
+                "moment of `{}` differs",
+                param.name
+            );
+        }
+    }
+
+    #[test]
+    fn matryoshka_dims_above_the_model_dimension_are_refused() {
+        let bert = tiny_bert(DType::F32);
+        let pooling = Pooling::new(vec![PoolingMode::Mean], true);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let mut config = tiny_config(4, 4);
+        config.loss.matryoshka_dims = Some(vec![16, 32]);
+        let error = Trainer::new(model, config).expect_err("32 > 16");
+        assert!(error.to_string().contains("matryoshka_dims"), "{error}");
+        let too_few = Trainer::new(model, tiny_config(4, 4))
+            .expect("trainer")
+            .run(&tiny_examples(1, 1), None, &mut |_| {
+                ControlFlow::Continue(())
+            })
+            .expect_err("one example makes no batch");
+        assert!(matches!(too_few, TrainError::NoBatches { .. }), "{too_few}");
+    }
+}

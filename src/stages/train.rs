@@ -1,0 +1,553 @@
+//! The train stage: fine-tunes the base model on the training examples (mine's `train.jsonl`, or
+//! a `data` file from outside the pipeline) with MultipleNegativesRankingLoss, GradCache,
+//! optional Matryoshka dimensions, AdamW and a warmup/decay schedule (see [`crate::model::train`]).
+//!
+//! Output: `model/` (a sentence-transformers folder with `training_metadata.json` and a model
+//! card) and `train_log.jsonl` (one line per optimiser step: `step`, `epoch`, `loss`, `lr`,
+//! `grad_norm`, `examples_per_s`), which evaluate plots. Checkpoints go to the journal every
+//! `checkpoint_every` steps, so an interrupted run resumes where it left off.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::io::{self, TRAIN_FILE, TrainingExample};
+use super::{
+    Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
+    StageError, StageOutcome, Table,
+};
+use crate::model::device;
+use crate::model::encoder::SentenceEncoder;
+use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+use crate::model::train::save::{TrainingMetadata, save_model};
+use crate::model::train::{
+    AdamWConfig, LossConfig, TokenizedExample, TokenizedText, TrainConfig, TrainError, TrainModel,
+    Trainer,
+};
+
+/// The model folder inside the train stage's artifact.
+pub const MODEL_DIR: &str = "model";
+/// The per-step log inside the train stage's artifact.
+pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
+
+/// The `train:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TrainParams {
+    /// The model to fine-tune (a hub id or a folder); the recipe's `base_model` when unset.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Passes over the training examples.
+    #[serde(default = "default_epochs")]
+    pub epochs: u64,
+    /// Examples per optimiser step; each example's positive is a negative for the others, so
+    /// larger batches train better (sentence-transformers suggests 32 to 256+).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Examples embedded at once. A larger `batch_size` runs as GradCache over mini-batches of
+    /// this size: the same gradients in memory bounded by the mini-batch.
+    #[serde(default = "default_mini_batch_size")]
+    pub mini_batch_size: usize,
+    /// Peak learning rate of AdamW.
+    #[serde(default = "default_learning_rate")]
+    pub learning_rate: f64,
+    /// Share of the steps over which the learning rate warms up from zero, before decaying
+    /// linearly.
+    #[serde(default = "default_warmup_ratio")]
+    pub warmup_ratio: f64,
+    /// AdamW's decoupled weight decay (not applied to biases and LayerNorm parameters).
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Clip the gradients' global norm to this; `null` never clips.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    /// Cosine similarities are multiplied by this before the softmax (the inverse temperature).
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// Also train positives to pick their query among the batch's queries.
+    #[serde(default)]
+    pub symmetric: bool,
+    /// Use each example's mined hard negatives as extra wrong answers for the whole batch.
+    #[serde(default = "yes")]
+    pub hard_negatives: bool,
+    /// Matryoshka: also train embeddings truncated to these dimensions (each at most the
+    /// model's), so they can be cut short at search time.
+    #[serde(default)]
+    pub matryoshka_dims: Option<Vec<usize>>,
+    /// Truncate texts at this many tokens instead of the model's own `max_seq_length`; also what
+    /// the trained model is saved with.
+    #[serde(default)]
+    pub max_seq_length: Option<usize>,
+    /// Batch texts of similar length together (less padding, faster on CPU); batches stay in a
+    /// shuffled order.
+    #[serde(default)]
+    pub group_by_length: bool,
+    /// Save a checkpoint every this many steps, to resume an interrupted run.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Stop after this many optimiser steps.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// A training-data JSONL file (ragd's format, as mine writes) to train on instead of the
+    /// output of a `mine:` section. Relative to the recipe's folder.
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({}))
+            .expect("every key of TrainParams has a default")
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_epochs() -> u64 {
+    1
+}
+fn default_batch_size() -> usize {
+    32
+}
+fn default_mini_batch_size() -> usize {
+    16
+}
+fn default_learning_rate() -> f64 {
+    2e-5
+}
+fn default_warmup_ratio() -> f64 {
+    0.1
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+fn default_scale() -> f64 {
+    20.
+}
+fn default_checkpoint_every() -> u64 {
+    50
+}
+
+/// Pools of this many batches are sorted by length when `group_by_length` is on: large enough
+/// to find similar lengths, small enough that the order stays random.
+const LENGTH_POOL_BATCHES: usize = 50;
+
+pub struct Train {
+    params: TrainParams,
+    model: String,
+    data: Option<PathBuf>,
+    seed: u64,
+    config: TrainConfig,
+}
+
+impl StageDef for Train {
+    const KIND: &'static str = "train";
+    const SECTION: &'static str = "train";
+    const ABOUT: &'static str =
+        "Fine-tune the embedding model on the training examples (ranking loss, GradCache, AdamW).";
+    const PRODUCES: Artifact = Artifact::Model;
+    type Params = TrainParams;
+
+    fn new(params: TrainParams, env: &RecipeEnv) -> Result<Self, Vec<Invalid>> {
+        let mut invalid = Vec::new();
+        let config = TrainConfig {
+            epochs: params.epochs,
+            batch_size: params.batch_size,
+            mini_batch_size: params.mini_batch_size,
+            learning_rate: params.learning_rate,
+            warmup_ratio: params.warmup_ratio,
+            adamw: AdamWConfig {
+                weight_decay: params.weight_decay,
+                ..AdamWConfig::default()
+            },
+            decay_all: false,
+            max_grad_norm: params.max_grad_norm,
+            loss: LossConfig {
+                scale: params.scale,
+                symmetric: params.symmetric,
+                matryoshka_dims: params.matryoshka_dims.clone(),
+            },
+            seed: env.seed,
+            dropout: true,
+            max_steps: params.max_steps,
+            checkpoint_every: Some(params.checkpoint_every),
+            length_pool_batches: params.group_by_length.then_some(LENGTH_POOL_BATCHES),
+        };
+        if let Err(TrainError::InvalidConfig { name, why }) = config.check() {
+            invalid.push(Invalid::new(&[name], why));
+        }
+        if !(params.weight_decay.is_finite() && params.weight_decay >= 0.) {
+            invalid.push(Invalid::new(&["weight_decay"], "must be zero or positive"));
+        }
+        if params.max_seq_length.is_some_and(|n| n < 2) {
+            invalid.push(Invalid::new(
+                &["max_seq_length"],
+                "must leave room for the special tokens and a word (at least 2)",
+            ));
+        }
+        let data = params.data.as_ref().map(|d| env.dir.join(d));
+        if let Some(path) = &data
+            && !path.is_file()
+        {
+            invalid.push(
+                Invalid::new(&["data"], format!("`{}` is not a file", path.display()))
+                    .with_help("paths are relative to the recipe's folder"),
+            );
+        }
+        if !invalid.is_empty() {
+            return Err(invalid);
+        }
+        Ok(Self {
+            model: params
+                .model
+                .clone()
+                .unwrap_or_else(|| env.base_model.clone()),
+            data,
+            seed: env.seed,
+            config,
+            params,
+        })
+    }
+}
+
+impl Stage for Train {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn inputs(&self) -> Vec<Input> {
+        if self.data.is_some() {
+            return Vec::new();
+        }
+        vec![Input {
+            artifact: Artifact::TrainingData,
+            required: true,
+            instead: Some("data"),
+        }]
+    }
+
+    /// Everything but `data`: the data file's bytes enter the key through the externals.
+    fn params(&self) -> serde_json::Value {
+        let mut params = serde_json::to_value(&self.params).unwrap_or_default();
+        if let Some(map) = params.as_object_mut() {
+            map.remove("data");
+            map.insert("model".to_owned(), self.model.clone().into());
+            map.insert("seed".to_owned(), self.seed.into());
+        }
+        params
+    }
+
+    fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
+        let path = env.resolve_model(&self.model, SENTENCE_TRANSFORMER_FILES)?;
+        let mut externals = vec![External::Model {
+            label: "model".to_owned(),
+            reference: self.model.clone(),
+            path,
+        }];
+        if let Some(data) = &self.data {
+            let (root, file) = split_file(data);
+            externals.push(External::Files {
+                label: "data".to_owned(),
+                root,
+                files: vec![file],
+            });
+        }
+        Ok(externals)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+        let data_path = match &self.data {
+            Some(path) => path.clone(),
+            None => ctx.input(Artifact::TrainingData)?.join(TRAIN_FILE),
+        };
+        let examples: Vec<TrainingExample> = io::read_jsonl(&data_path)?;
+        if examples.is_empty() {
+            return Err(StageError::Failed(format!(
+                "`{}` holds no training examples",
+                data_path.display()
+            )));
+        }
+        let data_hash = blake3::hash(&fs_err::read(&data_path)?)
+            .to_hex()
+            .to_string();
+
+        let model_dir = ctx
+            .env
+            .resolve_model(&self.model, SENTENCE_TRANSFORMER_FILES)?;
+        let selected = device::select(ctx.env.recipe.accelerator).map_err(io::model_error)?;
+        let encoder =
+            SentenceEncoder::load(&model_dir, &selected.device).map_err(io::model_error)?;
+        let max_seq_length = self
+            .params
+            .max_seq_length
+            .unwrap_or(encoder.max_seq_length());
+        let tokenized = self.tokenize(&encoder, &examples, max_seq_length)?;
+        ctx.check_cancelled()?;
+
+        let model = TrainModel {
+            bert: encoder.bert(),
+            pooling: encoder.pooling(),
+        };
+        let mut trainer = Trainer::new(model, self.config.clone()).map_err(train_error)?;
+        let total = trainer.total_steps(&tokenized).map_err(train_error)?;
+        let gradcache = if self.config.batch_size > self.config.mini_batch_size {
+            format!(
+                ", GradCache over mini-batches of {}",
+                self.config.mini_batch_size
+            )
+        } else {
+            String::new()
+        };
+        ctx.info(format!(
+            "training `{}` on {}: {} examples, {total} steps of {}{gradcache}",
+            self.model,
+            selected.description,
+            tokenized.len(),
+            self.config.batch_size
+        ));
+        let bar = ctx.progress("training", Some(total));
+        let outcome = trainer.run(&tokenized, Some(ctx.journal_dir.as_path()), &mut |record| {
+            bar.set_with_message(
+                record.step,
+                &format!(
+                    "loss {:.4} lr {:.1e} {:.1} ex/s",
+                    record.loss, record.lr, record.examples_per_s
+                ),
+            );
+            if ctx.check_cancelled().is_err() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        drop(bar);
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(TrainError::Stopped { .. }) => return Err(StageError::Cancelled),
+            Err(error) => return Err(train_error(error)),
+        };
+        if let Some(step) = outcome.resumed_from {
+            ctx.info(format!("resumed from the checkpoint at step {step}"));
+        }
+
+        io::write_jsonl(&ctx.out_dir.join(TRAIN_LOG_FILE), &outcome.log)?;
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "recipe_hash".to_owned(),
+            blake3::hash(ctx.recipe_text.as_bytes())
+                .to_hex()
+                .to_string()
+                .into(),
+        );
+        extra.insert("cache_key".to_owned(), ctx.key.clone().into());
+        extra.insert("resumed_from".to_owned(), outcome.resumed_from.into());
+        let metadata = TrainingMetadata {
+            base_model: self.model.clone(),
+            data_hash,
+            examples: tokenized.len(),
+            loss: self.config.loss.name(),
+            matryoshka_dims: self.config.loss.matryoshka_dims.clone(),
+            hyperparameters: self.params(),
+            steps: outcome.total_steps,
+            final_loss: outcome.final_loss(),
+            train_seconds: outcome.train_seconds,
+            peak_rss_bytes: outcome.peak_rss_bytes,
+            device: selected.description.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+            extra,
+        };
+        save_model(
+            encoder.bert(),
+            encoder.pooling(),
+            &model_dir,
+            max_seq_length,
+            &ctx.out_dir.join(MODEL_DIR),
+            &metadata,
+            Some(&ctx.recipe_text),
+        )
+        .map_err(train_error)?;
+
+        let first_loss = outcome.log.first().map(|r| r.loss);
+        let summary = serde_json::json!({
+            "examples": tokenized.len(),
+            "steps": outcome.total_steps,
+            "first_loss": first_loss,
+            "final_loss": outcome.final_loss(),
+            "train_seconds": outcome.train_seconds,
+            "peak_rss_bytes": outcome.peak_rss_bytes,
+            "device": selected.description,
+            "resumed_from": outcome.resumed_from,
+        });
+        let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+        ctx.table(&Table {
+            title: "training".to_owned(),
+            columns: vec!["".to_owned(), "value".to_owned()],
+            rows: vec![
+                vec!["examples".to_owned(), tokenized.len().to_string()],
+                vec!["steps".to_owned(), outcome.total_steps.to_string()],
+                vec!["first loss".to_owned(), figure(first_loss)],
+                vec!["final loss".to_owned(), figure(outcome.final_loss())],
+                vec![
+                    "seconds".to_owned(),
+                    format!("{:.1}", outcome.train_seconds),
+                ],
+                vec![
+                    "peak memory".to_owned(),
+                    outcome.peak_rss_bytes.map_or_else(
+                        || "-".to_owned(),
+                        |b| format!("{:.0} MiB", b as f64 / (1024. * 1024.)),
+                    ),
+                ],
+            ],
+        });
+        Ok(StageOutcome { summary })
+    }
+}
+
+impl Train {
+    /// Token ids of every query, positive and (with `hard_negatives`) negative, truncated at
+    /// `max_seq_length` as the tokenizer truncates: the closing special token is kept.
+    fn tokenize(
+        &self,
+        encoder: &SentenceEncoder,
+        examples: &[TrainingExample],
+        max_seq_length: usize,
+    ) -> Result<Vec<TokenizedExample>, StageError> {
+        let mut texts: Vec<&str> = Vec::new();
+        for example in examples {
+            texts.push(&example.query);
+            texts.push(&example.positive);
+            if self.params.hard_negatives {
+                texts.extend(example.negatives.iter().map(|n| n.text.as_str()));
+            }
+        }
+        let ids = encoder
+            .sentence_tokenizer()
+            .token_ids(&texts)
+            .map_err(io::model_error)?;
+        let mut ids = ids.into_iter().map(|row| truncate(row, max_seq_length));
+        let mut next = || ids.next().unwrap_or_default();
+        Ok(examples
+            .iter()
+            .map(|example| TokenizedExample {
+                anchor: next(),
+                positive: next(),
+                positive_id: example.positive_id.clone(),
+                negatives: if self.params.hard_negatives {
+                    example
+                        .negatives
+                        .iter()
+                        .map(|n| TokenizedText {
+                            id: n.id.clone(),
+                            ids: next(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect())
+    }
+}
+
+/// Cuts `ids` to `max` tokens, keeping the last (the closing special token).
+fn truncate(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
+    if ids.len() > max
+        && let Some(&last) = ids.last()
+    {
+        ids.truncate(max - 1);
+        ids.push(last);
+    }
+    ids
+}
+
+fn split_file(path: &Path) -> (PathBuf, PathBuf) {
+    let root = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let file = path
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| path.to_path_buf());
+    (root, file)
+}
+
+fn train_error(error: TrainError) -> StageError {
+    StageError::Failed(super::error::error_chain(&error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::device::Accelerator;
+
+    fn env(dir: &Path) -> RecipeEnv {
+        RecipeEnv {
+            dir: dir.to_owned(),
+            name: "t".to_owned(),
+            base_model: "sentence-transformers/all-MiniLM-L6-v2".to_owned(),
+            seed: 3,
+            accelerator: Accelerator::Cpu,
+        }
+    }
+
+    fn build(yaml: &str, dir: &Path) -> Result<Train, Vec<Invalid>> {
+        let params: TrainParams = serde_yaml::from_str(yaml).expect("parses");
+        Train::new(params, &env(dir))
+    }
+
+    #[test]
+    fn defaults_read_from_mine_and_data_replaces_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stage = build("{}", dir.path()).expect("defaults are valid");
+        assert_eq!(stage.inputs()[0].artifact, Artifact::TrainingData);
+        assert_eq!(stage.inputs()[0].instead, Some("data"));
+        let params = stage.params();
+        assert_eq!(params["batch_size"], 32);
+        assert_eq!(params["learning_rate"], 2e-5);
+        assert_eq!(params["model"], "sentence-transformers/all-MiniLM-L6-v2");
+        assert_eq!(params["seed"], 3);
+
+        std::fs::write(dir.path().join("train.jsonl"), "").expect("write");
+        let stage = build("data: train.jsonl", dir.path()).expect("valid");
+        assert!(stage.inputs().is_empty());
+        assert!(stage.params().get("data").is_none());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (yaml, key) in [
+            ("batch_size: 1", "batch_size"),
+            ("learning_rate: 0", "learning_rate"),
+            ("warmup_ratio: 1.5", "warmup_ratio"),
+            ("matryoshka_dims: [0]", "matryoshka_dims"),
+            ("max_seq_length: 1", "max_seq_length"),
+            ("checkpoint_every: 0", "checkpoint_every"),
+            ("data: missing.jsonl", "data"),
+            ("weight_decay: -1", "weight_decay"),
+        ] {
+            let problems = build(yaml, dir.path()).err().unwrap_or_default();
+            assert!(
+                problems.iter().any(|p| p.path == [key]),
+                "`{yaml}` should be refused at `{key}`: {problems:?}"
+            );
+        }
+        let error = serde_yaml::from_str::<TrainParams>("epochz: 2").expect_err("unknown key");
+        assert!(error.to_string().contains("epochz"), "{error}");
+    }
+
+    #[test]
+    fn truncation_keeps_the_closing_token() {
+        assert_eq!(truncate(vec![101, 5, 6, 7, 102], 4), [101, 5, 6, 102]);
+        assert_eq!(truncate(vec![101, 5, 102], 4), [101, 5, 102]);
+    }
+}
