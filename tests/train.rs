@@ -76,6 +76,7 @@ fn ranking(encoder: &SentenceEncoder, pairs: &[TrainingExample]) -> Ranking {
 }
 
 #[test]
+#[allow(clippy::print_stderr)]
 fn fine_tuning_lowers_the_loss_and_ranks_held_out_positives_higher() {
     let project = Project::new();
     project.write("recipe.yaml", RECIPE);
@@ -124,7 +125,11 @@ fn fine_tuning_lowers_the_loss_and_ranks_held_out_positives_higher() {
     assert_eq!(tuned.max_seq_length(), 64);
     let before = ranking(&base, &heldout);
     let after = ranking(&tuned, &heldout);
-    eprintln!("held-out ranking before {before:?}, after {after:?}");
+    // For the record: MRR is not asserted, its top-1 changes are noise at 50 pairs and 8 steps.
+    eprintln!(
+        "held-out: share ranked below the positive {:.4} -> {:.4}, margin {:.4} -> {:.4}, MRR {:.4} -> {:.4}",
+        before.below, after.below, before.margin, after.margin, before.mrr, after.mrr
+    );
     assert!(after.below > before.below, "{before:?} -> {after:?}");
     assert!(after.margin > before.margin, "{before:?} -> {after:?}");
 

@@ -13,6 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
+use super::train::{MODEL_DIR, TRAIN_LOG_FILE};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -26,10 +27,6 @@ use crate::index::{Bm25Index, DenseIndex, Hit, truncate_and_normalize};
 use crate::model::encoder::SentenceEncoder;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
-/// Where a trained model sits inside the train stage's artifact.
-pub const MODEL_DIR: &str = "model";
-/// The train stage's per-step log inside its artifact.
-pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
 /// The report register reads for the regression guard.
 pub const REPORT_FILE: &str = "report.json";
 

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::evaluate::{MODEL_DIR, REPORT_FILE};
+use super::evaluate::REPORT_FILE;
+use super::train::MODEL_DIR;
 use super::io;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,

@@ -22,6 +22,8 @@ pub enum TrainError {
     Stopped { step: u64 },
     #[error("checkpoint `{}` is unusable: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    #[error("`{}` is unusable: {message}", path.display())]
+    BadFile { path: PathBuf, message: String },
     #[error("cannot write `{}`", path.display())]
     Write {
         path: PathBuf,

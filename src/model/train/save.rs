@@ -140,7 +140,7 @@ fn write_weights(bert: &Bert, path: &Path) -> Result<(), TrainError> {
         Some(metadata),
         path,
     )
-    .map_err(|e| TrainError::Checkpoint {
+    .map_err(|e| TrainError::BadFile {
         path: path.to_owned(),
         message: e.to_string(),
     })
@@ -203,9 +203,9 @@ fn read_object(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>
     }
     match serde_json::from_str(&fs_err::read_to_string(path)?)? {
         serde_json::Value::Object(map) => Ok(map),
-        _ => Err(TrainError::Checkpoint {
+        _ => Err(TrainError::BadFile {
             path: path.to_owned(),
-            message: "is not a JSON object".to_owned(),
+            message: "not a JSON object".to_owned(),
         }),
     }
 }
