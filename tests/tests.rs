@@ -5,3 +5,4 @@ mod util;
 mod caching;
 mod cli;
 mod diagnostics;
+mod llm;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::LlmError;
 
 /// Bytes of whitespace allowed in a row between JSON tokens.
-const MAX_WHITESPACE_RUN: u8 = 4;
+const MAX_WHITESPACE_RUN: u8 = 16;
 /// Nesting depth the matcher tracks; the stages' schemas use three levels.
 const MAX_DEPTH: usize = 8;
 /// Bounds used where the schema gives none, so generation always terminates.
@@ -465,15 +465,15 @@ mod tests {
     fn rejects_what_breaks_the_schema() {
         let g = queries_grammar();
         for bad in [
-            r#"{"query":["ab"]}"#,             // wrong key
-            r#"{"queries":[]}"#,               // below minItems
-            r#"{"queries":["ab","cd","ef"]}"#, // above maxItems
-            r#"{"queries":["a"]}"#,            // below minLength
-            r#"{"queries":["abcdefghijk"]}"#,  // above maxLength
-            "{\"queries\":[\"a\nb\"]}",        // raw control character
-            r#"{"queries":["ab"]}x"#,          // anything after the end
-            r#"{"queries":["ab"],}"#,          // trailing comma
-            "{     \"queries\":[\"ab\"]}",     // a run of five blanks
+            r#"{"query":["ab"]}"#,                     // wrong key
+            r#"{"queries":[]}"#,                       // below minItems
+            r#"{"queries":["ab","cd","ef"]}"#,         // above maxItems
+            r#"{"queries":["a"]}"#,                    // below minLength
+            r#"{"queries":["abcdefghijk"]}"#,          // above maxLength
+            "{\"queries\":[\"a\nb\"]}",                // raw control character
+            r#"{"queries":["ab"]}x"#,                  // anything after the end
+            r#"{"queries":["ab"],}"#,                  // trailing comma
+            "{                 \"queries\":[\"ab\"]}", // a run of 17 blanks
         ] {
             assert_eq!(accepts(&g, bad), None, "{bad}");
         }

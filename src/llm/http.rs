@@ -299,6 +299,7 @@ mod tests {
     /// Against a real Ollama serving `smollm2:135m` (`../shared/tools/start-ollama.sh` starts
     /// one); skipped with a message when `RAGD_TEST_OLLAMA_URL` is not set.
     #[test]
+    #[allow(clippy::print_stderr, reason = "a skipped test says so visibly")]
     fn ollama_answers_structured_json() {
         let Ok(url) = std::env::var("RAGD_TEST_OLLAMA_URL") else {
             eprintln!("skipped: RAGD_TEST_OLLAMA_URL not set");

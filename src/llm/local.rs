@@ -2,6 +2,11 @@
 //! with candle-transformers' `quantized_llama`, a KV cache per call, seeded temperature/top-p
 //! sampling, and JSON-schema constrained decoding ([`super::grammar`]).
 //!
+//! On a CPU build without AVX (the default `x86_64` target), candle's quantized kernels run
+//! scalar; the weights are then dequantized once at load to f32, whose matmuls go through `gemm`
+//! with run-time AVX2/FMA dispatch: measured 10x faster here for 4x the memory (0.5 GB for
+//! SmolLM2-135M). A build with `-C target-cpu=native`, or a GPU, keeps the quantized weights.
+//!
 //! Parallel calls each take a copy of the model: copies share the weights (reference-counted)
 //! and own only their KV caches, so `concurrency` copies cost little memory.
 
@@ -9,7 +14,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{self, Content};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use rand::{Rng, SeedableRng};
@@ -71,7 +77,13 @@ impl LocalBackend {
             .chat_template
             .clone()
             .ok_or_else(|| bad(path, "has no `tokenizer.chat_template`"))?;
-        let prototype = ModelWeights::from_gguf(content, &mut file, &device)?;
+        let prototype = if device.is_cpu() && !cfg!(target_feature = "avx") {
+            let mut f32_file = std::io::Cursor::new(dequantized(&content, &mut file)?);
+            let content = Content::read(&mut f32_file)?;
+            ModelWeights::from_gguf(content, &mut f32_file, &device)?
+        } else {
+            ModelWeights::from_gguf(content, &mut file, &device)?
+        };
         let mut hasher = blake3::Hasher::new();
         hasher
             .update_mmap_rayon(path)
@@ -147,9 +159,9 @@ impl LocalBackend {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(request.seed);
         model.clear_kv_cache();
         let mut logits = self.logits(model, &prompt, 0)?;
-        let mut pos = prompt.len();
         let mut answer = Vec::new();
-        for _ in 0..budget {
+        // `pos` is where the token chosen in this step goes in the sequence.
+        for pos in prompt.len()..prompt.len() + budget {
             let allowed = |id: u32| -> Option<Option<MatchState>> {
                 let bytes = self.text.token_bytes.get(id as usize)?;
                 match (&grammar, state) {
@@ -178,10 +190,31 @@ impl LocalBackend {
                 break;
             }
             logits = self.logits(model, &[next], pos)?;
-            pos += 1;
         }
         Ok(String::from_utf8_lossy(&answer).into_owned())
     }
+}
+
+/// The GGUF file with every tensor stored as f32, in memory.
+fn dequantized(content: &Content, file: &mut std::fs::File) -> Result<Vec<u8>, LlmError> {
+    let cpu = Device::Cpu;
+    let tensors = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let tensor = content.tensor(file, name, &cpu)?.dequantize(&cpu)?;
+            Ok((name.as_str(), QTensor::quantize(&tensor, GgmlDType::F32)?))
+        })
+        .collect::<Result<Vec<_>, candle_core::Error>>()?;
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut bytes, &metadata, &tensor_refs)?;
+    Ok(bytes.into_inner())
 }
 
 /// Picks the next token among those `allowed` accepts (returning the grammar state after it):
@@ -308,6 +341,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::print_stderr,
+        reason = "the answer and its time are the test's figures"
+    )]
     fn smollm2_answers_schema_valid_json_reproducibly() {
         let backend = LocalBackend::load(&crate::testutil::smollm2_gguf(), 1, Accelerator::Cpu)
             .expect("SmolLM2 loads");

@@ -36,9 +36,12 @@ pub(crate) const RESPONSES_FILE: &str = "llm/responses.jsonl";
 /// Examples of unparseable answers kept in `stats.json`.
 const UNPARSEABLE_EXAMPLES: usize = 3;
 
-const DEFAULT_SYSTEM: &str = "You write the search queries people type to find documents.";
+/// SmolLM2-135M writes the most question-like answers with this plain framing (tried against
+/// variants on the bundled docs); words like "search box" make it write URLs, and a JSON
+/// example with placeholders gets copied verbatim.
+const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
 
-const DEFAULT_PROMPT: &str = "Passage:\n\"\"\"\n{passage}\n\"\"\"\n\nWrite {n} different questions a user could type into a search box that this passage answers. Write them in the language of the passage. Do not copy sentences from it. Answer in JSON: {\"queries\": [\"...\"]}";
+const DEFAULT_PROMPT: &str = "{passage}\n\nWrite {n} questions a user could ask that the text above answers, in the language of the text. Reply in JSON with a list of questions under \"queries\".";
 
 /// How queries are made.
 #[derive(
