@@ -19,8 +19,8 @@ struct FakeServer {
 }
 
 impl FakeServer {
-    /// Answers each chat call after `delay`; every prompt mentioning "broken" gets prose instead
-    /// of JSON.
+    /// Answers each chat call after `delay`; every query-gen prompt mentioning "broken" gets
+    /// prose instead of JSON.
     fn start(delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         let url = format!("http://{}", listener.local_addr().expect("address"));
@@ -92,7 +92,16 @@ fn serve(stream: TcpStream, calls: &Calls, delay: Duration) {
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
-            let content = if prompt.contains("broken") {
+            let content = if prompt.contains("Question:") {
+                // The judge: page 3's chunk does not answer, page 7's verdict does not parse.
+                if prompt.contains("Page 3 ") {
+                    r#"{"answerable": false, "reason": "it is about page 3"}"#.to_owned()
+                } else if prompt.contains("Page 7 ") {
+                    "Maybe.".to_owned()
+                } else {
+                    r#"{"answerable": true, "reason": "it says so"}"#.to_owned()
+                }
+            } else if prompt.contains("broken") {
                 "Sure! Here are two questions about the text.".to_owned()
             } else {
                 let topic: String = prompt
@@ -208,4 +217,39 @@ fn a_run_interrupted_mid_query_gen_resumes_without_repeating_calls() {
     );
     assert_eq!(query_gen_stats(&project)["llm"]["unparseable"], 5);
     assert!(server.most_for_one_prompt() <= 2);
+}
+
+#[test]
+fn the_llm_judge_drops_rejected_and_unparseable_verdicts() {
+    let server = FakeServer::start(Duration::ZERO);
+    let project = project(&server, 10, 2);
+    let recipe = project.read("recipe.yaml");
+    project.write(
+        "recipe.yaml",
+        &format!(
+            "{recipe}judge:\n  dedupe: null\n  round_trip: null\n  llm_judge:\n    llm:\n      \
+             backend: openai\n      url: {}\n      model: fake-model\n",
+            server.url
+        ),
+    );
+    project.run(&["run", "recipe.yaml"]).success();
+    // 10 query-gen calls (two unparseable), then one verdict per kept query.
+    assert_eq!(server.total(), 10 + 8);
+    let store = project.path(".ragd-pipe/store-v1");
+    let summary: serde_json::Value = std::fs::read_dir(&store)
+        .expect("store")
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("summary.json")).ok())
+        .map(|text| serde_json::from_str(&text).expect("summary JSON"))
+        .expect("the judge's summary");
+    assert_eq!(summary["kept"], 6, "{summary}");
+    assert_eq!(summary["dropped"]["llm_judge"]["count"], 1, "{summary}");
+    assert_eq!(
+        summary["dropped"]["llm_judge"]["examples"][0]["why"],
+        "it is about page 3"
+    );
+    assert_eq!(
+        summary["dropped"]["llm_judge (unparseable)"]["count"], 1,
+        "{summary}"
+    );
 }
