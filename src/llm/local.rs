@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::quantized::gguf_file::{self, Content};
@@ -40,6 +41,8 @@ pub struct LocalBackend {
     workers: usize,
     device: Device,
     grammars: Mutex<HashMap<String, Arc<JsonGrammar>>>,
+    /// Checked between tokens, so Ctrl-C does not wait for answers being written.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> LlmError {
@@ -97,7 +100,14 @@ impl LocalBackend {
             workers: workers.max(1),
             device,
             grammars: Mutex::new(HashMap::new()),
+            cancel: None,
         })
+    }
+
+    /// Stops calls in progress with [`LlmError::Cancelled`] once `flag` is set.
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
     }
 
     /// Token ids of the chat prompt for `request`.
@@ -162,6 +172,13 @@ impl LocalBackend {
         let mut answer = Vec::new();
         // `pos` is where the token chosen in this step goes in the sequence.
         for pos in prompt.len()..prompt.len() + budget {
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(LlmError::Cancelled);
+            }
             let allowed = |id: u32| -> Option<Option<MatchState>> {
                 let bytes = self.text.token_bytes.get(id as usize)?;
                 match (&grammar, state) {

@@ -1,5 +1,7 @@
 //! The `llm:` recipe block: which backend, which model, where, and how to sample.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -270,13 +272,19 @@ impl LlmSettings {
         }
     }
 
-    /// Opens the backend: loads the local model, or checks every server has the model.
-    pub fn connect(&self, env: &StageEnv) -> Result<Box<dyn LlmBackend>, StageError> {
+    /// Opens the backend: loads the local model, or checks every server has the model. A local
+    /// model stops writing as soon as `cancel` is set.
+    pub fn connect(
+        &self,
+        env: &StageEnv,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<Box<dyn LlmBackend>, StageError> {
         match self.backend {
             BackendKind::Local => {
                 let path = env.resolve_model(self.local_reference(), NO_FILES)?;
                 let backend = LocalBackend::load(&path, self.concurrency, env.recipe.accelerator)
-                    .map_err(super::stage_error)?;
+                    .map_err(super::stage_error)?
+                    .with_cancel(cancel.clone());
                 Ok(Box::new(backend))
             }
             BackendKind::Ollama | BackendKind::Openai => Ok(Box::new(self.connect_http()?)),

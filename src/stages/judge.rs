@@ -356,7 +356,7 @@ impl Judge {
         if requests.is_empty() {
             return Ok(llm::CallStats::default());
         }
-        let backend = judge.llm.connect(&ctx.env)?;
+        let backend = judge.llm.connect(&ctx.env, &ctx.cancel)?;
         let cache =
             ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
         let bar = ctx.progress("judging queries (llm)", Some(requests.len() as u64));

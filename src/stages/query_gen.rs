@@ -390,7 +390,7 @@ impl QueryGen {
         stats: &mut QueryGenStats,
     ) -> Result<Vec<Vec<(String, String)>>, StageError> {
         let settings = &self.params.llm;
-        let backend = settings.connect(&ctx.env)?;
+        let backend = settings.connect(&ctx.env, &ctx.cancel)?;
         let cache =
             ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
         let schema = self.answer_schema();
