@@ -11,6 +11,7 @@ pub mod corpus;
 pub mod eval;
 pub mod exec;
 pub mod index;
+pub mod llm;
 pub mod model;
 pub mod output;
 pub mod plan;

@@ -5,5 +5,6 @@ mod util;
 mod caching;
 mod cli;
 mod diagnostics;
+mod llm;
 mod pipeline;
 mod train;

@@ -6,11 +6,15 @@
 //! 2. `round_trip`: consistency filtering (Alberti et al., 2019; Promptagator): keep a query only
 //!    if its own chunk ranks within `top_k` for it, with BM25 and/or the base model. A query its
 //!    chunk does not answer rarely finds that chunk.
+//! 3. `llm_judge` (off by default): an LLM reads the chunk and the query and answers
+//!    `{"answerable": bool, "reason": string}`; a query is kept only on a parsed `true`, so an
+//!    answer that does not parse is a drop (counted on its own), never a pass.
 //!
 //! Output: `queries.jsonl` (kept), `dropped.jsonl` (each with its filter and why) and
 //! `summary.json` (counts and examples per filter).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -22,10 +26,19 @@ use super::{
 };
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex};
+use crate::llm::{self, LlmSettings, ResponseCache};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
 /// Examples of dropped queries kept per filter in `summary.json`.
 const EXAMPLES_PER_FILTER: usize = 5;
+
+/// Where LLM answers are cached (shared with query-gen: one cache per workdir).
+const RESPONSES_FILE: &str = super::query_gen::RESPONSES_FILE;
+
+const DEFAULT_JUDGE_SYSTEM: &str =
+    "You check search queries against the passage they were written for.";
+
+const DEFAULT_JUDGE_PROMPT: &str = "Passage:\n\"\"\"\n{passage}\n\"\"\"\n\nQuestion: {query}\n\nCan this passage alone answer the question? Answer in JSON: {\"answerable\": true or false, \"reason\": \"one short sentence\"}";
 
 /// Which retrieval a round trip uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -71,6 +84,28 @@ fn default_threshold() -> f64 {
     0.8
 }
 
+/// `judge.llm_judge`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LlmJudge {
+    /// The judging LLM.
+    #[serde(default)]
+    pub llm: LlmSettings,
+    /// The system message.
+    #[serde(default = "default_judge_system")]
+    pub system: String,
+    /// The request; `{passage}` is replaced by the chunk and `{query}` by the query.
+    #[serde(default = "default_judge_prompt")]
+    pub prompt: String,
+}
+
+fn default_judge_system() -> String {
+    DEFAULT_JUDGE_SYSTEM.to_owned()
+}
+fn default_judge_prompt() -> String {
+    DEFAULT_JUDGE_PROMPT.to_owned()
+}
+
 /// The `judge:` section. Leave a filter out with `null`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -81,6 +116,10 @@ pub struct JudgeParams {
     /// Keep a query only if its own chunk ranks within `top_k` for it.
     #[serde(default = "default_round_trip")]
     pub round_trip: Option<RoundTrip>,
+    /// Ask an LLM whether the chunk answers each query (off unless given; `llm_judge: {}` for
+    /// the defaults).
+    #[serde(default)]
+    pub llm_judge: Option<LlmJudge>,
     /// Texts per batch when encoding with the base model.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -111,6 +150,7 @@ impl Default for JudgeParams {
 pub struct Judge {
     params: JudgeParams,
     base_model: String,
+    seed: u64,
 }
 
 impl StageDef for Judge {
@@ -136,10 +176,22 @@ impl StageDef for Judge {
         if params.batch_size == 0 {
             invalid.push(Invalid::new(&["batch_size"], "must be at least 1"));
         }
+        if let Some(judge) = &params.llm_judge {
+            invalid.extend(judge.llm.check(&["llm_judge", "llm"]));
+            for placeholder in ["{passage}", "{query}"] {
+                if !judge.prompt.contains(placeholder) {
+                    invalid.push(Invalid::new(
+                        &["llm_judge", "prompt"],
+                        format!("does not contain `{placeholder}`"),
+                    ));
+                }
+            }
+        }
         if invalid.is_empty() {
             Ok(Self {
                 params,
                 base_model: env.base_model.clone(),
+                seed: env.seed,
             })
         } else {
             Err(invalid)
@@ -153,7 +205,7 @@ impl Stage for Judge {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -167,24 +219,34 @@ impl Stage for Judge {
     }
 
     fn params(&self) -> serde_json::Value {
-        serde_json::to_value(&self.params).unwrap_or_default()
+        let mut params = serde_json::to_value(&self.params).unwrap_or_default();
+        if let Some(judge) = &self.params.llm_judge {
+            params["llm_judge"]["llm"] =
+                serde_json::to_value(judge.llm.canonical()).unwrap_or_default();
+            params["seed"] = self.seed.into();
+        }
+        params
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
+        let mut externals = Vec::new();
         let dense = self
             .params
             .round_trip
             .as_ref()
             .is_some_and(|r| r.method != RoundTripMethod::Bm25);
-        if !dense {
-            return Ok(Vec::new());
+        if dense {
+            let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
+            externals.push(External::Model {
+                label: "base_model".to_owned(),
+                reference: self.base_model.clone(),
+                path,
+            });
         }
-        let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
-        Ok(vec![External::Model {
-            label: "base_model".to_owned(),
-            reference: self.base_model.clone(),
-            path,
-        }])
+        if let Some(judge) = &self.params.llm_judge {
+            externals.push(judge.llm.external(env)?);
+        }
+        Ok(externals)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
@@ -199,6 +261,10 @@ impl Stage for Judge {
             self.round_trip(ctx, &chunks, &queries, round_trip, &mut verdicts)?;
         }
         ctx.check_cancelled()?;
+        let mut llm_calls = None;
+        if let Some(judge) = &self.params.llm_judge {
+            llm_calls = Some(self.llm_judge(ctx, judge, &chunks, &queries, &mut verdicts)?);
+        }
 
         let mut kept = Vec::new();
         let mut dropped = Vec::new();
@@ -227,6 +293,7 @@ impl Stage for Judge {
             }
         }
         summary.kept = kept.len();
+        summary.llm = llm_calls;
         io::write_jsonl(&ctx.out_dir.join(QUERIES_FILE), &kept)?;
         io::write_jsonl(&ctx.out_dir.join("dropped.jsonl"), &dropped)?;
         io::write_json(&ctx.out_dir.join("summary.json"), &summary)?;
@@ -243,6 +310,80 @@ impl Stage for Judge {
 }
 
 impl Judge {
+    /// Asks the LLM whether each still-kept query's chunk answers it.
+    fn llm_judge(
+        &self,
+        ctx: &StageContext,
+        judge: &LlmJudge,
+        chunks: &[Chunk],
+        queries: &[QueryRecord],
+        verdicts: &mut Verdicts,
+    ) -> Result<llm::CallStats, StageError> {
+        let pending: Vec<usize> = verdicts.pending().collect();
+        let passages: HashMap<&str, String> = chunks
+            .iter()
+            .map(|c| (c.id.as_str(), io::passage(c)))
+            .collect();
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "answerable": {"type": "boolean"},
+                "reason": {"type": "string", "maxLength": 200},
+            },
+            "required": ["answerable", "reason"],
+            "additionalProperties": false,
+        });
+        let requests: Vec<llm::Request> = pending
+            .iter()
+            .map(|&i| {
+                let query = &queries[i];
+                // The query's own positive when its chunk is not in the corpus input.
+                let passage = passages
+                    .get(query.chunk_id.as_str())
+                    .map_or(query.positive.as_str(), String::as_str);
+                let prompt = judge
+                    .prompt
+                    .replace("{passage}", passage)
+                    .replace("{query}", &query.query);
+                judge.llm.request(
+                    Some(judge.system.clone()),
+                    prompt,
+                    Some(schema.clone()),
+                    self.seed,
+                )
+            })
+            .collect();
+        if requests.is_empty() {
+            return Ok(llm::CallStats::default());
+        }
+        let backend = judge.llm.connect(&ctx.env, &ctx.cancel)?;
+        let cache =
+            ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
+        let bar = ctx.progress("judging queries (llm)", Some(requests.len() as u64));
+        let cancel: &AtomicBool = &ctx.cancel;
+        let (answers, calls) =
+            llm::complete_all(backend.as_ref(), &cache, &requests, cancel, &|calls| {
+                bar.set_with_message(
+                    (calls.cached + calls.calls) as u64,
+                    &format!("{:.2} calls/s", calls.calls_per_second()),
+                );
+            })
+            .map_err(llm::stage_error)?;
+        drop(bar);
+        for (&i, answer) in pending.iter().zip(&answers) {
+            match parse_verdict(answer) {
+                Some(verdict) if verdict.answerable => {}
+                Some(verdict) => verdicts.drop(i, "llm_judge", verdict.reason),
+                None => verdicts.drop(
+                    i,
+                    "llm_judge (unparseable)",
+                    format!("answer: {}", answer.chars().take(120).collect::<String>()),
+                ),
+            }
+        }
+        Ok(calls)
+    }
+
     fn round_trip(
         &self,
         ctx: &StageContext,
@@ -354,6 +495,19 @@ impl Verdicts {
     }
 }
 
+/// An LLM judge's answer.
+#[derive(Debug, Deserialize)]
+struct Verdict {
+    answerable: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+/// The verdict in an answer; None when it is not `{"answerable": bool, ...}` JSON.
+fn parse_verdict(answer: &str) -> Option<Verdict> {
+    serde_json::from_str(answer.trim()).ok()
+}
+
 /// Lowercased words of letters and digits: "How do I…?" and "how do i" are the same query.
 fn words(query: &str) -> Vec<String> {
     query
@@ -426,6 +580,9 @@ struct JudgeSummary {
     queries: usize,
     kept: usize,
     dropped: BTreeMap<String, Dropped>,
+    /// What the LLM judge cost, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llm: Option<llm::CallStats>,
 }
 
 impl JudgeSummary {
@@ -448,6 +605,13 @@ impl JudgeSummary {
                 format!("dropped: {filter}"),
                 dropped.count.to_string(),
                 example,
+            ]);
+        }
+        if let Some(llm) = &self.llm {
+            rows.push(vec![
+                "llm judge calls (cached)".to_owned(),
+                format!("{} ({})", llm.calls, llm.cached),
+                format!("{:.2} calls/s", llm.calls_per_second()),
             ]);
         }
         rows.push(vec![
@@ -476,6 +640,23 @@ mod tests {
             source: "d.md".to_owned(),
             positive: "p".to_owned(),
             strategy: "llm".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_verdict_that_does_not_parse_is_none() {
+        assert!(
+            parse_verdict(r#"{"answerable": true, "reason": "it says so"}"#)
+                .is_some_and(|v| v.answerable)
+        );
+        assert!(parse_verdict(r#" {"answerable": false} "#).is_some_and(|v| !v.answerable));
+        for bad in [
+            "yes",
+            r#"{"answerable": "yes"}"#,
+            r#"{"answerable": true"#,
+            "",
+        ] {
+            assert!(parse_verdict(bad).is_none(), "{bad}");
         }
     }
 

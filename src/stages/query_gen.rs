@@ -1,6 +1,10 @@
 //! The query-gen stage: synthetic queries for each chunk, so documents become training pairs.
 //!
 //! Strategies (a recipe may combine several):
+//! - `llm` (the default): an LLM reads each chunk and writes `queries_per_chunk` questions a user
+//!   would type, as structured JSON (`{"queries": [...]}`). Answers that do not parse are counted
+//!   and never kept. Every answer is cached and journaled ([`crate::llm::cache`]), so an
+//!   interrupted run resumes without repeating a call.
 //! - `ict`, the Inverse Cloze Task (Lee et al., 2019, "Latent Retrieval for Weakly Supervised
 //!   Open Domain Question Answering"): a sentence of the chunk becomes the query and the rest of
 //!   the chunk the positive. Needs no language model; it teaches the model the corpus's vocabulary
@@ -11,6 +15,7 @@
 //! Output: `queries.jsonl` ([`QueryRecord`]) and `stats.json`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -23,6 +28,20 @@ use super::{
     StageError, StageOutcome, Table,
 };
 use crate::corpus::{Chunk, sentence_ends};
+use crate::llm::{self, LlmSettings, ResponseCache};
+
+/// Where LLM answers are cached, under the workdir's shared folder (it outlives stage keys).
+pub(crate) const RESPONSES_FILE: &str = "llm/responses.jsonl";
+
+/// Examples of unparseable answers kept in `stats.json`.
+const UNPARSEABLE_EXAMPLES: usize = 3;
+
+/// SmolLM2-135M writes the most question-like answers with this plain framing (tried against
+/// variants on the bundled docs); words like "search box" make it write URLs, and a JSON
+/// example with placeholders gets copied verbatim.
+const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
+
+const DEFAULT_PROMPT: &str = "{passage}\n\nWrite {n} questions a user could ask that the text above answers, in the language of the text. Reply in JSON with a list of questions under \"queries\".";
 
 /// How queries are made.
 #[derive(
@@ -30,6 +49,8 @@ use crate::corpus::{Chunk, sentence_ends};
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
+    /// An LLM writes questions for the chunk (see the `llm` block and `prompt`).
+    Llm,
     /// Inverse Cloze Task: a sentence as the query, the rest of the chunk as the positive.
     Ict,
     /// The chunk's heading path as the query.
@@ -39,6 +60,7 @@ pub enum Strategy {
 impl Strategy {
     fn name(self) -> &'static str {
         match self {
+            Self::Llm => "llm",
             Self::Ict => "ict",
             Self::Headings => "headings",
         }
@@ -52,6 +74,16 @@ pub struct QueryGenParams {
     /// How queries are made; several strategies add up.
     #[serde(default = "default_strategies")]
     pub strategies: Vec<Strategy>,
+    /// The LLM that writes queries (strategy `llm`).
+    #[serde(default)]
+    pub llm: LlmSettings,
+    /// The system message of the `llm` strategy.
+    #[serde(default = "default_system")]
+    pub system: String,
+    /// The request of the `llm` strategy; `{passage}` is replaced by the chunk (heading path
+    /// and text) and `{n}` by `queries_per_chunk`.
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
     /// Queries per chunk (for `ict`: sentences taken from it).
     #[serde(default = "default_per_chunk")]
     pub queries_per_chunk: usize,
@@ -67,6 +99,12 @@ pub struct QueryGenParams {
     /// Queries with more words are dropped.
     #[serde(default = "default_max_words")]
     pub max_words: usize,
+    /// Queries with fewer characters are dropped (the LLM is also held to it while writing).
+    #[serde(default = "default_min_chars")]
+    pub min_chars: usize,
+    /// Queries with more characters are dropped (the LLM is also held to it while writing).
+    #[serde(default = "default_max_chars")]
+    pub max_chars: usize,
 }
 
 impl Default for QueryGenParams {
@@ -77,7 +115,19 @@ impl Default for QueryGenParams {
 }
 
 fn default_strategies() -> Vec<Strategy> {
-    vec![Strategy::Ict]
+    vec![Strategy::Llm]
+}
+fn default_system() -> String {
+    DEFAULT_SYSTEM.to_owned()
+}
+fn default_prompt() -> String {
+    DEFAULT_PROMPT.to_owned()
+}
+fn default_min_chars() -> usize {
+    8
+}
+fn default_max_chars() -> usize {
+    200
 }
 fn default_per_chunk() -> usize {
     2
@@ -125,6 +175,24 @@ impl StageDef for QueryGen {
                 format!("is above `max_words` ({})", params.max_words),
             ));
         }
+        if params.min_chars > params.max_chars || params.max_chars > 2000 {
+            invalid.push(Invalid::new(
+                &["max_chars"],
+                format!(
+                    "must be at least `min_chars` ({}) and at most 2000",
+                    params.min_chars
+                ),
+            ));
+        }
+        if params.strategies.contains(&Strategy::Llm) {
+            invalid.extend(params.llm.check(&["llm"]));
+            if !params.prompt.contains("{passage}") {
+                invalid.push(
+                    Invalid::new(&["prompt"], "does not contain `{passage}`")
+                        .with_help("the chunk's text is put where `{passage}` stands"),
+                );
+            }
+        }
         if params.max_chunks == Some(0) {
             invalid.push(Invalid::new(
                 &["max_chunks"],
@@ -148,7 +216,7 @@ impl Stage for QueryGen {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -161,12 +229,17 @@ impl Stage for QueryGen {
 
     fn params(&self) -> serde_json::Value {
         let mut params = serde_json::to_value(&self.params).unwrap_or_default();
+        params["llm"] = serde_json::to_value(self.params.llm.canonical()).unwrap_or_default();
         params["seed"] = self.seed.into();
         params
     }
 
-    fn externals(&self, _env: &StageEnv) -> Result<Vec<External>, StageError> {
-        Ok(Vec::new())
+    fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
+        if self.params.strategies.contains(&Strategy::Llm) {
+            Ok(vec![self.params.llm.external(env)?])
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
@@ -179,8 +252,17 @@ impl Stage for QueryGen {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let mut records = Vec::new();
         for strategy in &self.params.strategies {
-            for chunk in &selected {
+            let llm_answers = match strategy {
+                Strategy::Llm => Some(self.ask_llm(ctx, &selected, &mut stats)?),
+                Strategy::Ict | Strategy::Headings => None,
+            };
+            for (n, chunk) in selected.iter().enumerate() {
                 let made = match strategy {
+                    Strategy::Llm => llm_answers
+                        .as_ref()
+                        .and_then(|answers| answers.get(n))
+                        .cloned()
+                        .unwrap_or_default(),
                     Strategy::Ict => ict(chunk, self.params.queries_per_chunk, &mut rng),
                     Strategy::Headings => headings(chunk),
                 };
@@ -242,9 +324,10 @@ impl QueryGen {
     ) {
         let query = query.split_whitespace().collect::<Vec<_>>().join(" ");
         let words = query.split_whitespace().count();
-        let reason = if words < self.params.min_words {
+        let chars = query.chars().count();
+        let reason = if words < self.params.min_words || chars < self.params.min_chars {
             Some("too short")
-        } else if words > self.params.max_words {
+        } else if words > self.params.max_words || chars > self.params.max_chars {
             Some("too long")
         } else if records
             .iter()
@@ -274,6 +357,122 @@ impl QueryGen {
             strategy: strategy.name().to_owned(),
         });
     }
+}
+
+impl QueryGen {
+    /// The JSON schema LLM answers must follow.
+    fn answer_schema(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "queries": {
+                    "type": "array",
+                    "items": {
+                        "type": "string",
+                        "minLength": self.params.min_chars,
+                        "maxLength": self.params.max_chars,
+                    },
+                    "minItems": 1,
+                    "maxItems": self.params.queries_per_chunk,
+                }
+            },
+            "required": ["queries"],
+            "additionalProperties": false,
+        })
+    }
+
+    /// Asks the LLM for each chunk's queries: per chunk, its (query, positive) pairs; an answer
+    /// that does not parse gives none and is counted.
+    fn ask_llm(
+        &self,
+        ctx: &StageContext,
+        chunks: &[&Chunk],
+        stats: &mut QueryGenStats,
+    ) -> Result<Vec<Vec<(String, String)>>, StageError> {
+        let settings = &self.params.llm;
+        let backend = settings.connect(&ctx.env, &ctx.cancel)?;
+        let cache =
+            ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
+        let schema = self.answer_schema();
+        let requests: Vec<llm::Request> = chunks
+            .iter()
+            .map(|chunk| {
+                let prompt = self
+                    .params
+                    .prompt
+                    .replace("{passage}", &io::passage(chunk))
+                    .replace("{n}", &self.params.queries_per_chunk.to_string());
+                settings.request(
+                    Some(self.params.system.clone()),
+                    prompt,
+                    Some(schema.clone()),
+                    self.seed,
+                )
+            })
+            .collect();
+        ctx.info(format!(
+            "asking {} ({}) for queries on {} chunks, {} at a time",
+            settings.model().unwrap_or_default(),
+            backend.name(),
+            requests.len(),
+            backend.concurrency()
+        ));
+        let bar = ctx.progress("writing queries (llm)", Some(requests.len() as u64));
+        let cancel: &AtomicBool = &ctx.cancel;
+        let (answers, calls) =
+            llm::complete_all(backend.as_ref(), &cache, &requests, cancel, &|calls| {
+                bar.set_with_message(
+                    (calls.cached + calls.calls) as u64,
+                    &format!("{:.2} calls/s", calls.calls_per_second()),
+                );
+            })
+            .map_err(llm::stage_error)?;
+        drop(bar);
+        let mut llm_stats = LlmStats {
+            model: backend.identity(),
+            calls: calls.calls,
+            cached: calls.cached,
+            calls_per_second: calls.calls_per_second(),
+            ..LlmStats::default()
+        };
+        let pairs = chunks
+            .iter()
+            .zip(&answers)
+            .map(|(chunk, answer)| match parse_queries(answer) {
+                Some(mut queries) => {
+                    if queries.len() > self.params.queries_per_chunk {
+                        llm_stats.beyond_queries_per_chunk +=
+                            queries.len() - self.params.queries_per_chunk;
+                        queries.truncate(self.params.queries_per_chunk);
+                    }
+                    let positive = io::passage(chunk);
+                    queries.into_iter().map(|q| (q, positive.clone())).collect()
+                }
+                None => {
+                    llm_stats.unparseable += 1;
+                    if llm_stats.unparseable_examples.len() < UNPARSEABLE_EXAMPLES {
+                        llm_stats
+                            .unparseable_examples
+                            .push(answer.chars().take(200).collect());
+                    }
+                    Vec::new()
+                }
+            })
+            .collect();
+        stats.llm = Some(llm_stats);
+        Ok(pairs)
+    }
+}
+
+/// The queries of an answer `{"queries": [...]}`; None when it is not that JSON.
+fn parse_queries(answer: &str) -> Option<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Answer {
+        queries: Vec<String>,
+    }
+    serde_json::from_str::<Answer>(answer.trim())
+        .ok()
+        .map(|a| a.queries)
 }
 
 /// Up to `n` (query sentence, rest of the chunk) pairs. The sentence is removed from the positive
@@ -327,6 +526,24 @@ struct QueryGenStats {
     queries: usize,
     by_strategy: BTreeMap<String, usize>,
     dropped: BTreeMap<String, usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llm: Option<LlmStats>,
+}
+
+/// What the `llm` strategy cost and how well its answers parsed.
+#[derive(Debug, Default, Serialize)]
+struct LlmStats {
+    model: String,
+    /// Calls made in this run.
+    calls: usize,
+    /// Answers found in the response cache.
+    cached: usize,
+    calls_per_second: f64,
+    /// Answers that were not `{"queries": [...]}` JSON: none of their text is kept.
+    unparseable: usize,
+    unparseable_examples: Vec<String>,
+    /// Queries past `queries_per_chunk` in an answer, cut off.
+    beyond_queries_per_chunk: usize,
 }
 
 impl QueryGenStats {
@@ -339,6 +556,20 @@ impl QueryGenStats {
             ],
             vec!["chunks used".to_owned(), self.chunks_used.to_string()],
         ];
+        if let Some(llm) = &self.llm {
+            rows.push(vec![
+                "llm calls (cached)".to_owned(),
+                format!("{} ({})", llm.calls, llm.cached),
+            ]);
+            rows.push(vec![
+                "llm calls/s".to_owned(),
+                format!("{:.2}", llm.calls_per_second),
+            ]);
+            rows.push(vec![
+                "llm answers unparseable".to_owned(),
+                llm.unparseable.to_string(),
+            ]);
+        }
         for (strategy, n) in &self.by_strategy {
             rows.push(vec![format!("queries: {strategy}"), n.to_string()]);
         }
@@ -383,6 +614,26 @@ mod tests {
             assert!(c.text.contains(query.as_str()));
         }
         assert_ne!(pairs[0].0, pairs[1].0);
+    }
+
+    #[test]
+    fn llm_answers_parse_or_count_as_unparseable() {
+        assert_eq!(
+            parse_queries(" {\"queries\": [\"how long are snapshots kept\", \"x\"]}\n"),
+            Some(vec![
+                "how long are snapshots kept".to_owned(),
+                "x".to_owned()
+            ])
+        );
+        for bad in [
+            "",
+            "queries: how long",
+            r#"{"queries": "how long"}"#,
+            r#"{"queries": ["how long""#,
+            r#"["how long"]"#,
+        ] {
+            assert!(parse_queries(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

