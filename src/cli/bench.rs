@@ -178,8 +178,10 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
     let mut text = format!(
         "{} kernels, {} threads\n\
          training step ({} pairs x {} tokens, MNRL + AdamW): median {:.3} s/step \
-         (forward {:.3}, backward {:.3}, optimiser {:.3}; {} steps) = {:.2}x PyTorch's {} s\n\
-         encoding ({} tokens): {:.1} sentences/s ({} in {:.2} s) = {:.2}x PyTorch's {}\n",
+         (forward {:.3}, backward {:.3}, optimiser {:.3}; {:.3} cpu-s; {} steps) \
+         = {:.2}x PyTorch's {} s\n\
+         encoding ({} tokens): {:.1} sentences/s ({} in {:.2} s, {:.2} cpu-s) \
+         = {:.2}x PyTorch's {}\n",
         report.implementation,
         report.threads,
         report.pairs,
@@ -188,6 +190,7 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         step.forward,
         step.backward,
         step.optimizer,
+        step.cpu,
         report.steps.len(),
         step_ratio,
         PYTORCH_SECONDS_PER_STEP,
@@ -195,6 +198,7 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         report.sentences_per_second,
         report.sentences,
         report.encode_seconds,
+        report.encode_cpu_seconds,
         encode_ratio,
         PYTORCH_SENTENCES_PER_SECOND,
     );

@@ -4,19 +4,21 @@
 //! the kernel seam at the step's shapes.
 //!
 //! The training step is MultipleNegativesRankingLoss (cosine x 20, cross-entropy over in-batch
-//! negatives) with candle_nn's AdamW, written here rather than taken from the train stage so the
-//! benchmark measures the encoder and kernels alone.
+//! negatives) and AdamW ([`FusedAdamW`] with the fused kernels, candle_nn's `AdamW` with the
+//! reference ones), written here rather than taken from the train stage so the benchmark
+//! measures the encoder, kernels and optimiser alone.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
 use crate::model::encoder::SentenceEncoder;
 use crate::model::error::{CandleContext, ModelError};
-use crate::model::kernels::{self, Dropout, Implementation};
+use crate::model::kernels::{self, Dropout, FusedAdamW, Implementation};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -37,13 +39,33 @@ pub struct BenchOptions {
     pub implementation: Implementation,
 }
 
-/// One training step's wall-clock seconds.
+/// One training step's wall-clock seconds, and the CPU seconds all threads spent on it (on a
+/// machine shared with other work, wall time depends on the neighbours; CPU time much less).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct StepTime {
     pub forward: f64,
     pub backward: f64,
     pub optimizer: f64,
     pub total: f64,
+    pub cpu: f64,
+}
+
+/// CPU seconds this process has used so far, all threads together.
+#[cfg(unix)]
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+#[cfg(not(unix))]
+fn cpu_seconds() -> f64 {
+    f64::NAN
 }
 
 /// One kernel of the seam at one shape of the training step.
@@ -71,6 +93,7 @@ pub struct BenchReport {
     pub median_step: StepTime,
     pub sentences: usize,
     pub encode_seconds: f64,
+    pub encode_cpu_seconds: f64,
     pub sentences_per_second: f64,
     pub profile: Vec<OpTime>,
 }
@@ -165,18 +188,27 @@ pub fn run(
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let batch = tokenizer.batch(&rows, &device)?;
     let vars = encoder.bert().vars().all_vars();
-    let mut optimizer = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr: 2e-5,
-            ..ParamsAdamW::default()
-        },
-    )
-    .during(|| "creating the optimiser".to_owned())?;
+    let params = ParamsAdamW {
+        lr: 2e-5,
+        ..ParamsAdamW::default()
+    };
+    let mut optimizer: Box<dyn FnMut(&GradStore) -> candle_core::Result<()>> =
+        match options.implementation {
+            Implementation::Fused => {
+                let mut adamw =
+                    FusedAdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
+                Box::new(move |grads| adamw.step(grads))
+            }
+            Implementation::Reference => {
+                let mut adamw =
+                    AdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
+                Box::new(move |grads| adamw.step(grads))
+            }
+        };
     encoder.bert().reseed_dropout(0);
     let mut steps = Vec::new();
     for step in 0..=options.steps {
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), cpu_seconds());
         let embeddings = encoder.forward(&batch, true)?;
         let loss = ranking_loss(&embeddings, pairs).during(|| "the loss".to_owned())?;
         // Reading the loss waits for the forward pass on devices that run asynchronously.
@@ -186,9 +218,7 @@ pub fn run(
         let forward = start.elapsed().as_secs_f64();
         let grads = loss.backward().during(|| "the backward pass".to_owned())?;
         let backward = start.elapsed().as_secs_f64() - forward;
-        optimizer
-            .step(&grads)
-            .during(|| "the optimiser step".to_owned())?;
+        optimizer(&grads).during(|| "the optimiser step".to_owned())?;
         let total = start.elapsed().as_secs_f64();
         if step > 0 {
             let time = StepTime {
@@ -196,10 +226,11 @@ pub fn run(
                 backward,
                 optimizer: total - forward - backward,
                 total,
+                cpu: cpu_seconds() - cpu,
             };
             status(&format!(
-                "step {step}: {:.3} s (forward {:.3}, backward {:.3}, optimiser {:.3})",
-                time.total, time.forward, time.backward, time.optimizer
+                "step {step}: {:.3} s (forward {:.3}, backward {:.3}, optimiser {:.3}; {:.3} s cpu)",
+                time.total, time.forward, time.backward, time.optimizer, time.cpu
             ));
             steps.push(time);
         }
@@ -210,6 +241,7 @@ pub fn run(
         backward: column(|s| s.backward),
         optimizer: column(|s| s.optimizer),
         total: column(|s| s.total),
+        cpu: column(|s| s.cpu),
     };
 
     let encode_batch = 2 * pairs;
@@ -218,9 +250,10 @@ pub fn run(
         options.tokens
     ));
     encoder.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds());
     encoder.encode(&refs, encode_batch, &mut |_| {})?;
     let encode_seconds = start.elapsed().as_secs_f64();
+    let encode_cpu_seconds = cpu_seconds() - cpu;
 
     let profile = if options.profile {
         status("profiling each kernel at the training step's shapes");
@@ -238,6 +271,7 @@ pub fn run(
         median_step,
         sentences: count,
         encode_seconds,
+        encode_cpu_seconds,
         sentences_per_second: count as f64 / encode_seconds,
         profile,
     })

@@ -14,9 +14,15 @@
 //! of one query/key/value projection and returns `[batch, seq, hidden]`, so no head split or merge
 //! is materialised, and dropout takes a seed rather than a mask ([`KeepRule`]), so a kernel draws
 //! its mask inline and its backward redraws it instead of storing it.
+//!
+//! [`FusedAdamW`] is the optimiser's counterpart: candle_nn's AdamW update in one pass per
+//! parameter.
 
+mod adamw;
 mod fused;
 mod reference;
+
+pub use adamw::FusedAdamW;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

@@ -30,7 +30,7 @@ use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, bail}
 
 /// Elements per rayon task in elementwise kernels: large enough that scheduling costs nothing,
 /// small enough that 2-16 threads all get work on a `[4096, 384]` activation.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
 
 /// Compiles a function body for AVX-512, for AVX2+FMA and portably, and calls the best one the
 /// CPU supports. The body must be safe code; `#[inline(always)]` helpers it calls are compiled
@@ -62,7 +62,7 @@ macro_rules! multiversion {
         }
     };
 }
-pub(crate) use multiversion;
+pub(super) use multiversion;
 
 /// Whether the CPU has the AVX-512 subsets the kernels are compiled for.
 #[cfg(target_arch = "x86_64")]
@@ -85,18 +85,18 @@ fn input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [
 }
 
 /// Read access to a contiguous f32 CPU tensor's elements (for `bwd`, which gets tensors).
-struct Read<'a> {
+pub(super) struct Read<'a> {
     storage: StorageRef<'a>,
     layout: &'a Layout,
 }
 
 impl<'a> Read<'a> {
-    fn new(tensor: &'a Tensor) -> Self {
+    pub(super) fn new(tensor: &'a Tensor) -> Self {
         let (storage, layout) = tensor.storage_and_layout();
         Self { storage, layout }
     }
 
-    fn slice(&self, op: &str) -> Result<&[f32]> {
+    pub(super) fn slice(&self, op: &str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(cpu) => input(cpu, self.layout, op),
             _ => bail!("the fused `{op}` kernel runs on the CPU only"),
