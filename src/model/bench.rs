@@ -164,6 +164,9 @@ fn ranking_loss(embeddings: &Tensor, pairs: usize) -> candle_core::Result<Tensor
     (log_sum_exp - diagonal)?.mean_all()
 }
 
+/// One AdamW step over the gradients, whichever implementation.
+type OptimizerStep = Box<dyn FnMut(&GradStore) -> candle_core::Result<()>>;
+
 /// Runs the benchmark; `status` hears what is being measured as it goes.
 pub fn run(
     options: &BenchOptions,
@@ -192,19 +195,18 @@ pub fn run(
         lr: 2e-5,
         ..ParamsAdamW::default()
     };
-    let mut optimizer: Box<dyn FnMut(&GradStore) -> candle_core::Result<()>> =
-        match options.implementation {
-            Implementation::Fused => {
-                let mut adamw =
-                    FusedAdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
-                Box::new(move |grads| adamw.step(grads))
-            }
-            Implementation::Reference => {
-                let mut adamw =
-                    AdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
-                Box::new(move |grads| adamw.step(grads))
-            }
-        };
+    let mut optimizer: OptimizerStep = match options.implementation {
+        Implementation::Fused => {
+            let mut adamw =
+                FusedAdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
+            Box::new(move |grads| adamw.step(grads))
+        }
+        Implementation::Reference => {
+            let mut adamw =
+                AdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
+            Box::new(move |grads| adamw.step(grads))
+        }
+    };
     encoder.bert().reseed_dropout(0);
     let mut steps = Vec::new();
     for step in 0..=options.steps {

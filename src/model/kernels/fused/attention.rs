@@ -185,10 +185,9 @@ impl CustomOp2 for Attention {
             let v = b * seq * 3 * hidden + 2 * hidden + head * head_dim;
             // SAFETY: each task writes only its head's columns of its sequence's rows.
             unsafe {
-                let out = out;
                 matmul(
                     (seq, head_dim, seq),
-                    out.0.add(b * seq * hidden + head * head_dim),
+                    out.ptr().add(b * seq * hidden + head * head_dim),
                     (hidden as isize, 1),
                     false,
                     Operand {
@@ -266,11 +265,10 @@ impl CustomOp2 for Attention {
             // SAFETY: all reads stay inside this head's columns of `qkv` and `grad`; each task
             // writes only its own head's q, k and v columns of `grad_qkv`.
             unsafe {
-                let out = out;
                 // dV = P_used^T · dO
                 matmul(
                     (seq, head_dim, seq),
-                    out.0.add(v),
+                    out.ptr().add(v),
                     (packed, 1),
                     false,
                     Operand {
@@ -305,21 +303,18 @@ impl CustomOp2 for Attention {
             softmax_backward_rows(&probs, &mut grad_probs, seq);
             if mask_tracked {
                 // SAFETY: each task writes only its own row of `grad_mask_per_head`.
-                let sums = unsafe {
-                    let mask_out = mask_out;
-                    std::slice::from_raw_parts_mut(mask_out.0.add(task * seq), seq)
-                };
+                let sums =
+                    unsafe { std::slice::from_raw_parts_mut(mask_out.ptr().add(task * seq), seq) };
                 for row in grad_probs.chunks_exact(seq) {
                     sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
                 }
             }
             // SAFETY: as above.
             unsafe {
-                let out = out;
                 // dQ = scale · dS · K
                 matmul(
                     (seq, head_dim, seq),
-                    out.0.add(q),
+                    out.ptr().add(q),
                     (packed, 1),
                     false,
                     Operand {
@@ -338,7 +333,7 @@ impl CustomOp2 for Attention {
                 // dK = scale · dS^T · Q
                 matmul(
                     (seq, head_dim, seq),
-                    out.0.add(k),
+                    out.ptr().add(k),
                     (packed, 1),
                     false,
                     Operand {

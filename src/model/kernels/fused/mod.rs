@@ -108,6 +108,13 @@ impl<'a> Read<'a> {
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the `Send` wrapper rather than its field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 // SAFETY: every user writes only elements no other task touches, and the buffer outlives the
 // parallel section.
 unsafe impl Send for SharedMut {}
