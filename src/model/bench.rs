@@ -7,6 +7,13 @@
 //! negatives) and AdamW ([`FusedAdamW`] with the fused kernels, candle_nn's `AdamW` with the
 //! reference ones), written here rather than taken from the train stage so the benchmark
 //! measures the encoder, kernels and optimiser alone.
+//!
+//! Measured (release build, MiniLM-L6, 16 pairs x 128 tokens, 2-core Xeon shared with other
+//! builds, load ~4-10, so absolute figures are ~2x a quiet machine's): fused 8.35 s/step (forward
+//! 2.15, backward 5.71, AdamW 0.47) and 15.6 sentences/s, against the reference kernels' 17.6
+//! s/step (4.57 / 10.98 / 2.09) and 12.1 sentences/s. Per-op profile, fused, ms per step:
+//! linear 4708 (output 1876, intermediate 1610, qkv 1017, attention output 205), GELU 919,
+//! attention 419, dropout 277, LayerNorm 239: the gemms are most of the step.
 
 use std::path::PathBuf;
 use std::time::Instant;
