@@ -537,17 +537,17 @@ fn run(
         .affine(-f64::from(f32::MIN), f64::from(f32::MIN))?
         .reshape((batch, 1, 1, seq))?;
     let heads = config.num_attention_heads;
-    let head_dim = config.head_dim();
-    let scale = 1. / (head_dim as f64).sqrt();
+    let scale = 1. / (config.head_dim() as f64).sqrt();
     for layer in &weights.layers {
-        let split_heads = |t: Tensor| {
-            t.reshape((batch, seq, heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split_heads(kernels::linear(&x, &layer.query.weight, &layer.query.bias)?)?;
-        let k = split_heads(kernels::linear(&x, &layer.key.weight, &layer.key.bias)?)?;
-        let v = split_heads(kernels::linear(&x, &layer.value.weight, &layer.value.bias)?)?;
+        // One projection for queries, keys and values: their weights side by side (`cat` is
+        // differentiable, so each checkpoint weight keeps its own `Var` and name), and the packed
+        // `[batch, seq, 3 * hidden]` output is what the attention kernel reads.
+        let qkv_weight = Tensor::cat(
+            &[&layer.query.weight, &layer.key.weight, &layer.value.weight],
+            0,
+        )?;
+        let qkv_bias = Tensor::cat(&[&layer.query.bias, &layer.key.bias, &layer.value.bias], 0)?;
+        let qkv = kernels::linear(&x, &qkv_weight, &qkv_bias)?;
         let probs_dropout = match &mut seeds {
             Some(next) if config.attention_probs_dropout_prob > 0. => Some(Dropout {
                 p: config.attention_probs_dropout_prob,
@@ -555,9 +555,7 @@ fn run(
             }),
             _ => None,
         };
-        let context = kernels::attention(&q, &k, &v, &mask_bias, scale, probs_dropout)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
+        let context = kernels::attention(&qkv, &mask_bias, heads, scale, probs_dropout)?;
 
         let out = &layer.attention_output;
         let attended = kernels::linear(&context, &out.weight, &out.bias)?;

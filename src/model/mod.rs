@@ -1,9 +1,10 @@
 //! The sentence-embedding engine: model references and files (`hub`), the trainable BERT encoder
-//! (`bert`, on the fused-kernel seam `kernels`), weights on disk (`checkpoint`), tokenization
+//! (`bert`, on the fused-kernel seam `kernels`), its benchmark (`bench`), weights on disk (`checkpoint`), tokenization
 //! (`tokenize`), pooling (`pooling`), the assembled encoder (`encoder`) and device choice
 //! (`device`). Stages (train, mine, evaluate) call it; it knows nothing about recipes or the
 //! terminal.
 
+pub mod bench;
 pub mod bert;
 pub mod checkpoint;
 mod config_file;

@@ -1,38 +1,148 @@
-//! The seam for fused kernels: every op of the BERT forward pass that a fused CPU kernel (with its
-//! own backward, through candle's `CustomOp*::bwd`) will replace goes through a function here, and
-//! the model code calls only these functions for them.
+//! The seam for fused kernels: every op of the BERT forward pass that has a fused CPU kernel
+//! goes through a function here, and the model code calls only these functions for them.
 //!
-//! Today each function runs a composition of differentiable candle ops (`reference`; `attention`
-//! composes the other kernels). That implementation stays when the fused kernels arrive: it is what the fused kernels are tested
-//! against, and what CUDA and Metal keep running. candle's own fused ops
-//! (`candle_nn::ops::layer_norm`, `softmax_last_dim`) cannot replace it because they are registered
-//! without a backward: training through them silently yields zero gradients. Where no gradient
-//! can flow (inference: no input tracked by autograd) and the tensors are f32, `layer_norm` and
-//! `masked_softmax` do use them, as they make one parallel pass where the composition makes six
-//! serial ones (LayerNorm over `[4096, 384]`: 3 ms against 17 ms on the 2-core dev box).
+//! Two implementations ([`Implementation`]): `fused` (the default on the CPU) runs each op as one
+//! custom op with its own backward (`fused`); `reference` runs compositions of differentiable
+//! candle ops (`reference`), which the fused kernels are tested against and which CUDA, Metal and
+//! non-f32 tensors always run. candle's own fused ops (`candle_nn::ops::layer_norm`,
+//! `softmax_last_dim`) cannot stand in for either in training: they are registered without a
+//! backward, so training through them silently yields zero gradients. The reference path does
+//! use them where no gradient can flow (no input tracked by autograd, f32), as they make one
+//! parallel pass where the composition makes six serial ones.
 //!
-//! Shapes are chosen to suit fusion: attention takes `[batch, heads, seq, head_dim]` tensors and
-//! an additive mask bias `[batch, 1, 1, seq]`, and dropout takes a seed rather than a mask, so a
-//! fused kernel can draw its mask inline instead of reading a materialised one.
+//! Shapes are chosen to suit fusion: attention takes the packed `[batch, seq, 3 * hidden]` output
+//! of one query/key/value projection and returns `[batch, seq, hidden]`, so no head split or merge
+//! is materialised, and dropout takes a seed rather than a mask ([`KeepRule`]), so a kernel draws
+//! its mask inline and its backward redraws it instead of storing it.
+//!
+//! [`FusedAdamW`] is the optimiser's counterpart: candle_nn's AdamW update in one pass per
+//! parameter.
 
+mod adamw;
+mod fused;
 mod reference;
 
-use candle_core::{DType, Result, Tensor};
+pub use adamw::FusedAdamW;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Which kernels the seam runs on the CPU for f32 tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Implementation {
+    /// One custom op per seam function, with its own backward; vectorised and multi-threaded.
+    Fused,
+    /// Compositions of differentiable candle ops (what GPUs and non-f32 tensors always run).
+    Reference,
+}
+
+impl Implementation {
+    /// The choice of the `RAGD_KERNELS` environment variable: `reference` selects
+    /// [`Implementation::Reference`], anything else (or nothing) [`Implementation::Fused`].
+    pub fn from_env() -> Self {
+        match std::env::var("RAGD_KERNELS") {
+            Ok(value) if value.eq_ignore_ascii_case("reference") => Self::Reference,
+            _ => Self::Fused,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fused => "fused",
+            Self::Reference => "reference",
+        }
+    }
+}
+
+/// The process-wide choice: 0 until first read (then `RAGD_KERNELS`), else 1 + the variant.
+static SELECTED: AtomicU8 = AtomicU8::new(0);
+
+/// The implementation the seam runs (see [`set_implementation`]).
+pub fn implementation() -> Implementation {
+    match SELECTED.load(Ordering::Relaxed) {
+        1 => Implementation::Fused,
+        2 => Implementation::Reference,
+        _ => {
+            let chosen = Implementation::from_env();
+            set_implementation(chosen);
+            chosen
+        }
+    }
+}
+
+/// Overrides `RAGD_KERNELS` for the rest of the process (benchmarks compare both).
+pub fn set_implementation(implementation: Implementation) {
+    let code = match implementation {
+        Implementation::Fused => 1,
+        Implementation::Reference => 2,
+    };
+    SELECTED.store(code, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels take these inputs: selected, on the CPU, f32.
+fn fused_applies(inputs: &[&Tensor]) -> bool {
+    implementation() == Implementation::Fused
+        && inputs
+            .iter()
+            .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
 
 /// Dropout of one tensor: zero each element with probability `p`, scale the rest by `1 / (1 - p)`.
 ///
-/// The mask is a pure function of `seed` (and the tensor's element count), so a run is reproducible
-/// from the model's dropout seed alone.
+/// The mask is a pure function of `seed` and each element's index ([`KeepRule`]), so a run is
+/// reproducible from the model's dropout seed alone, and both implementations draw the same one.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
     pub p: f32,
     pub seed: u64,
 }
 
+/// The dropout mask as a function: element `i` is kept when the top 32 bits of
+/// SplitMix64(`seed`, `i`) reach `p * 2^32`. A counter-based draw lets any thread produce any
+/// element's mask value, and the backward pass redraw it, with no state and no stored mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct KeepRule {
+    seed: u64,
+    threshold: u64,
+    kept_scale: f32,
+}
+
+impl KeepRule {
+    pub(crate) fn new(dropout: Dropout) -> Self {
+        let p = f64::from(dropout.p.clamp(0., 1.));
+        Self {
+            seed: dropout.seed,
+            threshold: (p * 4_294_967_296.0) as u64,
+            kept_scale: if p >= 1. { 0. } else { (1. / (1. - p)) as f32 },
+        }
+    }
+
+    /// `1 / (1 - p)` if element `index` is kept, else 0.
+    #[inline(always)]
+    pub(crate) fn scale(&self, index: u64) -> f32 {
+        let mut z = self
+            .seed
+            .wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        if (z >> 32) >= self.threshold {
+            self.kept_scale
+        } else {
+            0.
+        }
+    }
+}
+
 /// `x @ weight^T + bias` over the last dimension of `x` (`weight` is `[out, in]` as PyTorch stores
 /// it), any number of leading dimensions.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    reference::linear(x, weight, bias)
+    if fused_applies(&[x, weight, bias]) {
+        fused::linear(x, weight, bias)
+    } else {
+        reference::linear(x, weight, bias)
+    }
 }
 
 /// Whether candle's forward-only fused kernels may run on `inputs`: no gradient can flow through
@@ -46,7 +156,9 @@ fn forward_only(inputs: &[&Tensor]) -> bool {
 
 /// LayerNorm over the last dimension with biased variance, as `torch.nn.LayerNorm`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    if forward_only(&[x, gamma, beta]) {
+    if fused_applies(&[x, gamma, beta]) {
+        fused::layer_norm(x, gamma, beta, eps)
+    } else if forward_only(&[x, gamma, beta]) {
         candle_nn::ops::layer_norm(x, gamma, beta, eps as f32)
     } else {
         reference::layer_norm(x, gamma, beta, eps)
@@ -55,11 +167,16 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 
 /// BERT's exact GELU, `x * Φ(x)` with the error function (not the tanh approximation).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    reference::gelu(x)
+    if fused_applies(&[x]) {
+        fused::gelu(x)
+    } else {
+        reference::gelu(x)
+    }
 }
 
 /// `softmax(scores * scale + mask_bias)` over the last dimension; `mask_bias` broadcasts to
-/// `scores` (`[batch, 1, 1, seq]` against `[batch, heads, seq, seq]`).
+/// `scores` (`[batch, 1, 1, seq]` against `[batch, heads, seq, seq]`). The fused implementation
+/// has this inside [`attention`].
 pub fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) -> Result<Tensor> {
     if forward_only(&[scores, mask_bias]) {
         candle_nn::ops::softmax_last_dim(&reference::masked_logits(scores, mask_bias, scale)?)
@@ -68,29 +185,41 @@ pub fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) -> Result
     }
 }
 
-/// Scaled dot-product attention: `dropout(masked_softmax(q @ k^T, mask_bias, scale)) @ v`, with
-/// `q`, `k`, `v` as `[batch, heads, seq, head_dim]` and the result in the same layout.
+/// Multi-head scaled dot-product attention over `qkv`, the `[batch, seq, 3 * hidden]` output of
+/// the query, key and value projections side by side: per head,
+/// `dropout(masked_softmax(q @ k^T, mask_bias, scale)) @ v`, heads merged back into
+/// `[batch, seq, hidden]`. `mask_bias` is `[batch, 1, 1, seq]`; the dropout mask numbers the
+/// probabilities in `[batch, heads, seq, seq]` order.
 pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
     mask_bias: &Tensor,
+    heads: usize,
     scale: f64,
     probs_dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    // Scaling `q` touches `seq x head_dim` values per row where scaling the scores would touch
-    // `seq x seq` (4x fewer at 128 tokens and 32-wide heads).
-    let scores = (q * scale)?.matmul(&k.t()?)?;
-    let mut probs = masked_softmax(&scores, mask_bias, 1.)?;
-    if let Some(params) = probs_dropout {
-        probs = dropout(&probs, params)?;
+    if fused_applies(&[qkv, mask_bias]) {
+        let (batch, seq, _) = qkv.dims3()?;
+        fused::attention(
+            qkv,
+            &mask_bias.reshape((batch, seq))?,
+            heads,
+            scale,
+            probs_dropout,
+        )
+    } else {
+        reference::attention(qkv, mask_bias, heads, scale, probs_dropout)
     }
-    probs.matmul(v)
 }
 
 /// Applies [`Dropout`] to `x`.
 pub fn dropout(x: &Tensor, dropout: Dropout) -> Result<Tensor> {
-    reference::dropout(x, dropout)
+    if dropout.p <= 0. {
+        Ok(x.clone())
+    } else if fused_applies(&[x]) {
+        fused::dropout(x, dropout)
+    } else {
+        reference::dropout(x, dropout)
+    }
 }
 
 #[cfg(test)]
@@ -346,21 +475,41 @@ mod tests {
                 );
                 let bias = mask_bias(&mut rng, batch, seq);
                 let scale = 1. / (dim as f64).sqrt();
-                let dims = [batch, heads, seq, dim];
+                let hidden = heads * dim;
+                // Pack q, k, v (`[batch, heads, seq, dim]`) side by side as `[batch, seq, 3 * hidden]`
+                // and read the result (`[batch, seq, hidden]`) back in the naive layout.
+                let mut qkv = vec![0.; 3 * n];
+                for (part, values) in [&q, &k, &v].into_iter().enumerate() {
+                    for (i, value) in values.iter().enumerate() {
+                        let (bh, rest) = (i / (seq * dim), i % (seq * dim));
+                        let (b, h, t, d) = (bh / heads, bh % heads, rest / dim, rest % dim);
+                        qkv[(b * seq + t) * 3 * hidden + part * hidden + h * dim + d] = *value;
+                    }
+                }
+                let unpack = |context: Vec<f64>| {
+                    let mut out = vec![0.; n];
+                    for (i, value) in context.into_iter().enumerate() {
+                        let (bt, col) = (i / hidden, i % hidden);
+                        let (b, t, h, d) = (bt / seq, bt % seq, col / dim, col % dim);
+                        out[((b * heads + h) * seq + t) * dim + d] = value;
+                    }
+                    out
+                };
                 let run = |dropout| {
-                    kernels::attention(
-                        &tensor(&q, &dims, mode),
-                        &tensor(&k, &dims, mode),
-                        &tensor(&v, &dims, mode),
+                    let context = kernels::attention(
+                        &tensor(&qkv, &[batch, seq, 3 * hidden], mode),
                         &tensor(&bias, &[batch, 1, 1, seq], mode),
+                        heads,
                         scale,
                         dropout,
                     )
-                    .expect("attention runs")
+                    .expect("attention runs");
+                    assert_eq!(context.dims(), [batch, seq, hidden]);
+                    unpack(values(&context))
                 };
                 let ones = vec![1.; batch * heads * seq * seq];
                 let want = naive_attention(&q, &k, &v, &bias, &ones, shape, scale);
-                assert_close(&values(&run(None)), &want, dtype, "attention");
+                assert_close(&run(None), &want, dtype, "attention");
 
                 // With dropout, the mask is the one `dropout` draws for the same seed and shape.
                 let params = Dropout { p: 0.3, seed: 99 };
@@ -368,12 +517,7 @@ mod tests {
                     kernels::dropout(&tensor(&ones, &[batch, heads, seq, seq], mode), params)
                         .expect("dropout runs");
                 let want = naive_attention(&q, &k, &v, &bias, &values(&keep), shape, scale);
-                assert_close(
-                    &values(&run(Some(params))),
-                    &want,
-                    dtype,
-                    "attention+dropout",
-                );
+                assert_close(&run(Some(params)), &want, dtype, "attention+dropout");
             }
         }
     }

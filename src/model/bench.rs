@@ -1,0 +1,496 @@
+//! Speed of the encoder as training and retrieval use it, kept as code so figures are measured
+//! (`ragd-pipe bench encoder`): seconds per training step (forward, backward, optimiser) and
+//! sentences per second encoded, each at a fixed token count, plus an optional per-op profile of
+//! the kernel seam at the step's shapes.
+//!
+//! The training step is MultipleNegativesRankingLoss (cosine x 20, cross-entropy over in-batch
+//! negatives) and AdamW ([`FusedAdamW`] with the fused kernels, candle_nn's `AdamW` with the
+//! reference ones), written here rather than taken from the train stage so the benchmark
+//! measures the encoder, kernels and optimiser alone.
+//!
+//! Measured (release build, MiniLM-L6, 16 pairs x 128 tokens, 2-core Xeon shared with other
+//! builds, load ~4-10, so absolute figures are ~2x a quiet machine's): fused 8.35 s/step (forward
+//! 2.15, backward 5.71, AdamW 0.47) and 15.6 sentences/s, against the reference kernels' 17.6
+//! s/step (4.57 / 10.98 / 2.09) and 12.1 sentences/s. Per-op profile, fused, ms per step:
+//! linear 4708 (output 1876, intermediate 1610, qkv 1017, attention output 205), GELU 919,
+//! attention 419, dropout 277, LayerNorm 239: the gemms are most of the step.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::Serialize;
+
+use crate::model::encoder::SentenceEncoder;
+use crate::model::error::{CandleContext, ModelError};
+use crate::model::kernels::{self, Dropout, FusedAdamW, Implementation};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// A sentence-transformers BERT folder.
+    pub model_dir: PathBuf,
+    /// Timed training steps, after one untimed warm-up step.
+    pub steps: usize,
+    /// Sentences encoded for the throughput figure (after one untimed warm-up batch).
+    pub sentences: usize,
+    /// Tokens per sequence, special tokens included.
+    pub tokens: usize,
+    /// (anchor, positive) pairs per training step; encoding batches twice as many sentences, the
+    /// same number of sequences per forward pass.
+    pub pairs: usize,
+    /// Also time each kernel of the seam alone at the training step's shapes.
+    pub profile: bool,
+    pub implementation: Implementation,
+}
+
+/// One training step's wall-clock seconds, and the CPU seconds all threads spent on it (on a
+/// machine shared with other work, wall time depends on the neighbours; CPU time much less).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepTime {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+    pub total: f64,
+    pub cpu: f64,
+}
+
+/// CPU seconds this process has used so far, all threads together.
+#[cfg(unix)]
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+#[cfg(not(unix))]
+fn cpu_seconds() -> f64 {
+    f64::NAN
+}
+
+/// One kernel of the seam at one shape of the training step.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub shape: String,
+    /// Calls per training step (per layer times layers, and so on).
+    pub calls_per_step: usize,
+    /// Median milliseconds of one call.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// `calls_per_step * (forward + backward)`.
+    pub ms_per_step: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub implementation: &'static str,
+    pub threads: usize,
+    pub tokens: usize,
+    pub pairs: usize,
+    pub steps: Vec<StepTime>,
+    /// The median of each column of `steps` on its own.
+    pub median_step: StepTime,
+    pub sentences: usize,
+    pub encode_seconds: f64,
+    pub encode_cpu_seconds: f64,
+    pub sentences_per_second: f64,
+    pub profile: Vec<OpTime>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.,
+    }
+}
+
+/// `count` texts of exactly `tokens` tokens each (special tokens included), all different.
+fn texts_of_length(
+    encoder: &SentenceEncoder,
+    count: usize,
+    tokens: usize,
+) -> Result<Vec<String>, ModelError> {
+    const WORDS: [&str; 8] = [
+        "alpha", "river", "stone", "cloud", "table", "music", "green", "light",
+    ];
+    let invalid = |why: String| ModelError::InvalidArgument {
+        name: "tokens",
+        why,
+    };
+    if tokens < 3 || tokens > encoder.max_seq_length() {
+        return Err(invalid(format!(
+            "{tokens} is not between 3 and the model's {} tokens",
+            encoder.max_seq_length()
+        )));
+    }
+    let texts: Vec<String> = (0..count)
+        .map(|i| {
+            (0..tokens - 2)
+                .map(|j| WORDS[(i + j * 3 + j / 8) % WORDS.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ids = encoder.sentence_tokenizer().token_ids(&refs)?;
+    if let Some(other) = ids.iter().find(|ids| ids.len() != tokens) {
+        return Err(invalid(format!(
+            "the benchmark's words tokenize to {} tokens, not {tokens}, with this model",
+            other.len()
+        )));
+    }
+    Ok(texts)
+}
+
+/// MultipleNegativesRankingLoss over `embeddings` = anchors then positives: cosine similarities
+/// scaled by 20, cross-entropy of each anchor against its own positive among all.
+fn ranking_loss(embeddings: &Tensor, pairs: usize) -> candle_core::Result<Tensor> {
+    let unit = |t: Tensor| t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?);
+    let anchors = unit(embeddings.narrow(0, 0, pairs)?)?;
+    let positives = unit(embeddings.narrow(0, pairs, pairs)?)?;
+    let scores = (anchors.matmul(&positives.t()?)? * 20.)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let log_sum_exp = scores
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)?;
+    let eye = Tensor::eye(pairs, scores.dtype(), scores.device())?;
+    let diagonal = (scores * eye)?.sum_keepdim(D::Minus1)?;
+    (log_sum_exp - diagonal)?.mean_all()
+}
+
+/// One AdamW step over the gradients, whichever implementation.
+type OptimizerStep = Box<dyn FnMut(&GradStore) -> candle_core::Result<()>>;
+
+/// Runs the benchmark; `status` hears what is being measured as it goes.
+pub fn run(
+    options: &BenchOptions,
+    status: &mut dyn FnMut(&str),
+) -> Result<BenchReport, ModelError> {
+    kernels::set_implementation(options.implementation);
+    let device = Device::Cpu;
+    let encoder = SentenceEncoder::load(&options.model_dir, &device)?;
+    let pairs = options.pairs.max(1);
+    let count = options.sentences.max(2 * pairs);
+    let texts = texts_of_length(&encoder, count, options.tokens)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+
+    status(&format!(
+        "training: {} steps of {pairs} pairs x {} tokens ({} kernels)",
+        options.steps,
+        options.tokens,
+        options.implementation.name()
+    ));
+    let tokenizer = encoder.sentence_tokenizer();
+    let ids = tokenizer.token_ids(&refs[..2 * pairs])?;
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let batch = tokenizer.batch(&rows, &device)?;
+    let vars = encoder.bert().vars().all_vars();
+    let params = ParamsAdamW {
+        lr: 2e-5,
+        ..ParamsAdamW::default()
+    };
+    let mut optimizer: OptimizerStep = match options.implementation {
+        Implementation::Fused => {
+            let mut adamw =
+                FusedAdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
+            Box::new(move |grads| adamw.step(grads))
+        }
+        Implementation::Reference => {
+            let mut adamw =
+                AdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
+            Box::new(move |grads| adamw.step(grads))
+        }
+    };
+    encoder.bert().reseed_dropout(0);
+    let mut steps = Vec::new();
+    for step in 0..=options.steps {
+        let (start, cpu) = (Instant::now(), cpu_seconds());
+        let embeddings = encoder.forward(&batch, true)?;
+        let loss = ranking_loss(&embeddings, pairs).during(|| "the loss".to_owned())?;
+        // Reading the loss waits for the forward pass on devices that run asynchronously.
+        loss.to_dtype(DType::F32)
+            .and_then(|l| l.to_scalar::<f32>())
+            .during(|| "reading the loss".to_owned())?;
+        let forward = start.elapsed().as_secs_f64();
+        let grads = loss.backward().during(|| "the backward pass".to_owned())?;
+        let backward = start.elapsed().as_secs_f64() - forward;
+        optimizer(&grads).during(|| "the optimiser step".to_owned())?;
+        let total = start.elapsed().as_secs_f64();
+        if step > 0 {
+            let time = StepTime {
+                forward,
+                backward,
+                optimizer: total - forward - backward,
+                total,
+                cpu: cpu_seconds() - cpu,
+            };
+            status(&format!(
+                "step {step}: {:.3} s (forward {:.3}, backward {:.3}, optimiser {:.3}; {:.3} s cpu)",
+                time.total, time.forward, time.backward, time.optimizer, time.cpu
+            ));
+            steps.push(time);
+        }
+    }
+    let column = |f: fn(&StepTime) -> f64| median(steps.iter().map(f).collect());
+    let median_step = StepTime {
+        forward: column(|s| s.forward),
+        backward: column(|s| s.backward),
+        optimizer: column(|s| s.optimizer),
+        total: column(|s| s.total),
+        cpu: column(|s| s.cpu),
+    };
+
+    let encode_batch = 2 * pairs;
+    status(&format!(
+        "encoding: {count} sentences x {} tokens, batches of {encode_batch}",
+        options.tokens
+    ));
+    encoder.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
+    let (start, cpu) = (Instant::now(), cpu_seconds());
+    encoder.encode(&refs, encode_batch, &mut |_| {})?;
+    let encode_seconds = start.elapsed().as_secs_f64();
+    let encode_cpu_seconds = cpu_seconds() - cpu;
+
+    let profile = if options.profile {
+        status("profiling each kernel at the training step's shapes");
+        profile(&encoder, 2 * pairs, options.tokens)
+            .during(|| "profiling the kernels".to_owned())?
+    } else {
+        Vec::new()
+    };
+    Ok(BenchReport {
+        implementation: options.implementation.name(),
+        threads: candle_core::utils::get_num_threads(),
+        tokens: options.tokens,
+        pairs,
+        steps,
+        median_step,
+        sentences: count,
+        encode_seconds,
+        encode_cpu_seconds,
+        sentences_per_second: count as f64 / encode_seconds,
+        profile,
+    })
+}
+
+/// Timed repetitions of each profiled kernel (the median is kept).
+const PROFILE_REPEATS: usize = 5;
+
+/// Median seconds of `PROFILE_REPEATS` runs of the forward of `op` on fresh `Var`s holding
+/// `inputs`, and of the backward of `sum(out * probe)` less that of the probe alone.
+fn time_op(
+    inputs: &[Tensor],
+    op: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(f64, f64)> {
+    let mut forward = Vec::new();
+    let mut backward = Vec::new();
+    let mut probe_only = Vec::new();
+    for _ in 0..=PROFILE_REPEATS {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let start = Instant::now();
+        let out = op(&tensors)?;
+        forward.push(start.elapsed().as_secs_f64());
+        let probe = out.ones_like()?.affine(0.5, 0.25)?;
+        let loss = (&out * &probe)?.sum_all()?;
+        let start = Instant::now();
+        loss.backward()?;
+        backward.push(start.elapsed().as_secs_f64());
+        let alone = Var::from_tensor(&out.detach())?;
+        let loss = (alone.as_tensor() * &probe)?.sum_all()?;
+        let start = Instant::now();
+        loss.backward()?;
+        probe_only.push(start.elapsed().as_secs_f64());
+    }
+    // The first run warms caches and allocators up; drop it.
+    let (forward, backward, probe_only) = (
+        median(forward[1..].to_vec()),
+        median(backward[1..].to_vec()),
+        median(probe_only[1..].to_vec()),
+    );
+    Ok((forward, (backward - probe_only).max(0.)))
+}
+
+/// Each kernel of the seam at the shapes of one training step of `sequences x tokens`.
+fn profile(
+    encoder: &SentenceEncoder,
+    sequences: usize,
+    tokens: usize,
+) -> candle_core::Result<Vec<OpTime>> {
+    let config = encoder.bert().config();
+    let (hidden, inter, heads, layers) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_hidden_layers,
+    );
+    let rows = sequences * tokens;
+    let device = Device::Cpu;
+    let random = |dims: &[usize], seed: u64| -> candle_core::Result<Tensor> {
+        // Deterministic, non-zero values in about [-1, 1]: the dropout mask of a constant.
+        let ones = Tensor::ones(dims, DType::F32, &device)?;
+        kernels::dropout(&ones, Dropout { p: 0.5, seed })?.affine(0.9, -0.95)
+    };
+    let mask_bias = Tensor::zeros((sequences, 1, 1, tokens), DType::F32, &device)?;
+    let dropout = Dropout {
+        p: config.hidden_dropout_prob,
+        seed: 1,
+    };
+    let attention_dropout = Dropout {
+        p: config.attention_probs_dropout_prob,
+        seed: 2,
+    };
+    let head_dim = hidden / heads;
+    let scale = 1. / (head_dim as f64).sqrt();
+    type Op = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+    let linear: fn(&[Tensor]) -> candle_core::Result<Tensor> =
+        |t| kernels::linear(&t[0], &t[1], &t[2]);
+    let cases: Vec<(&str, String, usize, Vec<Tensor>, Op)> = vec![
+        (
+            "linear (q,k,v)",
+            format!("[{rows}, {hidden}] -> {}", 3 * hidden),
+            layers,
+            vec![
+                random(&[rows, hidden], 1)?,
+                random(&[3 * hidden, hidden], 2)?,
+                random(&[3 * hidden], 3)?,
+            ],
+            Box::new(linear),
+        ),
+        (
+            "attention",
+            format!("[{sequences}, {tokens}, {}], {heads} heads", 3 * hidden),
+            layers,
+            vec![random(&[sequences, tokens, 3 * hidden], 4)?],
+            Box::new(move |t| {
+                kernels::attention(&t[0], &mask_bias, heads, scale, Some(attention_dropout))
+            }),
+        ),
+        (
+            "linear (attention output)",
+            format!("[{rows}, {hidden}] -> {hidden}"),
+            layers,
+            vec![
+                random(&[rows, hidden], 5)?,
+                random(&[hidden, hidden], 6)?,
+                random(&[hidden], 7)?,
+            ],
+            Box::new(linear),
+        ),
+        (
+            "linear (intermediate)",
+            format!("[{rows}, {hidden}] -> {inter}"),
+            layers,
+            vec![
+                random(&[rows, hidden], 8)?,
+                random(&[inter, hidden], 9)?,
+                random(&[inter], 10)?,
+            ],
+            Box::new(linear),
+        ),
+        (
+            "gelu",
+            format!("[{rows}, {inter}]"),
+            layers,
+            vec![random(&[rows, inter], 11)?],
+            Box::new(|t| kernels::gelu(&t[0])),
+        ),
+        (
+            "linear (output)",
+            format!("[{rows}, {inter}] -> {hidden}"),
+            layers,
+            vec![
+                random(&[rows, inter], 12)?,
+                random(&[hidden, inter], 13)?,
+                random(&[hidden], 14)?,
+            ],
+            Box::new(linear),
+        ),
+        (
+            "layer_norm",
+            format!("[{rows}, {hidden}]"),
+            2 * layers + 1,
+            vec![
+                random(&[rows, hidden], 15)?,
+                random(&[hidden], 16)?,
+                random(&[hidden], 17)?,
+            ],
+            Box::new(|t| kernels::layer_norm(&t[0], &t[1], &t[2], 1e-12)),
+        ),
+        (
+            "dropout",
+            format!("[{rows}, {hidden}]"),
+            2 * layers + 1,
+            vec![random(&[rows, hidden], 18)?],
+            Box::new(move |t| kernels::dropout(&t[0], dropout)),
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(op, shape, calls, inputs, run)| {
+            let (forward, backward) = time_op(&inputs, &*run)?;
+            Ok(OpTime {
+                op: op.to_owned(),
+                shape,
+                calls_per_step: calls,
+                forward_ms: forward * 1e3,
+                backward_ms: backward * 1e3,
+                ms_per_step: calls as f64 * (forward + backward) * 1e3,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::minilm_dir;
+
+    /// A tiny run end to end on the real model with the selected kernels (other tests run at the
+    /// same time, so this one must not switch them): every figure is there and positive.
+    #[test]
+    fn runs_and_reports_every_figure() {
+        let options = BenchOptions {
+            model_dir: minilm_dir(),
+            steps: 1,
+            sentences: 4,
+            tokens: 12,
+            pairs: 2,
+            profile: true,
+            implementation: kernels::implementation(),
+        };
+        let mut heard = Vec::new();
+        let report = run(&options, &mut |s| heard.push(s.to_owned())).expect("bench runs");
+        assert_eq!(report.steps.len(), 1);
+        assert!(report.median_step.total > 0. && report.median_step.forward > 0.);
+        assert!(report.sentences_per_second > 0.);
+        assert_eq!(report.profile.len(), 8);
+        assert!(report.profile.iter().all(|op| op.forward_ms > 0.));
+        assert!(heard.iter().any(|s| s.starts_with("step 1:")), "{heard:?}");
+    }
+
+    #[test]
+    fn refuses_token_counts_the_model_cannot_take() {
+        let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
+        assert!(texts_of_length(&encoder, 2, 2).is_err());
+        assert!(texts_of_length(&encoder, 2, 100_000).is_err());
+        let texts = texts_of_length(&encoder, 3, 9).expect("9 tokens");
+        assert_eq!(texts.len(), 3);
+    }
+}

@@ -1,0 +1,382 @@
+//! Self-attention straight from the fused `[batch, seq, 3 * hidden]` projection to the context
+//! `[batch, seq, hidden]`: no head split or merge copies (the gemms read each head's columns
+//! with the row stride of the packed tensor). One rayon task per (sequence, head) computes the
+//! scaled scores, the masked softmax and dropout in place in an `seq x seq` buffer, then the
+//! context. The backward pass recomputes the probabilities (one small gemm, cheaper than keeping
+//! `[batch, heads, seq, seq]` alive between passes) and writes the query, key and value gradients
+//! into their columns of one `[batch, seq, 3 * hidden]` gradient.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::math::{exp, max, sum_by, sum_zip_by};
+use super::{Operand, Read, SharedMut, input, matmul, multiversion};
+use crate::model::kernels::{Dropout, KeepRule};
+
+#[derive(Clone, Copy)]
+struct Attention {
+    heads: usize,
+    scale: f32,
+    keep: Option<KeepRule>,
+}
+
+/// Sizes of one call: batch, sequence length, hidden size, head width.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    head_dim: usize,
+}
+
+multiversion! {
+    /// Turns the scaled scores of one head (`seq` rows of `seq`) into probabilities, in place:
+    /// add the mask bias, subtract the row maximum, exponentiate, normalise.
+    fn softmax_rows(scores: &mut [f32], mask_bias: &[f32]) {
+        let seq = mask_bias.len();
+        for row in scores.chunks_exact_mut(seq) {
+            for (v, &m) in row.iter_mut().zip(mask_bias) {
+                *v += m;
+            }
+            let top = max(row);
+            for v in row.iter_mut() {
+                *v = exp(*v - top);
+            }
+            let inv = 1.0 / sum_by(row, |v| v);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = probs * keep_scale(first + i)`: the dropout of the probabilities of one head, whose
+    /// elements are numbered from `first` in the `[batch, heads, seq, seq]` layout.
+    fn apply_keep(probs: &[f32], out: &mut [f32], first: u64, keep: KeepRule) {
+        for (i, (o, &p)) in out.iter_mut().zip(probs).enumerate() {
+            *o = p * keep.scale(first + i as u64);
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax backward for one head, in place in `grad` (the probabilities' gradient, after
+    /// dropout's): `ds = p * (dp - Σ_j p dp)`.
+    fn softmax_backward_rows(probs: &[f32], grad: &mut [f32], seq: usize) {
+        for (p, g) in probs.chunks_exact(seq).zip(grad.chunks_exact_mut(seq)) {
+            let dot = sum_zip_by(p, g, |a, b| a * b);
+            for (g, &p) in g.iter_mut().zip(p) {
+                *g = p * (*g - dot);
+            }
+        }
+    }
+}
+
+impl Attention {
+    /// The probabilities of head `head` of sequence `b` into `probs` (`seq x seq`).
+    ///
+    /// # Safety
+    /// `qkv` must hold `[batch, seq, 3 * hidden]` elements for `dims`.
+    unsafe fn probabilities(
+        &self,
+        qkv: &[f32],
+        mask: &[f32],
+        dims: Dims,
+        b: usize,
+        head: usize,
+        probs: &mut [f32],
+    ) {
+        let Dims {
+            seq,
+            hidden,
+            head_dim,
+            ..
+        } = dims;
+        let packed = 3 * hidden as isize;
+        let base = b * seq * 3 * hidden + head * head_dim;
+        // SAFETY: q and k of this head lie inside `qkv`; `probs` is `seq x seq`.
+        unsafe {
+            matmul(
+                (seq, seq, head_dim),
+                probs.as_mut_ptr(),
+                (seq as isize, 1),
+                false,
+                Operand {
+                    ptr: qkv.as_ptr().add(base),
+                    rows: packed,
+                    cols: 1,
+                },
+                Operand {
+                    ptr: qkv.as_ptr().add(base + hidden),
+                    rows: 1,
+                    cols: packed,
+                },
+                self.scale,
+                false,
+            );
+        }
+        softmax_rows(probs, &mask[b * seq..(b + 1) * seq]);
+    }
+
+    /// Index of the first probability of (`b`, `head`) in `[batch, heads, seq, seq]`.
+    fn first_index(&self, dims: Dims, b: usize, head: usize) -> u64 {
+        ((b * self.heads + head) * dims.seq * dims.seq) as u64
+    }
+
+    fn dims(&self, qkv: &Layout, mask: &Layout) -> Result<Dims> {
+        let (batch, seq, packed) = qkv.shape().dims3()?;
+        let hidden = packed / 3;
+        if packed % 3 != 0 || hidden % self.heads != 0 || mask.shape().dims() != [batch, seq] {
+            bail!(
+                "fused attention: qkv {:?} is not [batch, seq, 3 x {} heads x head_dim], or mask {:?} not [batch, seq]",
+                qkv.dims(),
+                self.heads,
+                mask.dims()
+            );
+        }
+        Ok(Dims {
+            batch,
+            seq,
+            hidden,
+            head_dim: hidden / self.heads,
+        })
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s_qkv: &CpuStorage,
+        l_qkv: &Layout,
+        s_mask: &CpuStorage,
+        l_mask: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = input(s_qkv, l_qkv, self.name())?;
+        let mask = input(s_mask, l_mask, self.name())?;
+        let dims = self.dims(l_qkv, l_mask)?;
+        let Dims {
+            batch,
+            seq,
+            hidden,
+            head_dim,
+        } = dims;
+        let mut context = vec![0f32; batch * seq * hidden];
+        let out = SharedMut(context.as_mut_ptr());
+        (0..batch * self.heads).into_par_iter().for_each(|task| {
+            let (b, head) = (task / self.heads, task % self.heads);
+            let mut probs = vec![0f32; seq * seq];
+            // SAFETY: `dims` was checked against both inputs' shapes.
+            unsafe { self.probabilities(qkv, mask, dims, b, head, &mut probs) };
+            if let Some(keep) = self.keep {
+                let undropped = probs.clone();
+                apply_keep(
+                    &undropped,
+                    &mut probs,
+                    self.first_index(dims, b, head),
+                    keep,
+                );
+            }
+            let packed = 3 * hidden as isize;
+            let v = b * seq * 3 * hidden + 2 * hidden + head * head_dim;
+            // SAFETY: each task writes only its head's columns of its sequence's rows.
+            unsafe {
+                matmul(
+                    (seq, head_dim, seq),
+                    out.ptr().add(b * seq * hidden + head * head_dim),
+                    (hidden as isize, 1),
+                    false,
+                    Operand {
+                        ptr: probs.as_ptr(),
+                        rows: seq as isize,
+                        cols: 1,
+                    },
+                    Operand {
+                        ptr: qkv.as_ptr().add(v),
+                        rows: packed,
+                        cols: 1,
+                    },
+                    1.0,
+                    false,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(context), Shape::from((batch, seq, hidden))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (read_qkv, read_mask, read_grad) = (Read::new(qkv), Read::new(mask), Read::new(&grad));
+        let qkv_data = read_qkv.slice(self.name())?;
+        let mask_data = read_mask.slice(self.name())?;
+        let g = read_grad.slice(self.name())?;
+        let dims = self.dims(qkv.layout(), mask.layout())?;
+        let Dims {
+            batch,
+            seq,
+            hidden,
+            head_dim,
+        } = dims;
+        let mut grad_qkv = vec![0f32; qkv_data.len()];
+        let out = SharedMut(grad_qkv.as_mut_ptr());
+        // The mask bias is a constant in the model; its gradient (the score gradients summed over
+        // heads and query rows) is only computed when something asks for it.
+        let mask_tracked = mask.track_op();
+        let mut grad_mask_per_head = vec![
+            0f32;
+            if mask_tracked {
+                batch * self.heads * seq
+            } else {
+                0
+            }
+        ];
+        let mask_out = SharedMut(grad_mask_per_head.as_mut_ptr());
+        (0..batch * self.heads).into_par_iter().for_each(|task| {
+            let (b, head) = (task / self.heads, task % self.heads);
+            let mut probs = vec![0f32; seq * seq];
+            // SAFETY: `dims` was checked against both inputs' shapes.
+            unsafe { self.probabilities(qkv_data, mask_data, dims, b, head, &mut probs) };
+            let first = self.first_index(dims, b, head);
+            let dropped = self.keep.map(|keep| {
+                let mut dropped = vec![0f32; seq * seq];
+                apply_keep(&probs, &mut dropped, first, keep);
+                dropped
+            });
+            let used = dropped.as_deref().unwrap_or(&probs);
+            let packed = 3 * hidden as isize;
+            let row = b * seq * 3 * hidden + head * head_dim;
+            let (q, k, v) = (row, row + hidden, row + 2 * hidden);
+            let grad_out = Operand {
+                ptr: g[b * seq * hidden + head * head_dim..].as_ptr(),
+                rows: hidden as isize,
+                cols: 1,
+            };
+            let mut grad_probs = vec![0f32; seq * seq];
+            // SAFETY: all reads stay inside this head's columns of `qkv` and `grad`; each task
+            // writes only its own head's q, k and v columns of `grad_qkv`.
+            unsafe {
+                // dV = P_used^T · dO
+                matmul(
+                    (seq, head_dim, seq),
+                    out.ptr().add(v),
+                    (packed, 1),
+                    false,
+                    Operand {
+                        ptr: used.as_ptr(),
+                        rows: 1,
+                        cols: seq as isize,
+                    },
+                    grad_out,
+                    1.0,
+                    false,
+                );
+                // dP_used = dO · V^T
+                matmul(
+                    (seq, seq, head_dim),
+                    grad_probs.as_mut_ptr(),
+                    (seq as isize, 1),
+                    false,
+                    grad_out,
+                    Operand {
+                        ptr: qkv_data.as_ptr().add(v),
+                        rows: 1,
+                        cols: packed,
+                    },
+                    1.0,
+                    false,
+                );
+            }
+            if let Some(keep) = self.keep {
+                let through_dropout = grad_probs.clone();
+                apply_keep(&through_dropout, &mut grad_probs, first, keep);
+            }
+            softmax_backward_rows(&probs, &mut grad_probs, seq);
+            if mask_tracked {
+                // SAFETY: each task writes only its own row of `grad_mask_per_head`.
+                let sums =
+                    unsafe { std::slice::from_raw_parts_mut(mask_out.ptr().add(task * seq), seq) };
+                for row in grad_probs.chunks_exact(seq) {
+                    sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
+                }
+            }
+            // SAFETY: as above.
+            unsafe {
+                // dQ = scale · dS · K
+                matmul(
+                    (seq, head_dim, seq),
+                    out.ptr().add(q),
+                    (packed, 1),
+                    false,
+                    Operand {
+                        ptr: grad_probs.as_ptr(),
+                        rows: seq as isize,
+                        cols: 1,
+                    },
+                    Operand {
+                        ptr: qkv_data.as_ptr().add(k),
+                        rows: packed,
+                        cols: 1,
+                    },
+                    self.scale,
+                    false,
+                );
+                // dK = scale · dS^T · Q
+                matmul(
+                    (seq, head_dim, seq),
+                    out.ptr().add(k),
+                    (packed, 1),
+                    false,
+                    Operand {
+                        ptr: grad_probs.as_ptr(),
+                        rows: 1,
+                        cols: seq as isize,
+                    },
+                    Operand {
+                        ptr: qkv_data.as_ptr().add(q),
+                        rows: packed,
+                        cols: 1,
+                    },
+                    self.scale,
+                    false,
+                );
+            }
+        });
+        let grad_mask = if mask_tracked {
+            let per_head =
+                Tensor::from_vec(grad_mask_per_head, (batch, self.heads, seq), qkv.device())?;
+            Some(per_head.sum(1)?.reshape(mask.shape())?)
+        } else {
+            None
+        };
+        Ok((
+            Some(Tensor::from_vec(grad_qkv, qkv.shape(), qkv.device())?),
+            grad_mask,
+        ))
+    }
+}
+
+/// See [`crate::model::kernels::attention`]; `mask_bias` is `[batch, seq]` here.
+pub(in crate::model::kernels) fn attention(
+    qkv: &Tensor,
+    mask_bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    probs_dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let op = Attention {
+        heads,
+        scale: scale as f32,
+        keep: probs_dropout.filter(|d| d.p > 0.).map(KeepRule::new),
+    };
+    qkv.contiguous()?.apply_op2(&mask_bias.contiguous()?, op)
+}

@@ -1,0 +1,159 @@
+//! LayerNorm over the last dimension: one pass per row forward; backward recomputes each row's
+//! mean and inverse deviation (cheaper than storing them: the op has one output) and produces
+//! the input, gain and bias gradients in one pass, the latter two summed per task then across.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::math::{sum_by, sum_zip_by};
+use super::{CHUNK, Read, input, multiversion};
+
+/// Mean and `1 / sqrt(var + eps)` of a row (biased variance, two passes for accuracy).
+#[inline(always)]
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = sum_by(row, |v| v) / n;
+    let var = sum_by(row, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+        let width = gamma.len();
+        for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+            let (mean, inv_std) = moments(row, eps);
+            for (((o, &v), &g), &b) in out.iter_mut().zip(row).zip(gamma).zip(beta) {
+                *o = (v - mean) * inv_std * g + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Writes the input gradient of each row into `grad_x` and adds the gain and bias gradients
+    /// into `grad_gamma` and `grad_beta`.
+    fn backward_rows(
+        x: &[f32],
+        gamma: &[f32],
+        grad: &[f32],
+        eps: f32,
+        grad_x: &mut [f32],
+        grad_gamma: &mut [f32],
+        grad_beta: &mut [f32],
+    ) {
+        let width = gamma.len();
+        let n = width as f32;
+        for ((row, g), gx) in x.chunks_exact(width).zip(grad.chunks_exact(width)).zip(grad_x.chunks_exact_mut(width)) {
+            let (mean, inv_std) = moments(row, eps);
+            // With xhat = (x - mean) * inv_std and gg = grad * gamma:
+            // dx = inv_std * (gg - mean(gg) - xhat * mean(gg * xhat)). `gx` holds gg first.
+            for ((o, &gr), &ga) in gx.iter_mut().zip(g).zip(gamma) {
+                *o = gr * ga;
+            }
+            let mean_gg = sum_by(gx, |v| v) / n;
+            let mean_gg_xhat = sum_zip_by(gx, row, |gg, v| gg * (v - mean)) * inv_std / n;
+            for (((o, &v), &gr), (dg, db)) in gx
+                .iter_mut()
+                .zip(row)
+                .zip(g)
+                .zip(grad_gamma.iter_mut().zip(grad_beta.iter_mut()))
+            {
+                let xhat = (v - mean) * inv_std;
+                *dg += gr * xhat;
+                *db += gr;
+                *o = inv_std * (*o - mean_gg - xhat * mean_gg_xhat);
+            }
+        }
+    }
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Rows per rayon task: about [`CHUNK`] elements.
+    fn rows_per_task(width: usize) -> usize {
+        (CHUNK / width.max(1)).max(1)
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = input(sx, lx, self.name())?;
+        let gamma = input(sg, lg, self.name())?;
+        let beta = input(sb, lb, self.name())?;
+        let width = gamma.len();
+        let mut out = vec![0f32; x.len()];
+        let task = Self::rows_per_task(width) * width;
+        out.par_chunks_mut(task)
+            .zip(x.par_chunks(task))
+            .for_each(|(out, x)| forward_rows(x, gamma, beta, self.eps, out));
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (read_x, read_gamma, read_grad) = (Read::new(x), Read::new(gamma), Read::new(&grad));
+        let x_data = read_x.slice(self.name())?;
+        let gamma_data = read_gamma.slice(self.name())?;
+        let g = read_grad.slice(self.name())?;
+        let width = gamma_data.len();
+        let task = Self::rows_per_task(width) * width;
+        let mut grad_x = vec![0f32; x_data.len()];
+        let (grad_gamma, grad_beta) = grad_x
+            .par_chunks_mut(task)
+            .zip(x_data.par_chunks(task).zip(g.par_chunks(task)))
+            .map(|(gx, (x, g))| {
+                let mut sums = (vec![0f32; width], vec![0f32; width]);
+                backward_rows(x, gamma_data, g, self.eps, gx, &mut sums.0, &mut sums.1);
+                sums
+            })
+            .reduce(
+                || (vec![0f32; width], vec![0f32; width]),
+                |mut a, b| {
+                    a.0.iter_mut().zip(&b.0).for_each(|(a, b)| *a += b);
+                    a.1.iter_mut().zip(&b.1).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(grad_x, x.shape(), device)?),
+            Some(Tensor::from_vec(grad_gamma, width, device)?),
+            Some(Tensor::from_vec(grad_beta, width, device)?),
+        ))
+    }
+}
+
+pub(in crate::model::kernels) fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}

@@ -1,0 +1,178 @@
+//! The fused CPU kernels: each op of the seam as one candle custom op (`CustomOp1/2/3`) over f32
+//! slices, with a `bwd` that computes its input gradients in one pass instead of the half-dozen
+//! elementwise ops, reductions and copies autograd records for the composed reference.
+//!
+//! Matrix products go to the `gemm` crate (the same one candle's matmul uses) with strides that
+//! read transposed operands in place. Elementwise loops are plain Rust, compiled three times
+//! ([`multiversion!`]: AVX-512, AVX2+FMA, portable) and picked at run time from the CPU's features,
+//! so the compiler vectorises them for the widest registers the machine has. Work is spread
+//! over rayon's threads: rows for LayerNorm, chunks for GELU and dropout, batch x heads for
+//! attention.
+//!
+//! Every kernel takes contiguous f32 CPU tensors; the seam routes anything else to the reference.
+
+mod attention;
+mod dropout;
+mod gelu;
+mod layer_norm;
+mod linear;
+mod math;
+#[cfg(test)]
+mod tests;
+
+pub(super) use attention::attention;
+pub(super) use dropout::dropout;
+pub(super) use gelu::gelu;
+pub(super) use layer_norm::layer_norm;
+pub(super) use linear::linear;
+
+use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, bail};
+
+/// Elements per rayon task in elementwise kernels: large enough that scheduling costs nothing,
+/// small enough that 2-16 threads all get work on a `[4096, 384]` activation.
+pub(super) const CHUNK: usize = 1 << 14;
+
+/// Compiles a function body for AVX-512, for AVX2+FMA and portably, and calls the best one the
+/// CPU supports. The body must be safe code; `#[inline(always)]` helpers it calls are compiled
+/// into each version, so their loops vectorise at that version's width.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
+                if $crate::model::kernels::fused::has_avx512() {
+                    // SAFETY: the CPU supports every feature `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports every feature `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+pub(super) use multiversion;
+
+/// Whether the CPU has the AVX-512 subsets the kernels are compiled for.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// The f32 elements a custom op's input covers, which must be contiguous.
+fn input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("the fused `{op}` kernel takes contiguous inputs"),
+    }
+}
+
+/// Read access to a contiguous f32 CPU tensor's elements (for `bwd`, which gets tensors).
+pub(super) struct Read<'a> {
+    storage: StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Read<'a> {
+    pub(super) fn new(tensor: &'a Tensor) -> Self {
+        let (storage, layout) = tensor.storage_and_layout();
+        Self { storage, layout }
+    }
+
+    pub(super) fn slice(&self, op: &str) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(cpu) => input(cpu, self.layout, op),
+            _ => bail!("the fused `{op}` kernel runs on the CPU only"),
+        }
+    }
+}
+
+/// A raw pointer that rayon tasks share to write disjoint parts of one output buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the `Send` wrapper rather than its field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: every user writes only elements no other task touches, and the buffer outlives the
+// parallel section.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+/// A strided matrix operand for [`matmul`]: element `(r, c)` is at `ptr + r * rows + c * cols`.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    rows: isize,
+    cols: isize,
+}
+
+/// `dst = (accumulate ? dst : 0) + scale * lhs · rhs` for `lhs` `[m, k]` and `rhs` `[k, n]`,
+/// strides as given (a transposed operand is a stride swap, read in place).
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides and sizes reach, and `dst` must not
+/// overlap the operands or be written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rows, dst_cols): (isize, isize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cols,
+            dst_rows,
+            accumulate,
+            lhs.ptr,
+            lhs.cols,
+            lhs.rows,
+            rhs.ptr,
+            rhs.cols,
+            rhs.rows,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}

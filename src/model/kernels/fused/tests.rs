@@ -1,0 +1,223 @@
+//! Each fused kernel against the composed reference (`kernels::reference`), forward and backward,
+//! on random f32 inputs (never zeros) at several shapes, odd sizes and padded masks included.
+//! Backward: the gradient of `sum(out * probe)` for a random `probe`, with respect to every input.
+//! Tolerance: the largest difference at most 2e-5 of the largest reference magnitude (both run in
+//! f32 and sum in different orders; a wrong formula is off by the size of the values).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::super::{Dropout, reference};
+
+const TOLERANCE: f32 = 2e-5;
+
+fn random(rng: &mut ChaCha8Rng, dims: &[usize], range: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    // Bounded away from zero as well as random: no input can hide a missing term by being 0.
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            let v: f32 = rng.random_range(0.05 * range..range);
+            if rng.random_bool(0.5) { v } else { -v }
+        })
+        .collect();
+    Tensor::from_vec(data, dims, &Device::Cpu).expect("a random tensor")
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32 values")
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (got, want) = (values(got), values(want));
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= TOLERANCE * scale,
+        "{what}: off by {worst} (largest value {scale})"
+    );
+}
+
+/// Runs `fused` and `reference` on fresh `Var`s holding `inputs` and compares the outputs and the
+/// gradients of `sum(out * probe)` with respect to each input whose index is in `differentiable`.
+fn compare(
+    what: &str,
+    inputs: &[Tensor],
+    differentiable: &[usize],
+    fused: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    rng: &mut ChaCha8Rng,
+) {
+    let run = |kernel: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).expect("a var"))
+            .collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = kernel(&tensors).expect("the kernel runs");
+        (vars, out)
+    };
+    let (fused_vars, fused_out) = run(&fused);
+    let (reference_vars, reference_out) = run(&reference);
+    assert_close(&fused_out, &reference_out, &format!("{what} forward"));
+
+    let probe = random(rng, fused_out.dims(), 1.);
+    let backward = |out: &Tensor, vars: &[Var]| {
+        let grads = (out * &probe)
+            .and_then(|t| t.sum_all())
+            .and_then(|loss| loss.backward())
+            .expect("backward");
+        differentiable
+            .iter()
+            .map(|&i| {
+                grads
+                    .get(vars[i].as_tensor())
+                    .unwrap_or_else(|| panic!("{what}: input {i} got no gradient"))
+                    .clone()
+            })
+            .collect::<Vec<_>>()
+    };
+    let fused_grads = backward(&fused_out, &fused_vars);
+    let reference_grads = backward(&reference_out, &reference_vars);
+    for ((i, f), r) in differentiable
+        .iter()
+        .zip(&fused_grads)
+        .zip(&reference_grads)
+    {
+        assert_close(f, r, &format!("{what} gradient of input {i}"));
+    }
+}
+
+#[test]
+fn linear_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (lead, inp, out) in [
+        (vec![3], 5, 4),
+        (vec![2, 7], 33, 17),
+        (vec![130], 384, 65),
+        (vec![4, 32], 96, 288),
+    ] {
+        let x_dims = [lead.as_slice(), &[inp]].concat();
+        let inputs = [
+            random(&mut rng, &x_dims, 1.),
+            random(&mut rng, &[out, inp], 0.5),
+            random(&mut rng, &[out], 1.),
+        ];
+        compare(
+            &format!("linear {x_dims:?} -> {out}"),
+            &inputs,
+            &[0, 1, 2],
+            |t| super::linear(&t[0], &t[1], &t[2]),
+            |t| reference::linear(&t[0], &t[1], &t[2]),
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for dims in [vec![3, 8], vec![2, 5, 33], vec![7, 384], vec![3, 40, 384]] {
+        let width = *dims.last().expect("dims");
+        let x = (random(&mut rng, &dims, 3.) + 0.7).expect("shift");
+        let gamma = (random(&mut rng, &[width], 0.5) + 1.).expect("shift");
+        let inputs = [x, gamma, random(&mut rng, &[width], 1.)];
+        compare(
+            &format!("layer_norm {dims:?}"),
+            &inputs,
+            &[0, 1, 2],
+            |t| super::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            |t| reference::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn gelu_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    for dims in [vec![7], vec![4, 9], vec![3, 17_000]] {
+        let inputs = [random(&mut rng, &dims, 4.5)];
+        compare(
+            &format!("gelu {dims:?}"),
+            &inputs,
+            &[0],
+            |t| super::gelu(&t[0]),
+            |t| reference::gelu(&t[0]),
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn dropout_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    for (dims, p) in [(vec![5], 0.5), (vec![3, 77], 0.1), (vec![40_001], 0.3)] {
+        let inputs = [random(&mut rng, &dims, 2.)];
+        let params = Dropout { p, seed: 42 };
+        compare(
+            &format!("dropout {dims:?} p={p}"),
+            &inputs,
+            &[0],
+            |t| super::dropout(&t[0], params),
+            |t| reference::dropout(&t[0], params),
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn attention_matches_reference_with_padding_and_dropout() {
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    for (batch, heads, seq, dim) in [(2, 3, 5, 4), (3, 2, 9, 8), (2, 12, 33, 32), (1, 1, 1, 3)] {
+        let hidden = heads * dim;
+        // Each sequence keeps a random prefix of at least one token; the rest is padding.
+        let mut bias = vec![0f32; batch * seq];
+        for row in bias.chunks_mut(seq) {
+            let keep = rng.random_range(1..=seq);
+            row[keep..].fill(f32::MIN);
+        }
+        let bias = Tensor::from_vec(bias, (batch, 1, 1, seq), &Device::Cpu).expect("bias");
+        let qkv = random(&mut rng, &[batch, seq, 3 * hidden], 2.);
+        let scale = 1. / (dim as f64).sqrt();
+        for dropout in [None, Some(Dropout { p: 0.2, seed: 5 })] {
+            compare(
+                &format!("attention {batch}x{heads}x{seq}x{dim} dropout {dropout:?}"),
+                &[qkv.clone(), bias.clone()],
+                &[0, 1],
+                |t| super::attention(&t[0], &t[1].reshape((batch, seq))?, heads, scale, dropout),
+                |t| reference::attention(&t[0], &t[1], heads, scale, dropout),
+                &mut rng,
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_kernels_refuse_what_they_cannot_run() {
+    let x = Tensor::ones((2, 6), DType::F32, &Device::Cpu).expect("ones");
+    let wrong_heads = super::attention(
+        &x.reshape((1, 2, 6)).expect("reshape"),
+        &Tensor::zeros((1, 2), DType::F32, &Device::Cpu).expect("zeros"),
+        4,
+        1.,
+        None,
+    );
+    assert!(
+        wrong_heads.is_err(),
+        "hidden 2 is not a multiple of 4 heads"
+    );
+    let wrong_width = super::linear(
+        &x,
+        &Tensor::ones((3, 5), DType::F32, &Device::Cpu).expect("ones"),
+        &Tensor::ones(3, DType::F32, &Device::Cpu).expect("ones"),
+    );
+    assert!(wrong_width.is_err(), "weight [3, 5] does not take 6 inputs");
+}
