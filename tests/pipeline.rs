@@ -50,7 +50,10 @@ fn project() -> Project {
     let project = Project::new();
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     copy_dir(&examples.join("docs"), &project.path("examples/docs"));
-    copy_dir(&examples.join("labelled"), &project.path("examples/labelled"));
+    copy_dir(
+        &examples.join("labelled"),
+        &project.path("examples/labelled"),
+    );
     project.write("recipe.yaml", RECIPE);
     project
 }

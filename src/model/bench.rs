@@ -3,10 +3,9 @@
 //! sentences per second encoded, each at a fixed token count, plus an optional per-op profile of
 //! the kernel seam at the step's shapes.
 //!
-//! The training step is MultipleNegativesRankingLoss (cosine x 20, cross-entropy over in-batch
-//! negatives) and AdamW ([`FusedAdamW`] with the fused kernels, candle_nn's `AdamW` with the
-//! reference ones), written here rather than taken from the train stage so the benchmark
-//! measures the encoder, kernels and optimiser alone.
+//! The training step is the train stage's own MultipleNegativesRankingLoss (cosine x 20,
+//! cross-entropy over in-batch negatives) and AdamW (`model::train`), on one batch of anchors and
+//! positives, so the benchmark measures what a training run spends per step.
 //!
 //! Measured (release build, MiniLM-L6, 16 pairs x 128 tokens, 2-core Xeon shared with other
 //! builds, load ~4-10, so absolute figures are ~2x a quiet machine's): fused 8.35 s/step (forward
@@ -18,14 +17,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::backprop::GradStore;
-use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::model::encoder::SentenceEncoder;
 use crate::model::error::{CandleContext, ModelError};
-use crate::model::kernels::{self, Dropout, FusedAdamW, Implementation};
+use crate::model::kernels::{self, Dropout, Implementation};
+use crate::model::train::LossConfig;
+use crate::model::train::optim::{AdamW, AdamWConfig, Param, decays};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -152,28 +151,6 @@ fn texts_of_length(
     Ok(texts)
 }
 
-/// MultipleNegativesRankingLoss over `embeddings` = anchors then positives: cosine similarities
-/// scaled by 20, cross-entropy of each anchor against its own positive among all.
-fn ranking_loss(embeddings: &Tensor, pairs: usize) -> candle_core::Result<Tensor> {
-    let unit = |t: Tensor| t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?);
-    let anchors = unit(embeddings.narrow(0, 0, pairs)?)?;
-    let positives = unit(embeddings.narrow(0, pairs, pairs)?)?;
-    let scores = (anchors.matmul(&positives.t()?)? * 20.)?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let log_sum_exp = scores
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&max)?;
-    let eye = Tensor::eye(pairs, scores.dtype(), scores.device())?;
-    let diagonal = (scores * eye)?.sum_keepdim(D::Minus1)?;
-    (log_sum_exp - diagonal)?.mean_all()
-}
-
-/// One AdamW step over the gradients, whichever implementation.
-type OptimizerStep = Box<dyn FnMut(&GradStore) -> candle_core::Result<()>>;
-
 /// Runs the benchmark; `status` hears what is being measured as it goes.
 pub fn run(
     options: &BenchOptions,
@@ -197,29 +174,39 @@ pub fn run(
     let ids = tokenizer.token_ids(&refs[..2 * pairs])?;
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let batch = tokenizer.batch(&rows, &device)?;
-    let vars = encoder.bert().vars().all_vars();
-    let params = ParamsAdamW {
-        lr: 2e-5,
-        ..ParamsAdamW::default()
+    let params = {
+        let vars =
+            encoder
+                .bert()
+                .vars()
+                .data()
+                .lock()
+                .map_err(|_| ModelError::InvalidArgument {
+                    name: "model",
+                    why: "its parameters are locked by a panicked thread".to_owned(),
+                })?;
+        vars.iter()
+            .map(|(name, var)| Param::new(name.clone(), var.clone(), decays(name)))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .during(|| "creating the optimiser".to_owned())?
     };
-    let mut optimizer: OptimizerStep = match options.implementation {
-        Implementation::Fused => {
-            let mut adamw =
-                FusedAdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
-            Box::new(move |grads| adamw.step(grads))
-        }
-        Implementation::Reference => {
-            let mut adamw =
-                AdamW::new(vars, params).during(|| "creating the optimiser".to_owned())?;
-            Box::new(move |grads| adamw.step(grads))
-        }
-    };
+    let mut optimizer = AdamW::new(AdamWConfig::default(), params);
+    let loss_config = LossConfig::default();
     encoder.bert().reseed_dropout(0);
     let mut steps = Vec::new();
     for step in 0..=options.steps {
         let (start, cpu) = (Instant::now(), cpu_seconds());
         let embeddings = encoder.forward(&batch, true)?;
-        let loss = ranking_loss(&embeddings, pairs).during(|| "the loss".to_owned())?;
+        let loss = loss_config
+            .loss(
+                &embeddings
+                    .narrow(0, 0, pairs)
+                    .during(|| "the anchors".to_owned())?,
+                &embeddings
+                    .narrow(0, pairs, pairs)
+                    .during(|| "the positives".to_owned())?,
+            )
+            .during(|| "the loss".to_owned())?;
         // Reading the loss waits for the forward pass on devices that run asynchronously.
         loss.to_dtype(DType::F32)
             .and_then(|l| l.to_scalar::<f32>())
@@ -227,7 +214,21 @@ pub fn run(
         let forward = start.elapsed().as_secs_f64();
         let grads = loss.backward().during(|| "the backward pass".to_owned())?;
         let backward = start.elapsed().as_secs_f64() - forward;
-        optimizer(&grads).during(|| "the optimiser step".to_owned())?;
+        let param_grads = optimizer
+            .params
+            .iter()
+            .map(|param| {
+                grads.get(param.var.as_tensor()).cloned().ok_or_else(|| {
+                    ModelError::InvalidArgument {
+                        name: "model",
+                        why: format!("`{}` got no gradient", param.name),
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        optimizer
+            .step(&param_grads, 2e-5)
+            .during(|| "the optimiser step".to_owned())?;
         let total = start.elapsed().as_secs_f64();
         if step > 0 {
             let time = StepTime {

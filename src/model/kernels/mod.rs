@@ -15,14 +15,10 @@
 //! is materialised, and dropout takes a seed rather than a mask ([`KeepRule`]), so a kernel draws
 //! its mask inline and its backward redraws it instead of storing it.
 //!
-//! [`FusedAdamW`] is the optimiser's counterpart: candle_nn's AdamW update in one pass per
-//! parameter.
+//! The optimiser's fused update lives with the optimiser (`model::train::optim`).
 
-mod adamw;
 mod fused;
 mod reference;
-
-pub use adamw::FusedAdamW;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
