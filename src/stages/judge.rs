@@ -14,7 +14,6 @@
 //! `summary.json` (counts and examples per filter).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::AtomicBool;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -26,14 +25,11 @@ use super::{
 };
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex};
-use crate::llm::{self, LlmSettings, ResponseCache};
+use crate::llm::{self, LlmSettings};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
 /// Examples of dropped queries kept per filter in `summary.json`.
 const EXAMPLES_PER_FILTER: usize = 5;
-
-/// Where LLM answers are cached (shared with query-gen: one cache per workdir).
-const RESPONSES_FILE: &str = super::query_gen::RESPONSES_FILE;
 
 const DEFAULT_JUDGE_SYSTEM: &str =
     "You check search queries against the passage they were written for.";
@@ -357,19 +353,12 @@ impl Judge {
             return Ok(llm::CallStats::default());
         }
         let backend = judge.llm.connect(&ctx.env, &ctx.cancel)?;
-        let cache =
-            ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
-        let bar = ctx.progress("judging queries (llm)", Some(requests.len() as u64));
-        let cancel: &AtomicBool = &ctx.cancel;
-        let (answers, calls) =
-            llm::complete_all(backend.as_ref(), &cache, &requests, cancel, &|calls| {
-                bar.set_with_message(
-                    (calls.cached + calls.calls) as u64,
-                    &format!("{:.2} calls/s", calls.calls_per_second()),
-                );
-            })
-            .map_err(llm::stage_error)?;
-        drop(bar);
+        let (answers, calls) = super::query_gen::complete_with_progress(
+            ctx,
+            "judging queries (llm)",
+            backend.as_ref(),
+            &requests,
+        )?;
         for (&i, answer) in pending.iter().zip(&answers) {
             match parse_verdict(answer) {
                 Some(verdict) if verdict.answerable => {}

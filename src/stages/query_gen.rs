@@ -33,6 +33,27 @@ use crate::llm::{self, LlmSettings, ResponseCache};
 /// Where LLM answers are cached, under the workdir's shared folder (it outlives stage keys).
 pub(crate) const RESPONSES_FILE: &str = "llm/responses.jsonl";
 
+/// Answers `requests` through the workdir's response cache (journaled as answers arrive), with a
+/// progress bar labelled `label` that shows calls per second.
+pub(super) fn complete_with_progress(
+    ctx: &StageContext,
+    label: &str,
+    backend: &dyn llm::LlmBackend,
+    requests: &[llm::Request],
+) -> Result<(Vec<String>, llm::CallStats), StageError> {
+    let cache =
+        ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
+    let bar = ctx.progress(label, Some(requests.len() as u64));
+    let cancel: &AtomicBool = &ctx.cancel;
+    llm::complete_all(backend, &cache, requests, cancel, &|calls| {
+        bar.set_with_message(
+            (calls.cached + calls.calls) as u64,
+            &format!("{:.2} calls/s", calls.calls_per_second()),
+        );
+    })
+    .map_err(llm::stage_error)
+}
+
 /// Examples of unparseable answers kept in `stats.json`.
 const UNPARSEABLE_EXAMPLES: usize = 3;
 
@@ -391,8 +412,6 @@ impl QueryGen {
     ) -> Result<Vec<Vec<(String, String)>>, StageError> {
         let settings = &self.params.llm;
         let backend = settings.connect(&ctx.env, &ctx.cancel)?;
-        let cache =
-            ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
         let schema = self.answer_schema();
         let requests: Vec<llm::Request> = chunks
             .iter()
@@ -417,17 +436,8 @@ impl QueryGen {
             requests.len(),
             backend.concurrency()
         ));
-        let bar = ctx.progress("writing queries (llm)", Some(requests.len() as u64));
-        let cancel: &AtomicBool = &ctx.cancel;
         let (answers, calls) =
-            llm::complete_all(backend.as_ref(), &cache, &requests, cancel, &|calls| {
-                bar.set_with_message(
-                    (calls.cached + calls.calls) as u64,
-                    &format!("{:.2} calls/s", calls.calls_per_second()),
-                );
-            })
-            .map_err(llm::stage_error)?;
-        drop(bar);
+            complete_with_progress(ctx, "writing queries (llm)", backend.as_ref(), &requests)?;
         let mut llm_stats = LlmStats {
             model: backend.identity(),
             calls: calls.calls,
