@@ -385,6 +385,19 @@ impl Bert {
         &self.vars
     }
 
+    /// The trainable parameters by checkpoint name, in name order. The map is only ever locked
+    /// to read or insert whole entries, so a lock poisoned by a panic elsewhere still holds a
+    /// valid map and is recovered.
+    pub fn named_vars(&self) -> BTreeMap<String, Var> {
+        self.vars
+            .data()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect()
+    }
+
     /// The checkpoint's tensors that are not parameters of this model (pooler, buffers, task
     /// heads), unchanged, to be written back when the model is saved.
     pub fn extra_tensors(&self) -> &BTreeMap<String, Tensor> {

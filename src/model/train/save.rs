@@ -119,15 +119,9 @@ pub fn save_model(
 /// `{"format": "pt"}` metadata transformers expects of a PyTorch-saved file.
 fn write_weights(bert: &Bert, path: &Path) -> Result<(), TrainError> {
     let mut tensors: Vec<(String, candle_core::Tensor)> = bert
-        .vars()
-        .data()
-        .lock()
-        .map_err(|_| TrainError::InvalidConfig {
-            name: "model",
-            why: "its parameters are locked by a thread that panicked".to_owned(),
-        })?
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+        .named_vars()
+        .into_iter()
+        .map(|(name, var)| (name, var.as_detached_tensor()))
         .collect();
     tensors.extend(
         bert.extra_tensors()

@@ -87,18 +87,7 @@ impl<'a> Trainer<'a> {
                 why: format!("{bad} is above the model's embedding dimension {dim}"),
             });
         }
-        let vars = model
-            .bert
-            .vars()
-            .data()
-            .lock()
-            .map_err(|_| TrainError::InvalidConfig {
-                name: "model",
-                why: "its parameters are locked by a thread that panicked".to_owned(),
-            })?
-            .iter()
-            .map(|(name, var)| (name.clone(), var.clone()))
-            .collect::<std::collections::BTreeMap<_, _>>();
+        let vars = model.bert.named_vars();
         let params = vars
             .into_iter()
             .map(|(name, var)| {
