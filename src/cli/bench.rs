@@ -176,13 +176,14 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
     }
     let step = report.median_step;
     let mut text = format!(
-        "{} kernels, {} threads\n\
+        "{} kernels, matmul {}, {} threads\n\
          training step ({} pairs x {} tokens, MNRL + AdamW): median {:.3} s/step \
          (forward {:.3}, backward {:.3}, optimiser {:.3}; {:.3} cpu-s; {} steps) \
          = {:.2}x PyTorch's {} s\n\
          encoding ({} tokens): {:.1} sentences/s ({} in {:.2} s, {:.2} cpu-s) \
          = {:.2}x PyTorch's {}\n",
         report.implementation,
+        report.matmul,
         report.threads,
         report.pairs,
         report.tokens,

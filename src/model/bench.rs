@@ -91,6 +91,8 @@ pub struct OpTime {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub implementation: &'static str,
+    /// What multiplied the matrices (f32 gemm, or AMX tiles and at what precision).
+    pub matmul: &'static str,
     pub threads: usize,
     pub tokens: usize,
     pub pairs: usize,
@@ -274,6 +276,7 @@ pub fn run(
     };
     Ok(BenchReport {
         implementation: options.implementation.name(),
+        matmul: kernels::matmul_engine(),
         threads: candle_core::utils::get_num_threads(),
         tokens: options.tokens,
         pairs,

@@ -76,6 +76,15 @@ pub fn set_implementation(implementation: Implementation) {
     SELECTED.store(code, Ordering::Relaxed);
 }
 
+/// What multiplies f32 matrices on the CPU under the selected implementation: with fused kernels
+/// AMX tiles where the CPU has them (`RAGD_MATMUL` overrides), else f32 gemm.
+pub fn matmul_engine() -> &'static str {
+    match implementation() {
+        Implementation::Fused => fused::MatmulEngine::selected().name(),
+        Implementation::Reference => "f32 (candle matmul)",
+    }
+}
+
 /// Whether the fused kernels take these inputs: selected, on the CPU, f32.
 fn fused_applies(inputs: &[&Tensor]) -> bool {
     implementation() == Implementation::Fused

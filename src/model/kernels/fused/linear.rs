@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{CHUNK, Operand, Read, input, matmul, multiversion};
+use super::{CHUNK, Operand, Product, Read, input, matmul, multiversion};
 
 multiversion! {
     /// Adds each row of `rows` (rows of `sums.len()` elements) into `sums`.
@@ -90,6 +90,7 @@ impl CustomOp3 for Linear {
                 },
                 1.0,
                 true,
+                Product::Forward,
             );
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -109,10 +110,12 @@ impl CustomOp3 for Linear {
         let g = read_grad.slice(self.name())?;
         let (rows, inp) = x.dims2()?;
         let out = w.dim(0)?;
-        let mut grad_x = vec![0f32; rows * inp];
-        let mut grad_w = vec![0f32; out * inp];
+        // Both products overwrite every element without reading it, so the buffers skip zeroing.
+        let mut grad_x: Vec<f32> = Vec::with_capacity(rows * inp);
+        let mut grad_w: Vec<f32> = Vec::with_capacity(out * inp);
         // SAFETY: grad_x `[rows, inp]` = grad `[rows, out]` · w `[out, inp]`; grad_w `[out, inp]`
-        // = grad^T `[out, rows]` · x `[rows, inp]`; every buffer has the size its strides reach.
+        // = grad^T `[out, rows]` · x `[rows, inp]`; every buffer has the capacity its strides
+        // reach, and with `accumulate` false each product writes all of it before `set_len`.
         unsafe {
             matmul(
                 (rows, inp, out),
@@ -131,6 +134,7 @@ impl CustomOp3 for Linear {
                 },
                 1.0,
                 true,
+                Product::Gradient,
             );
             matmul(
                 (out, inp, rows),
@@ -149,7 +153,10 @@ impl CustomOp3 for Linear {
                 },
                 1.0,
                 true,
+                Product::Gradient,
             );
+            grad_x.set_len(rows * inp);
+            grad_w.set_len(out * inp);
         }
         let grad_bias = column_sums(g, out);
         let device = x.device();

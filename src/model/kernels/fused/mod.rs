@@ -11,6 +11,8 @@
 //!
 //! Every kernel takes contiguous f32 CPU tensors; the seam routes anything else to the reference.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 mod dropout;
 mod gelu;
@@ -129,6 +131,63 @@ struct Operand {
     cols: isize,
 }
 
+// SAFETY: an operand is only read, and [`matmul`]'s caller keeps it alive and unwritten.
+unsafe impl Send for Operand {}
+// SAFETY: as above.
+unsafe impl Sync for Operand {}
+
+/// What a product feeds, which decides the precision it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Product {
+    /// Activations of the forward pass: embeddings and the loss are compared with f32 references.
+    Forward,
+    /// Gradients: they feed an optimiser step, which tolerates bf16 rounding as mixed-precision
+    /// training does everywhere.
+    Gradient,
+}
+
+/// Which engine multiplies f32 matrices on the CPU, from `RAGD_MATMUL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MatmulEngine {
+    /// The `gemm` crate, f32 throughout (AVX-512 or AVX2 FMA).
+    F32,
+    /// AMX tiles (where the CPU has them), f32-like everywhere: three bf16 passes per product.
+    Bf16x3,
+    /// AMX tiles: three passes for forward products, one (bf16) for gradient products.
+    Mixed,
+}
+
+impl MatmulEngine {
+    /// The engine in use: `RAGD_MATMUL` (`f32`, `bf16x3`, `mixed`), by default `mixed`;
+    /// without AMX always [`MatmulEngine::F32`].
+    pub(crate) fn selected() -> Self {
+        static SELECTED: std::sync::OnceLock<MatmulEngine> = std::sync::OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if amx::available() {
+                return match std::env::var("RAGD_MATMUL").as_deref() {
+                    Ok("f32") => Self::F32,
+                    Ok("bf16x3") => Self::Bf16x3,
+                    _ => Self::Mixed,
+                };
+            }
+            Self::F32
+        })
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32 (gemm crate)",
+            Self::Bf16x3 => "AMX bf16x3",
+            Self::Mixed => "AMX bf16x3 forward, bf16 gradients",
+        }
+    }
+}
+
+/// Products smaller than this on any side stay on the `gemm` crate: packing for AMX would cost
+/// more than it saves (the per-head attention products are 32 wide).
+const AMX_MIN_SIDE: usize = 64;
+
 /// `dst = (accumulate ? dst : 0) + scale * lhs · rhs` for `lhs` `[m, k]` and `rhs` `[k, n]`,
 /// strides as given (a transposed operand is a stride swap, read in place).
 ///
@@ -145,7 +204,35 @@ unsafe fn matmul(
     rhs: Operand,
     scale: f32,
     parallel: bool,
+    product: Product,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if m.min(n).min(k) >= AMX_MIN_SIDE {
+        let passes = match (MatmulEngine::selected(), product) {
+            (MatmulEngine::F32, _) => None,
+            (MatmulEngine::Bf16x3, _) | (MatmulEngine::Mixed, Product::Forward) => {
+                Some(amx::Passes::Three)
+            }
+            (MatmulEngine::Mixed, Product::Gradient) => Some(amx::Passes::One),
+        };
+        if let Some(passes) = passes {
+            // SAFETY: forwarded from the caller; `selected` chose AMX only where available.
+            unsafe {
+                amx::matmul(
+                    (m, n, k),
+                    dst,
+                    (dst_rows, dst_cols),
+                    accumulate,
+                    lhs,
+                    rhs,
+                    scale,
+                    parallel,
+                    passes,
+                );
+            }
+            return;
+        }
+    }
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
     } else {
