@@ -1,8 +1,10 @@
 //! The cache: content digests of inputs (`digest`), stage keys (`key`), the artifact store and
 //! workdir lock (`store`), the lock file beside a recipe (`lock`), and journals that let an
-//! interrupted stage resume (`journal`).
+//! interrupted stage resume (`journal`), and corpus embeddings shared between stages
+//! (`embeddings`).
 
 pub mod digest;
+pub mod embeddings;
 pub mod error;
 pub mod journal;
 pub mod key;

@@ -19,6 +19,11 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
+    /// Rows of `dim` floats, row-major (`data.len()` a multiple of `dim`).
+    pub fn new(dim: usize, data: Vec<f32>) -> Self {
+        Self { dim, data }
+    }
+
     /// The number of dimensions of each embedding.
     pub fn dim(&self) -> usize {
         self.dim

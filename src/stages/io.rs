@@ -6,9 +6,10 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{StageEnv, StageError};
+use super::{StageContext, StageEnv, StageError};
+use crate::cache::embeddings::EmbeddingCache;
 use crate::corpus::Chunk;
-use crate::model::encoder::SentenceEncoder;
+use crate::model::encoder::{Embeddings, SentenceEncoder};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
 /// `chunks.jsonl` of the chunk stage.
@@ -117,6 +118,53 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StageError
 pub fn load_encoder(env: &StageEnv, reference: &str) -> Result<SentenceEncoder, StageError> {
     let dir = env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
     load_encoder_dir(env, &dir)
+}
+
+/// Embeddings of `texts` (a corpus's passages) by the model `reference`, and the encoder for
+/// the caller's other texts. The corpus embeddings come from the workdir's embedding cache when
+/// an earlier stage or run embedded the same texts with the same model and settings.
+pub fn encode_corpus(
+    ctx: &StageContext,
+    reference: &str,
+    texts: &[&str],
+    batch_size: usize,
+) -> Result<(SentenceEncoder, Embeddings), StageError> {
+    let dir = ctx
+        .env
+        .resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
+    let encoder = load_encoder_dir(&ctx.env, &dir)?;
+    let settings = format!(
+        "{:?} {} {} batch {batch_size} max {}",
+        encoder.bert().device(),
+        crate::model::kernels::implementation().name(),
+        crate::model::kernels::matmul_engine(),
+        encoder.max_seq_length(),
+    );
+    let cache = EmbeddingCache::new(&ctx.shared_dir);
+    let key = EmbeddingCache::key(&dir, &settings, texts).map_err(cache_error)?;
+    if let Some((dim, data)) = cache.load(&key)
+        && dim == encoder.dim()
+        && data.len() == dim * texts.len()
+    {
+        ctx.info(format!(
+            "reused the embeddings of {} passages from an earlier stage",
+            texts.len()
+        ));
+        return Ok((encoder, Embeddings::new(dim, data)));
+    }
+    let bar = ctx.progress("encoding chunks", Some(texts.len() as u64));
+    let embeddings = encoder
+        .encode(texts, batch_size, &mut |n| bar.set(n as u64))
+        .map_err(model_error)?;
+    drop(bar);
+    cache
+        .save(&key, embeddings.dim(), embeddings.as_slice())
+        .map_err(cache_error)?;
+    Ok((encoder, embeddings))
+}
+
+fn cache_error(error: crate::cache::error::CacheError) -> StageError {
+    StageError::Failed(super::error::error_chain(&error))
 }
 
 /// Loads a sentence-embedding model folder on the recipe's accelerator.

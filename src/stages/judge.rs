@@ -419,13 +419,9 @@ impl Judge {
             );
         }
         if settings.method != RoundTripMethod::Bm25 {
-            let encoder = io::load_encoder(&ctx.env, &self.base_model)?;
             let corpus: Vec<&str> = passages.iter().map(String::as_str).collect();
-            let bar = ctx.progress("encoding chunks", Some(corpus.len() as u64));
-            let docs = encoder
-                .encode(&corpus, self.params.batch_size, &mut |n| bar.set(n as u64))
-                .map_err(io::model_error)?;
-            drop(bar);
+            let (encoder, docs) =
+                io::encode_corpus(ctx, &self.base_model, &corpus, self.params.batch_size)?;
             ctx.check_cancelled()?;
             let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
             let embedded = encoder

@@ -305,15 +305,9 @@ impl Mine {
 
         let mut dense = None;
         if self.params.dense {
-            let encoder = io::load_encoder(&ctx.env, &self.base_model)?;
             let corpus_texts: Vec<&str> = passages.iter().map(String::as_str).collect();
-            let bar = ctx.progress("encoding chunks", Some(corpus_texts.len() as u64));
-            let docs = encoder
-                .encode(&corpus_texts, self.params.batch_size, &mut |n| {
-                    bar.set(n as u64)
-                })
-                .map_err(io::model_error)?;
-            drop(bar);
+            let (encoder, docs) =
+                io::encode_corpus(ctx, &self.base_model, &corpus_texts, self.params.batch_size)?;
             ctx.check_cancelled()?;
             let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
             let queries = encoder
