@@ -249,10 +249,14 @@ impl Stage for Evaluate {
             ));
         }
 
+        let base_dir = ctx
+            .env
+            .resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
         let mut models = vec![(
             SystemKind::Base,
             self.base_model.clone(),
-            io::load_encoder(&ctx.env, &self.base_model)?,
+            io::load_encoder_dir(&ctx.env, &base_dir)?,
+            base_dir,
         )];
         let mut trained_dims = Vec::new();
         let mut training = None;
@@ -262,6 +266,7 @@ impl Stage for Evaluate {
                 SystemKind::FineTuned,
                 dir.display().to_string(),
                 io::load_encoder_dir(&ctx.env, &dir)?,
+                dir.clone(),
             ));
             trained_dims = recorded_dimensions(&dir);
             let log = artifact.join(TRAIN_LOG_FILE);
@@ -297,10 +302,11 @@ impl Stage for Evaluate {
                     .add_system(spec, scores, &settings)
                     .map_err(eval_error)?;
             }
-            for (kind, reference, encoder) in &models {
+            for (kind, reference, encoder, model_dir) in &models {
                 let dims = self.dimensions(encoder.dim(), &trained_dims);
+                let model = (encoder, model_dir.as_path());
                 for (dim, ranked) in
-                    set.rank_dense(ctx, encoder, &dims, self.params.batch_size, &metrics)?
+                    set.rank_dense(ctx, model, &dims, self.params.batch_size, &metrics)?
                 {
                     let label = if dim == encoder.dim() {
                         kind.name().to_owned()
@@ -527,20 +533,14 @@ impl EvalSet {
     fn rank_dense(
         &self,
         ctx: &StageContext,
-        encoder: &SentenceEncoder,
+        (encoder, model_dir): (&SentenceEncoder, &Path),
         dims: &[usize],
         batch_size: usize,
         metrics: &[Metric],
     ) -> Result<Vec<(usize, Rankings)>, StageError> {
         let texts: Vec<&str> = self.documents.iter().map(|(_, t)| t.as_str()).collect();
-        let bar = ctx.progress(
-            &format!("{}: encoding documents", self.name),
-            Some(texts.len() as u64),
-        );
-        let docs = encoder
-            .encode(&texts, batch_size, &mut |n| bar.set(n as u64))
-            .map_err(io::model_error)?;
-        drop(bar);
+        let label = format!("{}: encoding documents", self.name);
+        let docs = io::encode_cached(ctx, encoder, model_dir, &texts, batch_size, &label)?;
         ctx.check_cancelled()?;
         let queries = encoder
             .encode(&self.query_texts(), batch_size, &mut |_| {})

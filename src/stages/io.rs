@@ -114,15 +114,8 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StageError
     Ok(())
 }
 
-/// Loads a sentence-embedding model on the recipe's accelerator, saying which device it got.
-pub fn load_encoder(env: &StageEnv, reference: &str) -> Result<SentenceEncoder, StageError> {
-    let dir = env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
-    load_encoder_dir(env, &dir)
-}
-
 /// Embeddings of `texts` (a corpus's passages) by the model `reference`, and the encoder for
-/// the caller's other texts. The corpus embeddings come from the workdir's embedding cache when
-/// an earlier stage or run embedded the same texts with the same model and settings.
+/// the caller's other texts (see [`encode_cached`]).
 pub fn encode_corpus(
     ctx: &StageContext,
     reference: &str,
@@ -133,6 +126,21 @@ pub fn encode_corpus(
         .env
         .resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
     let encoder = load_encoder_dir(&ctx.env, &dir)?;
+    let embeddings = encode_cached(ctx, &encoder, &dir, texts, batch_size, "encoding chunks")?;
+    Ok((encoder, embeddings))
+}
+
+/// Embeddings of `texts` by `encoder` (loaded from `model_dir`), from the workdir's embedding
+/// cache when an earlier stage or run embedded the same texts with the same model and settings,
+/// else encoded under a progress bar called `label` and cached.
+pub fn encode_cached(
+    ctx: &StageContext,
+    encoder: &SentenceEncoder,
+    model_dir: &Path,
+    texts: &[&str],
+    batch_size: usize,
+    label: &str,
+) -> Result<Embeddings, StageError> {
     let settings = format!(
         "{:?} {} {} batch {batch_size} max {}",
         encoder.bert().device(),
@@ -141,18 +149,18 @@ pub fn encode_corpus(
         encoder.max_seq_length(),
     );
     let cache = EmbeddingCache::new(&ctx.shared_dir);
-    let key = EmbeddingCache::key(&dir, &settings, texts).map_err(cache_error)?;
+    let key = EmbeddingCache::key(model_dir, &settings, texts).map_err(cache_error)?;
     if let Some((dim, data)) = cache.load(&key)
         && dim == encoder.dim()
         && data.len() == dim * texts.len()
     {
         ctx.info(format!(
-            "reused the embeddings of {} passages from an earlier stage",
+            "{label}: reused the embeddings of {} texts from an earlier stage or run",
             texts.len()
         ));
-        return Ok((encoder, Embeddings::new(dim, data)));
+        return Ok(Embeddings::new(dim, data));
     }
-    let bar = ctx.progress("encoding chunks", Some(texts.len() as u64));
+    let bar = ctx.progress(label, Some(texts.len() as u64));
     let embeddings = encoder
         .encode(texts, batch_size, &mut |n| bar.set(n as u64))
         .map_err(model_error)?;
@@ -160,7 +168,7 @@ pub fn encode_corpus(
     cache
         .save(&key, embeddings.dim(), embeddings.as_slice())
         .map_err(cache_error)?;
-    Ok((encoder, embeddings))
+    Ok(embeddings)
 }
 
 fn cache_error(error: crate::cache::error::CacheError) -> StageError {
