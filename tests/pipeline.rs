@@ -81,6 +81,14 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
         "{}",
         first.stderr
     );
+    // Mine embeds the chunks the judge's round trip embedded: it reuses them.
+    assert!(
+        first
+            .stderr
+            .contains("encoding chunks: reused the embeddings of"),
+        "{}",
+        first.stderr
+    );
 
     // The registered model is a sentence-transformers folder with its provenance.
     let model = project.path(".ragd-home/models/e2e");
