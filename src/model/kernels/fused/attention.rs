@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::math::{exp, max, sum_by, sum_zip_by};
-use super::{Operand, Product, Read, SharedMut, input, matmul, multiversion};
+use super::{Operand, Read, SharedMut, input, matmul, multiversion};
 use crate::model::kernels::{Dropout, KeepRule};
 
 #[derive(Clone, Copy)]
@@ -114,7 +114,6 @@ impl Attention {
                 },
                 self.scale,
                 false,
-                Product::Forward,
             );
         }
         softmax_rows(probs, &mask[b * seq..(b + 1) * seq]);
@@ -203,7 +202,6 @@ impl CustomOp2 for Attention {
                     },
                     1.0,
                     false,
-                    Product::Forward,
                 );
             }
         });
@@ -281,7 +279,6 @@ impl CustomOp2 for Attention {
                     grad_out,
                     1.0,
                     false,
-                    Product::Gradient,
                 );
                 // dP_used = dO · V^T
                 matmul(
@@ -297,7 +294,6 @@ impl CustomOp2 for Attention {
                     },
                     1.0,
                     false,
-                    Product::Gradient,
                 );
             }
             if let Some(keep) = self.keep {
@@ -333,7 +329,6 @@ impl CustomOp2 for Attention {
                     },
                     self.scale,
                     false,
-                    Product::Gradient,
                 );
                 // dK = scale · dS^T · Q
                 matmul(
@@ -353,7 +348,6 @@ impl CustomOp2 for Attention {
                     },
                     self.scale,
                     false,
-                    Product::Gradient,
                 );
             }
         });

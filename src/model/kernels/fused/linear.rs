@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{CHUNK, Operand, Product, Read, input, matmul, multiversion};
+use super::{CHUNK, Operand, Read, input, matmul, multiversion};
 
 multiversion! {
     /// Adds each row of `rows` (rows of `sums.len()` elements) into `sums`.
@@ -90,7 +90,6 @@ impl CustomOp3 for Linear {
                 },
                 1.0,
                 true,
-                Product::Forward,
             );
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -134,7 +133,6 @@ impl CustomOp3 for Linear {
                 },
                 1.0,
                 true,
-                Product::Gradient,
             );
             matmul(
                 (out, inp, rows),
@@ -153,7 +151,6 @@ impl CustomOp3 for Linear {
                 },
                 1.0,
                 true,
-                Product::Gradient,
             );
             grad_x.set_len(rows * inp);
             grad_w.set_len(out * inp);

@@ -136,30 +136,17 @@ unsafe impl Send for Operand {}
 // SAFETY: as above.
 unsafe impl Sync for Operand {}
 
-/// What a product feeds, which decides the precision it needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Product {
-    /// Activations of the forward pass: embeddings and the loss are compared with f32 references.
-    Forward,
-    /// Gradients: they feed an optimiser step, which tolerates bf16 rounding as mixed-precision
-    /// training does everywhere.
-    Gradient,
-}
-
 /// Which engine multiplies f32 matrices on the CPU, from `RAGD_MATMUL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MatmulEngine {
     /// The `gemm` crate, f32 throughout (AVX-512 or AVX2 FMA).
     F32,
-    /// AMX tiles (where the CPU has them), f32-like everywhere: three bf16 passes per product.
+    /// AMX tiles (where the CPU has them): three bf16 products per f32 product, f32-like.
     Bf16x3,
-    /// AMX tiles: three passes for forward products, one (bf16) for gradient products.
-    Mixed,
 }
 
 impl MatmulEngine {
-    /// The engine in use: `RAGD_MATMUL` (`f32`, `bf16x3`, `mixed`), by default `mixed`;
-    /// without AMX always [`MatmulEngine::F32`].
+    /// The engine in use: AMX where the CPU has it, unless `RAGD_MATMUL=f32`.
     pub(crate) fn selected() -> Self {
         static SELECTED: std::sync::OnceLock<MatmulEngine> = std::sync::OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -167,8 +154,7 @@ impl MatmulEngine {
             if amx::available() {
                 return match std::env::var("RAGD_MATMUL").as_deref() {
                     Ok("f32") => Self::F32,
-                    Ok("bf16x3") => Self::Bf16x3,
-                    _ => Self::Mixed,
+                    _ => Self::Bf16x3,
                 };
             }
             Self::F32
@@ -179,7 +165,6 @@ impl MatmulEngine {
         match self {
             Self::F32 => "f32 (gemm crate)",
             Self::Bf16x3 => "AMX bf16x3",
-            Self::Mixed => "AMX bf16x3 forward, bf16 gradients",
         }
     }
 }
@@ -204,34 +189,23 @@ unsafe fn matmul(
     rhs: Operand,
     scale: f32,
     parallel: bool,
-    product: Product,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if m.min(n).min(k) >= AMX_MIN_SIDE {
-        let passes = match (MatmulEngine::selected(), product) {
-            (MatmulEngine::F32, _) => None,
-            (MatmulEngine::Bf16x3, _) | (MatmulEngine::Mixed, Product::Forward) => {
-                Some(amx::Passes::Three)
-            }
-            (MatmulEngine::Mixed, Product::Gradient) => Some(amx::Passes::One),
-        };
-        if let Some(passes) = passes {
-            // SAFETY: forwarded from the caller; `selected` chose AMX only where available.
-            unsafe {
-                amx::matmul(
-                    (m, n, k),
-                    dst,
-                    (dst_rows, dst_cols),
-                    accumulate,
-                    lhs,
-                    rhs,
-                    scale,
-                    parallel,
-                    passes,
-                );
-            }
-            return;
+    if m.min(n).min(k) >= AMX_MIN_SIDE && MatmulEngine::selected() == MatmulEngine::Bf16x3 {
+        // SAFETY: forwarded from the caller; `selected` chose AMX only where available.
+        unsafe {
+            amx::matmul(
+                (m, n, k),
+                dst,
+                (dst_rows, dst_cols),
+                accumulate,
+                lhs,
+                rhs,
+                scale,
+                parallel,
+            );
         }
+        return;
     }
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())

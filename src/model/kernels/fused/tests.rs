@@ -2,27 +2,15 @@
 //! on random f32 inputs (never zeros) at several shapes, odd sizes and padded masks included.
 //! Backward: the gradient of `sum(out * probe)` for a random `probe`, with respect to every input.
 //! Tolerance: the largest difference at most 2e-5 of the largest reference magnitude (both run in
-//! f32 and sum in different orders; a wrong formula is off by the size of the values). Gradients
-//! get 1e-2 where the matmul engine computes gradient products in bf16 ([`MatmulEngine::Mixed`],
-//! about 3 significant digits per product; the AMX tests bound that error on its own).
+//! f32 and sum in different orders; a wrong formula is off by the size of the values).
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::super::{Dropout, reference};
-use super::MatmulEngine;
 
 const TOLERANCE: f32 = 2e-5;
-
-/// The tolerance of gradients: bf16 gradient products round each product to ~3 digits.
-fn gradient_tolerance() -> f32 {
-    if MatmulEngine::selected() == MatmulEngine::Mixed {
-        1e-2
-    } else {
-        TOLERANCE
-    }
-}
 
 fn random(rng: &mut ChaCha8Rng, dims: &[usize], range: f32) -> Tensor {
     let n: usize = dims.iter().product();
@@ -42,7 +30,7 @@ fn values(t: &Tensor) -> Vec<f32> {
         .expect("f32 values")
 }
 
-fn assert_close(got: &Tensor, want: &Tensor, tolerance: f32, what: &str) {
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     let (got, want) = (values(got), values(want));
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -52,7 +40,7 @@ fn assert_close(got: &Tensor, want: &Tensor, tolerance: f32, what: &str) {
         .map(|(g, w)| (g - w).abs())
         .fold(0f32, f32::max);
     assert!(
-        worst <= tolerance * scale,
+        worst <= TOLERANCE * scale,
         "{what}: off by {worst} (largest value {scale})"
     );
 }
@@ -78,12 +66,7 @@ fn compare(
     };
     let (fused_vars, fused_out) = run(&fused);
     let (reference_vars, reference_out) = run(&reference);
-    assert_close(
-        &fused_out,
-        &reference_out,
-        TOLERANCE,
-        &format!("{what} forward"),
-    );
+    assert_close(&fused_out, &reference_out, &format!("{what} forward"));
 
     let probe = random(rng, fused_out.dims(), 1.);
     let backward = |out: &Tensor, vars: &[Var]| {
@@ -108,12 +91,7 @@ fn compare(
         .zip(&fused_grads)
         .zip(&reference_grads)
     {
-        assert_close(
-            f,
-            r,
-            gradient_tolerance(),
-            &format!("{what} gradient of input {i}"),
-        );
+        assert_close(f, r, &format!("{what} gradient of input {i}"));
     }
 }
 
