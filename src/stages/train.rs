@@ -7,6 +7,7 @@
 //! `grad_norm`, `examples_per_s`), which evaluate plots. Checkpoints go to the journal every
 //! `checkpoint_every` steps, so an interrupted run resumes where it left off.
 
+use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -316,7 +317,20 @@ impl Stage for Train {
             self.config.batch_size
         ));
         let bar = ctx.progress("training", Some(total));
+        // The log grows a line per step as training goes (to follow with `tail -f`); the
+        // complete log, steps before a resume included, replaces it at the end.
+        let log_path = ctx.out_dir.join(TRAIN_LOG_FILE);
+        let mut live_log = std::io::BufWriter::new(fs_err::File::create(&log_path)?);
+        let mut log_error = None;
         let outcome = trainer.run(&tokenized, Some(ctx.journal_dir.as_path()), &mut |record| {
+            if log_error.is_none()
+                && let Err(error) = serde_json::to_writer(&mut live_log, record)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| live_log.write_all(b"\n"))
+                    .and_then(|()| live_log.flush())
+            {
+                log_error = Some(error);
+            }
             bar.set_with_message(
                 record.step,
                 &format!(
@@ -339,8 +353,11 @@ impl Stage for Train {
         if let Some(step) = outcome.resumed_from {
             ctx.info(format!("resumed from the checkpoint at step {step}"));
         }
-
-        io::write_jsonl(&ctx.out_dir.join(TRAIN_LOG_FILE), &outcome.log)?;
+        if let Some(error) = log_error {
+            return Err(error.into());
+        }
+        drop(live_log);
+        io::write_jsonl(&log_path, &outcome.log)?;
         let mut extra = serde_json::Map::new();
         extra.insert(
             "recipe_hash".to_owned(),
