@@ -236,11 +236,19 @@ impl Store {
         Ok(manifest)
     }
 
-    /// Deletes a committed artifact (when it is corrupt, before recomputing it).
+    /// Deletes a committed artifact (when it is corrupt, or forced, before recomputing it).
+    /// One rename first takes it out of the store, so a kill mid-delete cannot leave half an
+    /// artifact there; the remains in the key's staging folder go with its next commit.
     pub fn remove(&self, key: &str) -> Result<(), CacheError> {
         let dir = self.artifact_dir(key);
         if dir.exists() {
-            fs::remove_dir_all(dir)?;
+            let aside = self.root.join("tmp-v1").join(key).join("discarded");
+            if aside.exists() {
+                fs::remove_dir_all(&aside)?;
+            }
+            fs::create_dir_all(self.root.join("tmp-v1").join(key))?;
+            fs::rename(&dir, &aside)?;
+            fs::remove_dir_all(&aside)?;
         }
         Ok(())
     }
@@ -289,11 +297,15 @@ impl Store {
     /// Removes an artifact, its record, and any staging folder of a key; returns the bytes freed.
     pub fn purge(&self, key: &str) -> Result<u64, CacheError> {
         let mut freed = 0;
-        for dir in [self.artifact_dir(key), self.root.join("tmp-v1").join(key)] {
-            if dir.exists() {
-                freed += dir_size(&dir);
-                fs::remove_dir_all(&dir)?;
-            }
+        let artifact = self.artifact_dir(key);
+        if artifact.exists() {
+            freed += dir_size(&artifact);
+            self.remove(key)?;
+        }
+        let staging = self.root.join("tmp-v1").join(key);
+        if staging.exists() {
+            freed += dir_size(&staging);
+            fs::remove_dir_all(&staging)?;
         }
         let record = self.record_path(key);
         if record.exists() {
