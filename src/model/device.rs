@@ -20,7 +20,8 @@ pub enum Accelerator {
     Metal,
 }
 
-/// A candle device and how to describe it to the user (`cpu (2 threads, avx512f)`, `cuda:0`).
+/// A candle device and how to describe it to the user (`cpu (2 threads, avx512f, matmul AMX
+/// bf16x3)`, `cuda:0`).
 #[derive(Debug, Clone)]
 pub struct SelectedDevice {
     pub device: Device,
@@ -83,7 +84,11 @@ fn cpu(note: &str) -> SelectedDevice {
         .unwrap_or("no simd");
     SelectedDevice {
         device: Device::Cpu,
-        description: format!("cpu ({} threads, {simd}{note})", cpu_threads()),
+        description: format!(
+            "cpu ({} threads, {simd}, matmul {}{note})",
+            cpu_threads(),
+            crate::model::kernels::matmul_engine()
+        ),
     }
 }
 
