@@ -198,11 +198,8 @@ unsafe fn pack_lhs(out: &mut [u16], a: Operand, m: usize, row0: usize, tiles: us
         return;
     }
     // Otherwise (the transposed case has rows contiguous): 16 rows of two consecutive k at a
-    // time, paired and scattered down the 16 tile rows.
-    let lanes = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((TILE_K * 2) as i32),
-    );
+    // time make one vector of pairs per k-pair; a tile's 16 such vectors, transposed, are its 16
+    // rows.
     for t in 0..tiles {
         let first = row0 + t * TILE_ROWS;
         let rows = m.saturating_sub(first).min(TILE_ROWS);
@@ -217,19 +214,54 @@ unsafe fn pack_lhs(out: &mut [u16], a: Operand, m: usize, row0: usize, tiles: us
             }
         };
         for kb in 0..ks.blocks {
+            let mut hi = [_mm512_setzero_si512(); 16];
+            let mut lo = [_mm512_setzero_si512(); 16];
             for p in 0..TILE_K / 2 {
                 let kk = ks.start + kb * TILE_K + 2 * p;
                 let ((h0, l0), (h1, l1)) = (split(column(kk)), split(column(kk + 1)));
-                let at = t * PARTS * part_len + kb * TILE_ELEMS + 2 * p;
-                // SAFETY: lane `i` writes the pair at row `i` of this tile, within `out`.
-                unsafe {
-                    let hi = out.add(at).cast::<u8>();
-                    _mm512_i32scatter_epi32::<1>(hi.cast(), lanes, pair(h0, h1));
-                    let lo = out.add(at + part_len).cast::<u8>();
-                    _mm512_i32scatter_epi32::<1>(lo.cast(), lanes, pair(l0, l1));
+                hi[p] = pair(h0, h1);
+                lo[p] = pair(l0, l1);
+            }
+            let at = t * PARTS * part_len + kb * TILE_ELEMS;
+            for (vectors, offset) in [(&mut hi, at), (&mut lo, at + part_len)] {
+                transpose(vectors);
+                for (r, row) in vectors.iter().enumerate() {
+                    // SAFETY: row `r` of this tile, 64 bytes within `out`.
+                    unsafe { _mm512_storeu_si512(out.add(offset + r * TILE_K).cast(), *row) };
                 }
             }
         }
+    }
+}
+
+/// Transposes a 16 × 16 matrix of 32-bit lanes held as 16 row vectors, in place.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose(rows: &mut [__m512i; 16]) {
+    let r = *rows;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        let b = 4 * i;
+        u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+        u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+        u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+    }
+    for half in 0..2 {
+        let b = 8 * half;
+        for i in 0..4 {
+            t[b + i] = _mm512_shuffle_i32x4::<0x88>(u[b + i], u[b + i + 4]);
+            t[b + i + 4] = _mm512_shuffle_i32x4::<0xdd>(u[b + i], u[b + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        rows[i] = _mm512_shuffle_i32x4::<0x88>(t[i], t[i + 8]);
+        rows[i + 8] = _mm512_shuffle_i32x4::<0xdd>(t[i], t[i + 8]);
     }
 }
 
