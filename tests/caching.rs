@@ -312,3 +312,40 @@ fn json_events_describe_the_run() {
         .collect();
     assert_eq!(runs.len(), 1);
 }
+
+/// Keys name every input file relative to its folder: the same project in another place (a
+/// clone, a moved folder) plans the same keys for every stage, BEIR datasets included.
+#[test]
+fn a_project_in_another_folder_plans_the_same_keys() {
+    let recipe = "name: moved\nchunk:\n  input: docs\nevaluate:\n  heldout: false\n  datasets:\n    - path: data\n      name: tiny\n";
+    let keys = || {
+        let project = project_with_docs(3);
+        project.write("recipe.yaml", recipe);
+        project.write(
+            "data/corpus.jsonl",
+            "{\"_id\": \"d1\", \"text\": \"Snapshots are kept for thirty days.\"}\n",
+        );
+        project.write(
+            "data/queries.jsonl",
+            "{\"_id\": \"q1\", \"text\": \"How long are snapshots kept?\"}\n",
+        );
+        project.write(
+            "data/qrels/test.tsv",
+            "query-id\tcorpus-id\tscore\nq1\td1\t1\n",
+        );
+        let plan = project.run(&["--json", "plan", "recipe.yaml"]);
+        plan.success();
+        let event: serde_json::Value =
+            serde_json::from_str(plan.stdout.lines().next().expect("the plan event"))
+                .expect("JSON");
+        event["stages"]
+            .as_array()
+            .expect("stages")
+            .iter()
+            .map(|s| (s["stage"].to_string(), s["key"].to_string()))
+            .collect::<Vec<_>>()
+    };
+    let (first, second) = (keys(), keys());
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first, second);
+}

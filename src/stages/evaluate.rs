@@ -218,10 +218,15 @@ impl Stage for Evaluate {
             path,
         }];
         for (set, dir) in self.params.datasets.iter().zip(&self.dataset_dirs) {
+            // Named relative to the dataset folder: the key must not change when the project moves.
+            let files = eval::beir::files(dir, &set.split)
+                .iter()
+                .map(|file| file.strip_prefix(dir).unwrap_or(file).to_path_buf())
+                .collect();
             externals.push(External::Files {
                 label: format!("dataset {}", set_name(set, dir)),
                 root: dir.clone(),
-                files: eval::beir::files(dir, &set.split).to_vec(),
+                files,
             });
         }
         Ok(externals)
