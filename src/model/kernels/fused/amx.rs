@@ -138,6 +138,31 @@ unsafe fn load_strided(ptr: *const f32, step: isize, count: usize) -> __m512 {
     unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
 }
 
+/// `count` (at most 16) elements of `operand` from `(row, col)` on, `step` apart, zeros beyond;
+/// with `count == 0` nothing is read, so the position may lie past the operand's end.
+///
+/// # Safety
+/// The `count` elements must lie within the operand.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_line(
+    operand: Operand,
+    (row, col): (usize, usize),
+    step: isize,
+    count: usize,
+) -> __m512 {
+    if count == 0 {
+        return _mm512_setzero_ps();
+    }
+    // SAFETY: as the caller promises.
+    unsafe {
+        let start = operand
+            .ptr
+            .offset(row as isize * operand.rows + col as isize * operand.cols);
+        load_strided(start, step, count)
+    }
+}
+
 /// The `k` range one packing covers: `blocks` tile-widths from `start` of a `total`-long axis.
 #[derive(Clone, Copy)]
 struct KRange {
@@ -204,14 +229,9 @@ unsafe fn pack_lhs(out: &mut [u16], a: Operand, m: usize, row0: usize, tiles: us
         let first = row0 + t * TILE_ROWS;
         let rows = m.saturating_sub(first).min(TILE_ROWS);
         let column = |kk: usize| {
-            if kk >= ks.total || rows == 0 {
-                return _mm512_setzero_ps();
-            }
-            // SAFETY: rows `first..first + rows` and `kk` are within `[m, k]`.
-            unsafe {
-                let src = a.ptr.offset(first as isize * a.rows + kk as isize * a.cols);
-                load_strided(src, a.rows, rows)
-            }
+            let count = if kk < ks.total { rows } else { 0 };
+            // SAFETY: rows `first..first + rows` at column `kk < k` are within `[m, k]`.
+            unsafe { load_line(a, (first, kk), a.rows, count) }
         };
         for kb in 0..ks.blocks {
             let mut hi = [_mm512_setzero_si512(); 16];
@@ -311,14 +331,9 @@ unsafe fn pack_rhs(out: &mut [u16], b: Operand, n: usize, col0: usize, ks: KRang
     }
     // Otherwise (rows contiguous along n): two consecutive rows of 16 columns make a tile row.
     let row = |kk: usize| {
-        if kk >= ks.total || cols == 0 {
-            return _mm512_setzero_ps();
-        }
-        // SAFETY: `kk < k` and columns `col0..col0 + cols` are within `[k, n]`.
-        unsafe {
-            let src = b.ptr.offset(kk as isize * b.rows + col0 as isize * b.cols);
-            load_strided(src, b.cols, cols)
-        }
+        let count = if kk < ks.total { cols } else { 0 };
+        // SAFETY: columns `col0..col0 + cols` of row `kk < k` are within `[k, n]`.
+        unsafe { load_line(b, (kk, col0), b.cols, count) }
     };
     for kb in 0..ks.blocks {
         for p in 0..TILE_K / 2 {

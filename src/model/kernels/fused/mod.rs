@@ -2,8 +2,9 @@
 //! slices, with a `bwd` that computes its input gradients in one pass instead of the half-dozen
 //! elementwise ops, reductions and copies autograd records for the composed reference.
 //!
-//! Matrix products go to the `gemm` crate (the same one candle's matmul uses) with strides that
-//! read transposed operands in place. Elementwise loops are plain Rust, compiled three times
+//! Matrix products go to AMX tiles where the CPU has them (`amx`, f32-like through three bf16
+//! products), else to the `gemm` crate (the one candle's matmul uses), with strides that read
+//! transposed operands in place. Elementwise loops are plain Rust, compiled three times
 //! ([`multiversion!`]: AVX-512, AVX2+FMA, portable) and picked at run time from the CPU's features,
 //! so the compiler vectorises them for the widest registers the machine has. Work is spread
 //! over rayon's threads: rows for LayerNorm, chunks for GELU and dropout, batch x heads for
