@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::util::Project;
+use crate::util::{Project, copy_dir};
 
 /// Calls answered, per prompt.
 type Calls = Arc<Mutex<HashMap<String, usize>>>;
@@ -253,19 +253,6 @@ fn the_llm_judge_drops_rejected_and_unparseable_verdicts() {
         summary["dropped"]["llm_judge (unparseable)"]["count"], 1,
         "{summary}"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create folder");
-    for entry in std::fs::read_dir(from).expect("read folder") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy file");
-        }
-    }
 }
 
 /// Issue 4: `recipes/quickstart.yaml`, with only its LLM switched to a real Ollama serving

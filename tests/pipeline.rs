@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::util::Project;
+use crate::util::{Project, copy_dir};
 
 /// The pipeline over a copy of `examples/`, small enough for a test.
 const RECIPE: &str = "\
@@ -32,19 +32,6 @@ evaluate:
 register:
   make_default: true
 ";
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create folder");
-    for entry in std::fs::read_dir(from).expect("read folder") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy file");
-        }
-    }
-}
 
 fn project() -> Project {
     let project = Project::new();

@@ -151,3 +151,17 @@ pub(crate) fn normalize(text: &str, root: &Path) -> String {
     let hash = regex::Regex::new(r"\b[0-9a-f]{12,64}\b").expect("regex");
     hash.replace_all(&text, "[HASH]").into_owned()
 }
+
+/// Copies a folder tree (the repository's examples into a test project).
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create folder");
+    for entry in std::fs::read_dir(from).expect("read folder") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
