@@ -31,11 +31,10 @@ impl EmbeddingCache {
         }
     }
 
-    /// The key of `texts` embedded by the model in `model_dir` under `settings` (whatever else
-    /// changes the numbers: device, kernels, batch size, sequence length).
-    pub fn key(model_dir: &Path, settings: &str, texts: &[&str]) -> Result<String, CacheError> {
+    /// The identity of the model in `model_dir`: a digest of its files. Computed once per model
+    /// by callers that embed several corpora with it.
+    pub fn model_digest(model_dir: &Path) -> Result<String, CacheError> {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(MAGIC);
         let mut memo = DigestMemo::in_memory();
         for relative in list_files(model_dir)? {
             let digest = memo.digest(&model_dir.join(&relative))?;
@@ -43,13 +42,24 @@ impl EmbeddingCache {
             hasher.update(&[0]);
             hasher.update(digest.blake3.as_bytes());
         }
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+
+    /// The key of `texts` embedded by the model with `model_digest` ([`Self::model_digest`])
+    /// under `settings` (whatever else changes the numbers: device, kernels, batch size,
+    /// sequence length).
+    pub fn key(model_digest: &str, settings: &str, texts: &[&str]) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(MAGIC);
+        hasher.update(model_digest.as_bytes());
+        hasher.update(&[0]);
         hasher.update(settings.as_bytes());
         hasher.update(&[0]);
         for text in texts {
             hasher.update(&(text.len() as u64).to_le_bytes());
             hasher.update(text.as_bytes());
         }
-        Ok(hasher.finalize().to_hex().to_string())
+        hasher.finalize().to_hex().to_string()
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -106,7 +116,8 @@ mod tests {
         fs_err::create_dir_all(&model).expect("model dir");
         fs_err::write(model.join("model.safetensors"), b"weights").expect("weights");
         let key = |settings: &str, texts: &[&str]| {
-            EmbeddingCache::key(&model, settings, texts).expect("key")
+            let digest = EmbeddingCache::model_digest(&model).expect("model digest");
+            EmbeddingCache::key(&digest, settings, texts)
         };
         let base = key("cpu", &["a", "b"]);
         assert_eq!(base, key("cpu", &["a", "b"]));

@@ -261,7 +261,7 @@ impl Stage for Evaluate {
             SystemKind::Base,
             self.base_model.clone(),
             io::load_encoder_dir(&ctx.env, &base_dir)?,
-            base_dir,
+            io::model_digest(&base_dir)?,
         )];
         let mut trained_dims = Vec::new();
         let mut training = None;
@@ -271,7 +271,7 @@ impl Stage for Evaluate {
                 SystemKind::FineTuned,
                 dir.display().to_string(),
                 io::load_encoder_dir(&ctx.env, &dir)?,
-                dir.clone(),
+                io::model_digest(&dir)?,
             ));
             trained_dims = recorded_dimensions(&dir);
             let log = artifact.join(TRAIN_LOG_FILE);
@@ -307,9 +307,9 @@ impl Stage for Evaluate {
                     .add_system(spec, scores, &settings)
                     .map_err(eval_error)?;
             }
-            for (kind, reference, encoder, model_dir) in &models {
+            for (kind, reference, encoder, digest) in &models {
                 let dims = self.dimensions(encoder.dim(), &trained_dims);
-                let model = (encoder, model_dir.as_path());
+                let model = (encoder, digest.as_str());
                 for (dim, ranked) in
                     set.rank_dense(ctx, model, &dims, self.params.batch_size, &metrics)?
                 {
@@ -538,14 +538,14 @@ impl EvalSet {
     fn rank_dense(
         &self,
         ctx: &StageContext,
-        (encoder, model_dir): (&SentenceEncoder, &Path),
+        (encoder, model_digest): (&SentenceEncoder, &str),
         dims: &[usize],
         batch_size: usize,
         metrics: &[Metric],
     ) -> Result<Vec<(usize, Rankings)>, StageError> {
         let texts: Vec<&str> = self.documents.iter().map(|(_, t)| t.as_str()).collect();
         let label = format!("{}: encoding documents", self.name);
-        let docs = io::encode_cached(ctx, encoder, model_dir, &texts, batch_size, &label)?;
+        let docs = io::encode_cached(ctx, encoder, model_digest, &texts, batch_size, &label)?;
         ctx.check_cancelled()?;
         let queries = encoder
             .encode(&self.query_texts(), batch_size, &mut |_| {})

@@ -126,17 +126,23 @@ pub fn encode_corpus(
         .env
         .resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
     let encoder = load_encoder_dir(&ctx.env, &dir)?;
-    let embeddings = encode_cached(ctx, &encoder, &dir, texts, batch_size, "encoding chunks")?;
+    let digest = model_digest(&dir)?;
+    let embeddings = encode_cached(ctx, &encoder, &digest, texts, batch_size, "encoding chunks")?;
     Ok((encoder, embeddings))
 }
 
-/// Embeddings of `texts` by `encoder` (loaded from `model_dir`), from the workdir's embedding
+/// The embedding cache's identity of the model in `dir` ([`EmbeddingCache::model_digest`]).
+pub fn model_digest(dir: &Path) -> Result<String, StageError> {
+    EmbeddingCache::model_digest(dir).map_err(cache_error)
+}
+
+/// Embeddings of `texts` by `encoder` (whose files have `model_digest`), from the workdir's embedding
 /// cache when an earlier stage or run embedded the same texts with the same model and settings,
 /// else encoded under a progress bar called `label` and cached.
 pub fn encode_cached(
     ctx: &StageContext,
     encoder: &SentenceEncoder,
-    model_dir: &Path,
+    model_digest: &str,
     texts: &[&str],
     batch_size: usize,
     label: &str,
@@ -149,7 +155,7 @@ pub fn encode_cached(
         encoder.max_seq_length(),
     );
     let cache = EmbeddingCache::new(&ctx.shared_dir);
-    let key = EmbeddingCache::key(model_dir, &settings, texts).map_err(cache_error)?;
+    let key = EmbeddingCache::key(model_digest, &settings, texts);
     if let Some((dim, data)) = cache.load(&key)
         && dim == encoder.dim()
         && data.len() == dim * texts.len()
