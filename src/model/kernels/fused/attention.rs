@@ -101,7 +101,7 @@ impl Attention {
                 (seq, seq, head_dim),
                 probs.as_mut_ptr(),
                 (seq as isize, 1),
-                false,
+                None,
                 Operand {
                     ptr: qkv.as_ptr().add(base),
                     rows: packed,
@@ -189,7 +189,7 @@ impl CustomOp2 for Attention {
                     (seq, head_dim, seq),
                     out.ptr().add(b * seq * hidden + head * head_dim),
                     (hidden as isize, 1),
-                    false,
+                    None,
                     Operand {
                         ptr: probs.as_ptr(),
                         rows: seq as isize,
@@ -270,7 +270,7 @@ impl CustomOp2 for Attention {
                     (seq, head_dim, seq),
                     out.ptr().add(v),
                     (packed, 1),
-                    false,
+                    None,
                     Operand {
                         ptr: used.as_ptr(),
                         rows: 1,
@@ -285,7 +285,7 @@ impl CustomOp2 for Attention {
                     (seq, seq, head_dim),
                     grad_probs.as_mut_ptr(),
                     (seq as isize, 1),
-                    false,
+                    None,
                     grad_out,
                     Operand {
                         ptr: qkv_data.as_ptr().add(v),
@@ -316,7 +316,7 @@ impl CustomOp2 for Attention {
                     (seq, head_dim, seq),
                     out.ptr().add(q),
                     (packed, 1),
-                    false,
+                    None,
                     Operand {
                         ptr: grad_probs.as_ptr(),
                         rows: seq as isize,
@@ -335,7 +335,7 @@ impl CustomOp2 for Attention {
                     (seq, head_dim, seq),
                     out.ptr().add(k),
                     (packed, 1),
-                    false,
+                    None,
                     Operand {
                         ptr: grad_probs.as_ptr(),
                         rows: 1,

@@ -1,4 +1,4 @@
-//! `x @ weight^T + bias` as one gemm into an output pre-filled with the bias, and its backward as
+//! `x @ weight^T + bias` as one product that starts from the bias, and its backward as
 //! two gemms reading the transposed operands in place plus the bias gradient as a parallel
 //! column sum (autograd's `broadcast_add` backward reduces `[rows, out]` along its strided axis,
 //! which cost more than the matmul for the 384 -> 1536 layer).
@@ -68,16 +68,14 @@ impl CustomOp3 for Linear {
             );
         }
         let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(bias);
-        }
-        // SAFETY: `y` is `[rows, out]`, `x` `[rows, inp]`, `w` `[out, inp]` read as `w^T`.
+        // SAFETY: `y` is `[rows, out]`, `x` `[rows, inp]`, `w` `[out, inp]` read as `w^T`; the
+        // product writes every element of `y` (starting from the bias) before `set_len`.
         unsafe {
             matmul(
                 (rows, out, inp),
                 y.as_mut_ptr(),
                 (out as isize, 1),
-                true,
+                Some(bias),
                 Operand {
                     ptr: x.as_ptr(),
                     rows: inp as isize,
@@ -91,6 +89,7 @@ impl CustomOp3 for Linear {
                 1.0,
                 true,
             );
+            y.set_len(rows * out);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
@@ -109,18 +108,18 @@ impl CustomOp3 for Linear {
         let g = read_grad.slice(self.name())?;
         let (rows, inp) = x.dims2()?;
         let out = w.dim(0)?;
-        // Both products overwrite every element without reading it, so the buffers skip zeroing.
+        // Both products write every element, so the buffers skip zeroing.
         let mut grad_x: Vec<f32> = Vec::with_capacity(rows * inp);
         let mut grad_w: Vec<f32> = Vec::with_capacity(out * inp);
         // SAFETY: grad_x `[rows, inp]` = grad `[rows, out]` · w `[out, inp]`; grad_w `[out, inp]`
         // = grad^T `[out, rows]` · x `[rows, inp]`; every buffer has the capacity its strides
-        // reach, and with `accumulate` false each product writes all of it before `set_len`.
+        // reach, and each product writes all of it before `set_len`.
         unsafe {
             matmul(
                 (rows, inp, out),
                 grad_x.as_mut_ptr(),
                 (inp as isize, 1),
-                false,
+                None,
                 Operand {
                     ptr: g.as_ptr(),
                     rows: out as isize,
@@ -138,7 +137,7 @@ impl CustomOp3 for Linear {
                 (out, inp, rows),
                 grad_w.as_mut_ptr(),
                 (inp as isize, 1),
-                false,
+                None,
                 Operand {
                     ptr: g.as_ptr(),
                     rows: 1,

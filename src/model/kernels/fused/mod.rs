@@ -174,8 +174,9 @@ impl MatmulEngine {
 /// more than it saves (the per-head attention products are 32 wide).
 const AMX_MIN_SIDE: usize = 64;
 
-/// `dst = (accumulate ? dst : 0) + scale * lhs · rhs` for `lhs` `[m, k]` and `rhs` `[k, n]`,
-/// strides as given (a transposed operand is a stride swap, read in place).
+/// `dst = bias + scale * lhs · rhs` for `lhs` `[m, k]` and `rhs` `[k, n]`, strides as given (a
+/// transposed operand is a stride swap, read in place); `bias` (`[n]`, added to every row) is a
+/// linear layer's, zeros without. `dst` is only written.
 ///
 /// # Safety
 /// Every pointer must be valid for the elements its strides and sizes reach, and `dst` must not
@@ -185,7 +186,7 @@ unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (dst_rows, dst_cols): (isize, isize),
-    accumulate: bool,
+    bias: Option<&[f32]>,
     lhs: Operand,
     rhs: Operand,
     scale: f32,
@@ -199,7 +200,7 @@ unsafe fn matmul(
                 (m, n, k),
                 dst,
                 (dst_rows, dst_cols),
-                accumulate,
+                bias,
                 lhs,
                 rhs,
                 scale,
@@ -213,6 +214,14 @@ unsafe fn matmul(
     } else {
         gemm::Parallelism::None
     };
+    if let Some(bias) = bias {
+        for i in 0..m {
+            for (j, &b) in bias.iter().enumerate().take(n) {
+                // SAFETY: `(i, j)` is within `dst`, by the caller.
+                unsafe { *dst.offset(i as isize * dst_rows + j as isize * dst_cols) = b };
+            }
+        }
+    }
     // SAFETY: forwarded from the caller.
     unsafe {
         gemm::gemm(
@@ -222,7 +231,7 @@ unsafe fn matmul(
             dst,
             dst_cols,
             dst_rows,
-            accumulate,
+            bias.is_some(),
             lhs.ptr,
             lhs.cols,
             lhs.rows,
