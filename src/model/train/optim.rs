@@ -3,10 +3,10 @@
 //!
 //! Written here rather than taken from `candle_nn::AdamW`, which decays every parameter: the
 //! usual fine-tuning recipe (Hugging Face's Trainer, so sentence-transformers) exempts biases and
-//! LayerNorm weights. On the CPU in f32 the update is one fused pass over each parameter's values;
+//! LayerNorm weights. On the CPU in f32 the update runs in place in fused passes over each parameter;
 //! elsewhere it is tensor ops, so it runs on whatever device holds the model.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -49,8 +49,9 @@ pub struct Param {
 
 impl Param {
     pub fn new(name: String, var: Var, decay: bool) -> Result<Self> {
+        // Two allocations: the fused update writes each moment in place.
         let m = var.zeros_like()?.detach();
-        let v = m.clone();
+        let v = var.zeros_like()?.detach();
         Ok(Self {
             name,
             var,
@@ -109,8 +110,9 @@ impl AdamW {
         for (param, grad) in self.params.iter_mut().zip(grads) {
             let decay = if param.decay { weight_decay } else { 0. };
             let fused = matches!(param.var.device(), Device::Cpu)
-                && param.var.dtype() == DType::F32
-                && param.m.dtype() == DType::F32;
+                && [param.var.as_tensor(), &param.m, &param.v]
+                    .iter()
+                    .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
             if fused {
                 step.fused(param, grad, decay)?;
             } else {
@@ -150,38 +152,149 @@ impl Step {
         param.var.set(&(value - update)?)
     }
 
-    /// The same update in one parallel pass over f32 slices on the CPU, instead of a dozen
-    /// tensor ops each allocating and streaming the parameter through memory.
+    /// The same update over f32 slices on the CPU, in place: three parallel passes (each
+    /// moment, then the parameter) that neither allocate nor copy, where a dozen tensor ops
+    /// would each allocate and stream the parameter through memory.
     fn fused(&self, param: &mut Param, grad: &Tensor, decay: f64) -> Result<()> {
-        let shape = param.var.shape().clone();
-        let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let mut value = flat(param.var.as_tensor())?;
-        let grad = flat(grad)?;
-        let mut m = flat(&param.m)?;
-        let mut v = flat(&param.v)?;
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-        let keep = (1. - self.lr * decay) as f32;
-        let (step_size, correction2_sqrt, eps) = (
-            self.step_size as f32,
-            self.correction2_sqrt as f32,
-            self.eps as f32,
-        );
-        value
-            .par_iter_mut()
-            .zip(m.par_iter_mut())
-            .zip(v.par_iter_mut())
-            .zip(grad.par_iter())
-            .with_min_len(4096)
-            .for_each(|(((p, m), v), &g)| {
-                *m = b1 * *m + (1. - b1) * g;
-                *v = b2 * *v + (1. - b2) * g * g;
-                *p = *p * keep - step_size * *m / (v.sqrt() / correction2_sqrt + eps);
-            });
+        param.m.inplace_op2(
+            &grad,
+            &MomentUpdate {
+                beta: b1,
+                squared: false,
+            },
+        )?;
+        param.v.inplace_op2(
+            &grad,
+            &MomentUpdate {
+                beta: b2,
+                squared: true,
+            },
+        )?;
+        let update = ParamUpdate {
+            keep: (1. - self.lr * decay) as f32,
+            step_size: self.step_size as f32,
+            correction2_sqrt: self.correction2_sqrt as f32,
+            eps: self.eps as f32,
+        };
         param
             .var
-            .set(&Tensor::from_vec(value, shape.clone(), &Device::Cpu)?)?;
-        param.m = Tensor::from_vec(m, shape.clone(), &Device::Cpu)?;
-        param.v = Tensor::from_vec(v, shape, &Device::Cpu)?;
+            .as_tensor()
+            .inplace_op3(&param.m, &param.v, &update)
+    }
+}
+
+/// Elements per rayon task in the fused update: enough that scheduling costs nothing.
+const UPDATE_CHUNK: usize = 1 << 14;
+
+/// The contiguous f32 elements of a CPU storage under `layout`.
+fn elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("the fused AdamW update takes contiguous f32 tensors"),
+    }
+}
+
+/// As [`elements`], writable.
+fn elements_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("the fused AdamW update takes contiguous f32 tensors"),
+    }
+}
+
+/// `moment = beta * moment + (1 - beta) * grad` (or `grad²`: the second moment), in place.
+struct MomentUpdate {
+    beta: f32,
+    squared: bool,
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (moment, grad) = (elements_mut(s1, l1)?, elements(s2, l2)?);
+        if moment.len() != grad.len() {
+            candle_core::bail!(
+                "a moment of {} for a gradient of {}",
+                moment.len(),
+                grad.len()
+            );
+        }
+        let beta = self.beta;
+        moment
+            .par_chunks_mut(UPDATE_CHUNK)
+            .zip(grad.par_chunks(UPDATE_CHUNK))
+            .for_each(|(moment, grad)| {
+                if self.squared {
+                    for (m, &g) in moment.iter_mut().zip(grad) {
+                        *m = beta * *m + (1. - beta) * g * g;
+                    }
+                } else {
+                    for (m, &g) in moment.iter_mut().zip(grad) {
+                        *m = beta * *m + (1. - beta) * g;
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `p = p * keep - step_size * m / (sqrt(v) / correction2_sqrt + eps)`, in place.
+struct ParamUpdate {
+    keep: f32,
+    step_size: f32,
+    correction2_sqrt: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let value = elements_mut(s1, l1)?;
+        let (m, v) = (elements(s2, l2)?, elements(s3, l3)?);
+        if m.len() != value.len() || v.len() != value.len() {
+            candle_core::bail!(
+                "moments of {} and {} for {} values",
+                m.len(),
+                v.len(),
+                value.len()
+            );
+        }
+        let Self {
+            keep,
+            step_size,
+            correction2_sqrt,
+            eps,
+        } = *self;
+        value
+            .par_chunks_mut(UPDATE_CHUNK)
+            .zip(m.par_chunks(UPDATE_CHUNK).zip(v.par_chunks(UPDATE_CHUNK)))
+            .for_each(|(value, (m, v))| {
+                for ((p, &m), &v) in value.iter_mut().zip(m).zip(v) {
+                    *p = *p * keep - step_size * m / (v.sqrt() / correction2_sqrt + eps);
+                }
+            });
         Ok(())
     }
 }
@@ -217,17 +330,36 @@ impl Schedule {
     }
 }
 
-/// The L2 norm of all gradients together.
+/// The L2 norm of all gradients together, summed in f64.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0.;
     for grad in grads {
-        sum += grad
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        sum += match squared_sum_on_cpu(grad) {
+            Some(sum) => sum,
+            None => grad
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?,
+        };
     }
     Ok(sum.sqrt())
+}
+
+/// `Σ g²` of a contiguous f32 CPU tensor in one parallel pass (the tensor-op way copies it to
+/// f64 twice); `None` for any other tensor.
+fn squared_sum_on_cpu(grad: &Tensor) -> Option<f64> {
+    let (storage, layout) = grad.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let values = elements(cpu, layout).ok()?;
+    // Per-chunk sums collected in order, then added in order: the same norm on every run.
+    let sums: Vec<f64> = values
+        .par_chunks(UPDATE_CHUNK)
+        .map(|chunk| chunk.iter().map(|&g| f64::from(g) * f64::from(g)).sum())
+        .collect();
+    Some(sums.iter().sum())
 }
 
 /// Scales `grads` so their global norm is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_`
@@ -352,5 +484,22 @@ mod tests {
         assert!((global_norm(&clipped).expect("norm") - 1.).abs() < 1e-6);
         let kept = clip(grads, norm, 10.).expect("clip");
         assert!((global_norm(&kept).expect("norm") - 5.).abs() < 1e-12);
+    }
+
+    /// f32 CPU gradients take the one-pass sum: over several chunks it matches an f64 sum, and a
+    /// transposed (non-contiguous) gradient takes the tensor ops.
+    #[test]
+    fn the_norm_of_f32_gradients_matches_an_f64_sum() {
+        let values: Vec<f32> = (0..3 * UPDATE_CHUNK + 7)
+            .map(|i| ((i * 37 % 101) as f32 - 50.) / 7.)
+            .collect();
+        let want: f64 = values.iter().map(|&v| f64::from(v).powi(2)).sum();
+        let long = Tensor::new(values.as_slice(), &Device::Cpu).expect("t");
+        let square = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)
+            .and_then(|t| t.t())
+            .expect("t");
+        assert!(!square.is_contiguous());
+        let norm = global_norm(&[long, square]).expect("norm");
+        assert!((norm - (want + 30.).sqrt()).abs() < 1e-9 * norm, "{norm}");
     }
 }
