@@ -165,7 +165,8 @@ impl CustomOp2 for Attention {
             hidden,
             head_dim,
         } = dims;
-        let mut context = vec![0f32; batch * seq * hidden];
+        // Every task writes its head's columns of its sequence's rows: all of it, unzeroed.
+        let mut context: Vec<f32> = Vec::with_capacity(batch * seq * hidden);
         let out = SharedMut(context.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {
             let (b, head) = (task / self.heads, task % self.heads);
@@ -205,6 +206,8 @@ impl CustomOp2 for Attention {
                 );
             }
         });
+        // SAFETY: the tasks, one per (sequence, head), wrote every element.
+        unsafe { context.set_len(batch * seq * hidden) };
         Ok((CpuStorage::F32(context), Shape::from((batch, seq, hidden))))
     }
 

@@ -1,25 +1,30 @@
 //! Dropout with its mask drawn inline from the seed (see [`super::super::keep_scale`]): nothing
 //! is materialised, and the backward pass redraws the same mask.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
-use super::{CHUNK, Read, input, multiversion};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::{CHUNK, Read, filled, input, multiversion};
 use crate::model::kernels::{Dropout, KeepRule};
 
-/// `out_i = x_i * keep_scale(i)`, element indices starting at `first`.
-fn apply(x: &[f32], out: &mut [f32], first: usize, rule: KeepRule) {
+/// `x_i * keep_scale(i)` for every element of `x`.
+fn apply(x: &[f32], rule: KeepRule) -> Vec<f32> {
     multiversion! {
-        fn apply_chunk(x: &[f32], out: &mut [f32], first: usize, rule: KeepRule) {
+        /// Writes every element of `out` (as long as `x`).
+        fn apply_chunk(x: &[f32], out: &mut [MaybeUninit<f32>], first: usize, rule: KeepRule) {
             for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
-                *o = v * rule.scale((first + i) as u64);
+                o.write(v * rule.scale((first + i) as u64));
             }
         }
     }
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (out, x))| apply_chunk(x, out, first + c * CHUNK, rule));
+    // SAFETY: chunk `c` of the output is as long as chunk `c` of `x`, and filled from it.
+    unsafe {
+        filled(x.len(), CHUNK, |c, out| {
+            let first = c * CHUNK;
+            apply_chunk(&x[first..first + out.len()], out, first, rule)
+        })
+    }
 }
 
 struct DropoutOp(KeepRule);
@@ -31,18 +36,18 @@ impl CustomOp1 for DropoutOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = input(storage, layout, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        apply(x, &mut out, 0, self.0);
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((CpuStorage::F32(apply(x, self.0)), layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         let read = Read::new(&grad);
         let g = read.slice(self.name())?;
-        let mut out = vec![0f32; g.len()];
-        apply(g, &mut out, 0, self.0);
-        Ok(Some(Tensor::from_vec(out, grad.shape(), grad.device())?))
+        Ok(Some(Tensor::from_vec(
+            apply(g, self.0),
+            grad.shape(),
+            grad.device(),
+        )?))
     }
 }
 

@@ -1,30 +1,32 @@
 //! Exact (erf) GELU and its derivative, elementwise over chunks in parallel.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::math::{erf, exp};
-use super::{CHUNK, Read, input, multiversion};
+use super::{CHUNK, Read, filled, input, multiversion};
 
 /// `1 / sqrt(2)` and `1 / sqrt(2 pi)`.
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 multiversion! {
-    fn forward_chunk(x: &[f32], out: &mut [f32]) {
+    /// Writes every element of `out` (as long as `x`).
+    fn forward_chunk(x: &[f32], out: &mut [MaybeUninit<f32>]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+            o.write(0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2)));
         }
     }
 }
 
 multiversion! {
-    /// `grad * (Φ(x) + x φ(x))`.
-    fn backward_chunk(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    /// `grad * (Φ(x) + x φ(x))`, into every element of `out` (as long as `x` and `grad`).
+    fn backward_chunk(x: &[f32], grad: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
             let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
             let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * v * v);
-            *o = g * (cdf + v * pdf);
+            o.write(g * (cdf + v * pdf));
         }
     }
 }
@@ -38,10 +40,12 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = input(storage, layout, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(out, x)| forward_chunk(x, out));
+        // SAFETY: chunk `i` of the output is as long as chunk `i` of `x`, and filled from it.
+        let out = unsafe {
+            filled(x.len(), CHUNK, |i, out| {
+                forward_chunk(&x[i * CHUNK..i * CHUNK + out.len()], out)
+            })
+        };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -49,10 +53,16 @@ impl CustomOp1 for Gelu {
         let grad = grad.contiguous()?;
         let (read_x, read_grad) = (Read::new(x), Read::new(&grad));
         let (x, g) = (read_x.slice(self.name())?, read_grad.slice(self.name())?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(out, (x, g))| backward_chunk(x, g, out));
+        if g.len() != x.len() {
+            candle_core::bail!("fused gelu: {} gradients for {} inputs", g.len(), x.len());
+        }
+        // SAFETY: chunk `i` of the output is as long as chunk `i` of `x` and `g`, filled from them.
+        let out = unsafe {
+            filled(x.len(), CHUNK, |i, out| {
+                let range = i * CHUNK..i * CHUNK + out.len();
+                backward_chunk(&x[range.clone()], &g[range], out)
+            })
+        };
         Ok(Some(Tensor::from_vec(out, grad.shape(), grad.device())?))
     }
 }

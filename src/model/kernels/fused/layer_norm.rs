@@ -2,11 +2,13 @@
 //! mean and inverse deviation (cheaper than storing them: the op has one output) and produces
 //! the input, gain and bias gradients in one pass, the latter two summed per task then across.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::math::{sum_by, sum_zip_by};
-use super::{CHUNK, Read, input, multiversion};
+use super::{CHUNK, Read, filled, input, multiversion};
 
 /// Mean and `1 / sqrt(var + eps)` of a row (biased variance, two passes for accuracy).
 #[inline(always)]
@@ -18,12 +20,13 @@ fn moments(row: &[f32], eps: f32) -> (f32, f32) {
 }
 
 multiversion! {
-    fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    /// Writes every element of `out` (as long as `x`, whole rows).
+    fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
         let width = gamma.len();
         for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
             let (mean, inv_std) = moments(row, eps);
             for (((o, &v), &g), &b) in out.iter_mut().zip(row).zip(gamma).zip(beta) {
-                *o = (v - mean) * inv_std * g + b;
+                o.write((v - mean) * inv_std * g + b);
             }
         }
     }
@@ -96,11 +99,21 @@ impl CustomOp3 for LayerNorm {
         let gamma = input(sg, lg, self.name())?;
         let beta = input(sb, lb, self.name())?;
         let width = gamma.len();
-        let mut out = vec![0f32; x.len()];
+        if width == 0 || x.len() % width != 0 || beta.len() != width {
+            bail!(
+                "fused layer norm: x {:?}, gamma {width}, beta {}",
+                lx.dims(),
+                beta.len()
+            );
+        }
         let task = Self::rows_per_task(width) * width;
-        out.par_chunks_mut(task)
-            .zip(x.par_chunks(task))
-            .for_each(|(out, x)| forward_rows(x, gamma, beta, self.eps, out));
+        // SAFETY: chunk `i` of the output is chunk `i` of `x`, whole rows, and filled from it.
+        let out = unsafe {
+            filled(x.len(), task, |i, out| {
+                let x = &x[i * task..i * task + out.len()];
+                forward_rows(x, gamma, beta, self.eps, out)
+            })
+        };
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 

@@ -29,7 +29,10 @@ pub(super) use gelu::gelu;
 pub(super) use layer_norm::layer_norm;
 pub(super) use linear::linear;
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, bail};
+use rayon::prelude::*;
 
 /// Elements per rayon task in elementwise kernels: large enough that scheduling costs nothing,
 /// small enough that 2-16 threads all get work on a `[4096, 384]` activation.
@@ -76,6 +79,26 @@ pub(crate) fn has_avx512() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// `len` f32 computed in parallel chunks of `chunk` elements by `fill(chunk_index, chunk)`,
+/// into a buffer that is not zeroed first (for outputs of tens of MB, a pass through memory).
+///
+/// # Safety
+/// `fill` must write every element of each chunk it is given.
+unsafe fn filled(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: the chunks cover `len` elements, each written by `fill`, by the caller.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// The f32 elements a custom op's input covers, which must be contiguous.
