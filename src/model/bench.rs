@@ -398,7 +398,7 @@ fn profile(
             Box::new(linear),
         ),
         (
-            "linear (intermediate)",
+            "linear + gelu (intermediate)",
             format!("[{rows}, {hidden}] -> {inter}"),
             layers,
             vec![
@@ -406,14 +406,7 @@ fn profile(
                 random(&[inter, hidden], 9)?,
                 random(&[inter], 10)?,
             ],
-            Box::new(linear),
-        ),
-        (
-            "gelu",
-            format!("[{rows}, {inter}]"),
-            layers,
-            vec![random(&[rows, inter], 11)?],
-            Box::new(|t| kernels::gelu(&t[0])),
+            Box::new(|t| kernels::linear_gelu(&t[0], &t[1], &t[2])),
         ),
         (
             "linear (output)",
@@ -484,7 +477,7 @@ mod tests {
         assert_eq!(report.steps.len(), 1);
         assert!(report.median_step.total > 0. && report.median_step.forward > 0.);
         assert!(report.sentences_per_second > 0.);
-        assert_eq!(report.profile.len(), 8);
+        assert_eq!(report.profile.len(), 7);
         assert!(report.profile.iter().all(|op| op.forward_ms > 0.));
         assert!(heard.iter().any(|s| s.starts_with("step 1:")), "{heard:?}");
     }

@@ -578,7 +578,7 @@ fn run(
             kernels::layer_norm(&attended, &norm.gamma, &norm.beta, config.layer_norm_eps)?;
 
         let inter = &layer.intermediate;
-        let inner = kernels::gelu(&kernels::linear(&attended, &inter.weight, &inter.bias)?)?;
+        let inner = kernels::linear_gelu(&attended, &inter.weight, &inter.bias)?;
         let out = &layer.output;
         let output = kernels::linear(&inner, &out.weight, &out.bias)?;
         let output = (maybe_dropout(output, config.hidden_dropout_prob, &mut seeds)? + &attended)?;

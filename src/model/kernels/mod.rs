@@ -170,12 +170,13 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     }
 }
 
-/// BERT's exact GELU, `x * Φ(x)` with the error function (not the tanh approximation).
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused_applies(&[x]) {
-        fused::gelu(x)
+/// BERT's intermediate layer: `gelu(x @ weight^T + bias)` with the exact GELU, `x * Φ(x)` with
+/// the error function (not the tanh approximation). Fused, GELU runs inside the product.
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused_applies(&[x, weight, bias]) {
+        fused::linear_gelu(x, weight, bias)
     } else {
-        reference::gelu(x)
+        reference::gelu(&reference::linear(x, weight, bias)?)
     }
 }
 
@@ -381,19 +382,32 @@ mod tests {
     }
 
     #[test]
-    fn gelu_matches_naive_erf_gelu() {
+    fn linear_gelu_matches_naive_erf_gelu() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for mode in MODES {
             let dtype = mode.0;
-            for dims in [vec![7], vec![4, 9], vec![2, 3, 17]] {
-                let n: usize = dims.iter().product();
-                let x = random(&mut rng, n, 3.5);
-                let want: Vec<f64> = x
-                    .iter()
-                    .map(|v| 0.5 * v * (1. + erf(v / std::f64::consts::SQRT_2)))
-                    .collect();
-                let got = kernels::gelu(&tensor(&x, &dims, mode)).expect("gelu runs");
-                assert_close(&values(&got), &want, dtype, "gelu");
+            for (rows, inp, out) in [(3, 5, 4), (6, 7, 9), (2, 16, 17)] {
+                // |pre-activation| <= 16 * 0.25 + 0.5, so erf's argument stays within 3.5.
+                let x = random(&mut rng, rows * inp, 0.5);
+                let w = random(&mut rng, out * inp, 0.5);
+                let b = random(&mut rng, out, 0.5);
+                let mut want = vec![0.; rows * out];
+                for r in 0..rows {
+                    for o in 0..out {
+                        let v = b[o]
+                            + (0..inp)
+                                .map(|i| x[r * inp + i] * w[o * inp + i])
+                                .sum::<f64>();
+                        want[r * out + o] = 0.5 * v * (1. + erf(v / std::f64::consts::SQRT_2));
+                    }
+                }
+                let got = kernels::linear_gelu(
+                    &tensor(&x, &[rows, inp], mode),
+                    &tensor(&w, &[out, inp], mode),
+                    &tensor(&b, &[out], mode),
+                )
+                .expect("linear_gelu runs");
+                assert_close(&values(&got), &want, dtype, "linear_gelu");
             }
         }
     }

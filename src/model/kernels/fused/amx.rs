@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{Operand, SharedMut};
+use super::{Epilogue, Operand, SharedMut};
 
 /// Parts each packed operand holds: `hi` then `lo`.
 const PARTS: usize = 2;
@@ -580,10 +580,11 @@ thread_local! {
     static PACKED_LHS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dst = bias + scale * lhs · rhs`, as [`super::matmul`], on AMX tiles.
+/// `dst = bias + scale * lhs · rhs`, then `epilogue` on each block, as [`super::matmul_then`], on
+/// AMX tiles.
 ///
 /// # Safety
-/// As [`super::matmul`]; and [`available`] must have returned true.
+/// As [`super::matmul_then`]; and [`available`] must have returned true.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
@@ -594,6 +595,7 @@ pub(super) unsafe fn matmul(
     rhs: Operand,
     scale: f32,
     parallel: bool,
+    epilogue: Epilogue,
 ) {
     let (m_pairs, n_pairs) = (m.div_ceil(32), n.div_ceil(32));
     let threads = if parallel {
@@ -627,6 +629,8 @@ pub(super) unsafe fn matmul(
             packed_rhs.chunks_mut(tile_len).enumerate().for_each(pack);
         }
         let packed_rhs = &packed_rhs;
+        // The epilogue runs once a block is complete, after the last chunk.
+        let last = start + CHUNK_K >= k;
         // Later chunks add to what the first wrote.
         let base = |j: usize| match bias {
             _ if start > 0 => Base::Dst,
@@ -679,6 +683,14 @@ pub(super) unsafe fn matmul(
                                 }
                                 products(lhs, rhs, ks.part_len(), ks.blocks);
                                 store_accumulators(block);
+                                if last {
+                                    epilogue.finish(
+                                        dst.ptr(),
+                                        dst_strides.0 as usize,
+                                        (i, j),
+                                        (32, 32),
+                                    );
+                                }
                                 continue;
                             }
                             zero_accumulators();
@@ -687,13 +699,22 @@ pub(super) unsafe fn matmul(
                                 ptr: c.as_mut_ptr(),
                                 row_bytes: 32 * 4,
                             });
+                            let (rows, cols) = (32.min(m - i), 32.min(n - j));
                             let block = Block {
                                 dst: out,
                                 strides: dst_strides,
-                                rows: 32.min(m - i),
-                                cols: 32.min(n - j),
+                                rows,
+                                cols,
                             };
                             write_block(&c, block, scale, base(j));
+                            if last {
+                                epilogue.finish(
+                                    dst.ptr(),
+                                    dst_strides.0 as usize,
+                                    (i, j),
+                                    (rows, cols),
+                                );
+                            }
                         }
                     }
                 }
@@ -714,7 +735,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::Operand;
+    use super::super::{Epilogue, Operand};
     use super::{available, matmul};
 
     /// The three layouts of a linear layer's products over `x [r, i]`, `w [o, i]`, `g [r, o]`:
@@ -776,6 +797,7 @@ mod tests {
                         rhs,
                         scale,
                         true,
+                        Epilogue::None,
                     );
                 }
                 let mut worst = 0f64;

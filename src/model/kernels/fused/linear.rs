@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{CHUNK, Operand, Read, input, matmul, multiversion};
+use super::{CHUNK, Epilogue, Operand, Product, Read, input, matmul, matmul_then, multiversion};
 
 multiversion! {
     /// Adds each row of `rows` (rows of `sums.len()` elements) into `sums`.
@@ -54,41 +54,17 @@ impl CustomOp3 for Linear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = input(sx, lx, self.name())?;
-        let w = input(sw, lw, self.name())?;
-        let bias = input(sb, lb, self.name())?;
-        let (rows, inp) = lx.shape().dims2()?;
-        let (out, w_inp) = lw.shape().dims2()?;
-        if w_inp != inp || bias.len() != out {
-            bail!(
-                "fused linear: x {:?}, weight {:?}, bias {}",
-                lx.dims(),
-                lw.dims(),
-                bias.len()
-            );
-        }
+        let (x, w, bias) = (
+            input(sx, lx, self.name())?,
+            input(sw, lw, self.name())?,
+            input(sb, lb, self.name())?,
+        );
+        let shape = shape(lx, lw, bias.len())?;
+        let (rows, _, out) = shape;
         let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-        // SAFETY: `y` is `[rows, out]`, `x` `[rows, inp]`, `w` `[out, inp]` read as `w^T`; the
-        // product writes every element of `y` (starting from the bias) before `set_len`.
+        // SAFETY: `y` has room for `[rows, out]`, which the product writes before `set_len`.
         unsafe {
-            matmul(
-                (rows, out, inp),
-                y.as_mut_ptr(),
-                (out as isize, 1),
-                Some(bias),
-                Operand {
-                    ptr: x.as_ptr(),
-                    rows: inp as isize,
-                    cols: 1,
-                },
-                Operand {
-                    ptr: w.as_ptr(),
-                    rows: 1,
-                    cols: inp as isize,
-                },
-                1.0,
-                true,
-            );
+            forward_into(x, w, bias, shape, y.as_mut_ptr(), Epilogue::None);
             y.set_len(rows * out);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -106,68 +82,159 @@ impl CustomOp3 for Linear {
         let (read_x, read_w, read_grad) = (Read::new(x), Read::new(w), Read::new(&grad));
         let (x_data, w_data) = (read_x.slice(self.name())?, read_w.slice(self.name())?);
         let g = read_grad.slice(self.name())?;
-        let (rows, inp) = x.dims2()?;
-        let out = w.dim(0)?;
-        // Both products write every element, so the buffers skip zeroing.
-        let mut grad_x: Vec<f32> = Vec::with_capacity(rows * inp);
-        let mut grad_w: Vec<f32> = Vec::with_capacity(out * inp);
-        // SAFETY: grad_x `[rows, inp]` = grad `[rows, out]` · w `[out, inp]`; grad_w `[out, inp]`
-        // = grad^T `[out, rows]` · x `[rows, inp]`; every buffer has the capacity its strides
-        // reach, and each product writes all of it before `set_len`.
-        unsafe {
-            matmul(
-                (rows, inp, out),
-                grad_x.as_mut_ptr(),
-                (inp as isize, 1),
-                None,
-                Operand {
-                    ptr: g.as_ptr(),
-                    rows: out as isize,
-                    cols: 1,
-                },
-                Operand {
-                    ptr: w_data.as_ptr(),
-                    rows: inp as isize,
-                    cols: 1,
-                },
-                1.0,
-                true,
-            );
-            matmul(
-                (out, inp, rows),
-                grad_w.as_mut_ptr(),
-                (inp as isize, 1),
-                None,
-                Operand {
-                    ptr: g.as_ptr(),
-                    rows: 1,
-                    cols: out as isize,
-                },
-                Operand {
-                    ptr: x_data.as_ptr(),
-                    rows: inp as isize,
-                    cols: 1,
-                },
-                1.0,
-                true,
-            );
-            grad_x.set_len(rows * inp);
-            grad_w.set_len(out * inp);
-        }
-        let grad_bias = column_sums(g, out);
-        let device = x.device();
-        Ok((
-            Some(Tensor::from_vec(grad_x, (rows, inp), device)?),
-            Some(Tensor::from_vec(grad_w, (out, inp), device)?),
-            Some(Tensor::from_vec(grad_bias, bias.shape(), device)?),
-        ))
+        let grads = backward(x_data, w_data, g, x.dims2()?, w.dim(0)?)?;
+        to_tensors(grads, x, w, bias)
     }
 }
 
-pub(in crate::model::kernels) fn linear(
+/// `(rows, in, out)` of a 2-D `x` `[rows, in]`, `weight` `[out, in]` and a bias of `bias_len`.
+pub(super) fn shape(lx: &Layout, lw: &Layout, bias_len: usize) -> Result<(usize, usize, usize)> {
+    let (rows, inp) = lx.shape().dims2()?;
+    let (out, w_inp) = lw.shape().dims2()?;
+    if w_inp != inp || bias_len != out {
+        bail!(
+            "fused linear: x {:?}, weight {:?}, bias {bias_len}",
+            lx.dims(),
+            lw.dims()
+        );
+    }
+    Ok((rows, inp, out))
+}
+
+/// `dst = x @ w^T + bias` (`[rows, out]`, row-major), then `epilogue` on each block.
+///
+/// # Safety
+/// The slices must have the sizes of `shape` (as [`shape`] checks); `dst`, and the buffer of a
+/// `GeluInto` epilogue, must be valid for `rows * out` writes that no one else makes.
+pub(super) unsafe fn forward_into(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    dst: *mut f32,
+    epilogue: Epilogue,
+) {
+    let product = Product {
+        shape: (rows, out, inp),
+        dst,
+        dst_strides: (out as isize, 1),
+        bias: Some(bias),
+        lhs: Operand {
+            ptr: x.as_ptr(),
+            rows: inp as isize,
+            cols: 1,
+        },
+        // `w` read as `w^T`.
+        rhs: Operand {
+            ptr: w.as_ptr(),
+            rows: 1,
+            cols: inp as isize,
+        },
+        scale: 1.0,
+        parallel: true,
+    };
+    // SAFETY: by the caller.
+    unsafe { matmul_then(product, epilogue) };
+}
+
+/// The gradients of a linear layer's input, weight and bias.
+pub(super) struct Gradients {
+    x: Vec<f32>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// The gradients of `x @ w^T + bias` for `x` `[rows, inp]`, `w` `[out, inp]` given the output's,
+/// `g` `[rows, out]`: two products reading the transposed operands in place, and column sums.
+pub(super) fn backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (rows, inp): (usize, usize),
+    out: usize,
+) -> Result<Gradients> {
+    if x.len() != rows * inp || w.len() != out * inp || g.len() != rows * out {
+        bail!(
+            "fused linear backward: x {}, weight {}, gradient {} for [{rows}, {inp}] -> {out}",
+            x.len(),
+            w.len(),
+            g.len()
+        );
+    }
+    // Both products write every element, so the buffers skip zeroing.
+    let mut grad_x: Vec<f32> = Vec::with_capacity(rows * inp);
+    let mut grad_w: Vec<f32> = Vec::with_capacity(out * inp);
+    // SAFETY: grad_x `[rows, inp]` = g `[rows, out]` · w `[out, inp]`; grad_w `[out, inp]`
+    // = g^T `[out, rows]` · x `[rows, inp]`; the sizes were checked above, every buffer has the
+    // capacity its strides reach, and each product writes all of it before `set_len`.
+    unsafe {
+        matmul(
+            (rows, inp, out),
+            grad_x.as_mut_ptr(),
+            (inp as isize, 1),
+            None,
+            Operand {
+                ptr: g.as_ptr(),
+                rows: out as isize,
+                cols: 1,
+            },
+            Operand {
+                ptr: w.as_ptr(),
+                rows: inp as isize,
+                cols: 1,
+            },
+            1.0,
+            true,
+        );
+        matmul(
+            (out, inp, rows),
+            grad_w.as_mut_ptr(),
+            (inp as isize, 1),
+            None,
+            Operand {
+                ptr: g.as_ptr(),
+                rows: 1,
+                cols: out as isize,
+            },
+            Operand {
+                ptr: x.as_ptr(),
+                rows: inp as isize,
+                cols: 1,
+            },
+            1.0,
+            true,
+        );
+        grad_x.set_len(rows * inp);
+        grad_w.set_len(out * inp);
+    }
+    Ok(Gradients {
+        x: grad_x,
+        weight: grad_w,
+        bias: column_sums(g, out),
+    })
+}
+
+/// `grads` as tensors shaped as `x`, `w` and `bias`.
+pub(super) fn to_tensors(
+    grads: Gradients,
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let device = x.device();
+    Ok((
+        Some(Tensor::from_vec(grads.x, x.shape(), device)?),
+        Some(Tensor::from_vec(grads.weight, w.shape(), device)?),
+        Some(Tensor::from_vec(grads.bias, bias.shape(), device)?),
+    ))
+}
+
+/// Runs `op` (a linear layer's) over `x` with any number of leading dimensions, flattened to rows.
+pub(super) fn apply(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
+    op: impl CustomOp3 + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let (out_features, in_features) = weight.dims2()?;
     let rows = x.elem_count() / in_features.max(1);
@@ -177,6 +244,14 @@ pub(in crate::model::kernels) fn linear(
     }
     x.contiguous()?
         .reshape((rows, in_features))?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?
         .reshape(out_dims)
+}
+
+pub(in crate::model::kernels) fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    apply(x, weight, bias, Linear)
 }

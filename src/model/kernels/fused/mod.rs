@@ -19,15 +19,16 @@ mod dropout;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod linear_gelu;
 mod math;
 #[cfg(test)]
 mod tests;
 
 pub(super) use attention::attention;
 pub(super) use dropout::dropout;
-pub(super) use gelu::gelu;
 pub(super) use layer_norm::layer_norm;
 pub(super) use linear::linear;
+pub(super) use linear_gelu::linear_gelu;
 
 use std::mem::MaybeUninit;
 
@@ -206,15 +207,125 @@ const AMX_MIN_SIDE: usize = 64;
 /// overlap the operands or be written by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     dst: *mut f32,
-    (dst_rows, dst_cols): (isize, isize),
+    dst_strides: (isize, isize),
     bias: Option<&[f32]>,
     lhs: Operand,
     rhs: Operand,
     scale: f32,
     parallel: bool,
 ) {
+    let product = Product {
+        shape,
+        dst,
+        dst_strides,
+        bias,
+        lhs,
+        rhs,
+        scale,
+        parallel,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { matmul_then(product, Epilogue::None) };
+}
+
+/// The arguments of [`matmul`].
+struct Product<'a> {
+    shape: (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    bias: Option<&'a [f32]>,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    parallel: bool,
+}
+
+/// What a product does to each finished block of its output, while the block is in cache.
+#[derive(Clone, Copy)]
+enum Epilogue {
+    None,
+    /// GELU of the output, in place.
+    Gelu,
+    /// GELU of the output into this buffer, laid out as the output, which keeps the product.
+    GeluInto(SharedMut),
+}
+
+impl Epilogue {
+    /// Applies to rows `i..i + rows` and columns `j..j + cols` of `dst`, whose rows are
+    /// `row_stride` apart and columns contiguous.
+    ///
+    /// # Safety
+    /// The block must be within `dst` (and the `GeluInto` buffer), already written, and written
+    /// by no one else meanwhile.
+    unsafe fn finish(
+        self,
+        dst: *mut f32,
+        row_stride: usize,
+        (i, j): (usize, usize),
+        (rows, cols): (usize, usize),
+    ) {
+        /// Rows per call of a multiversioned kernel.
+        const GROUP: usize = 32;
+        for first in (i..i + rows).step_by(GROUP) {
+            let count = GROUP.min(i + rows - first);
+            let at = |r: usize| (first + r) * row_stride + j;
+            match self {
+                Self::None => return,
+                Self::Gelu => {
+                    let mut rows: [&mut [f32]; GROUP] = std::array::from_fn(|r| {
+                        if r < count {
+                            // SAFETY: row `first + r` of the block, by the caller.
+                            unsafe { std::slice::from_raw_parts_mut(dst.add(at(r)), cols) }
+                        } else {
+                            Default::default()
+                        }
+                    });
+                    gelu::rows_in_place(&mut rows[..count]);
+                }
+                Self::GeluInto(out) => {
+                    let rows: [&[f32]; GROUP] = std::array::from_fn(|r| {
+                        if r < count {
+                            // SAFETY: row `first + r` of the block, by the caller.
+                            unsafe { std::slice::from_raw_parts(dst.add(at(r)), cols) }
+                        } else {
+                            Default::default()
+                        }
+                    });
+                    let mut outs: [&mut [MaybeUninit<f32>]; GROUP] = std::array::from_fn(|r| {
+                        if r < count {
+                            // SAFETY: as above, in the output buffer.
+                            unsafe {
+                                std::slice::from_raw_parts_mut(out.ptr().add(at(r)).cast(), cols)
+                            }
+                        } else {
+                            Default::default()
+                        }
+                    });
+                    gelu::rows_into(&rows[..count], &mut outs[..count]);
+                }
+            }
+        }
+    }
+}
+
+/// [`matmul`], then `epilogue` on every block of the output; an epilogue needs `dst`'s columns
+/// contiguous.
+///
+/// # Safety
+/// As [`matmul`]; and the `GeluInto` buffer of `epilogue` must be valid for `dst`'s elements.
+unsafe fn matmul_then(product: Product, epilogue: Epilogue) {
+    let Product {
+        shape: (m, n, k),
+        dst,
+        dst_strides: (dst_rows, dst_cols),
+        bias,
+        lhs,
+        rhs,
+        scale,
+        parallel,
+    } = product;
     #[cfg(target_arch = "x86_64")]
     if m.min(n).min(k) >= AMX_MIN_SIDE && MatmulEngine::selected() == MatmulEngine::Bf16x3 {
         // SAFETY: forwarded from the caller; `selected` chose AMX only where available.
@@ -228,6 +339,7 @@ unsafe fn matmul(
                 rhs,
                 scale,
                 parallel,
+                epilogue,
             );
         }
         return;
@@ -268,5 +380,18 @@ unsafe fn matmul(
             false,
             parallelism,
         );
+    }
+    if !matches!(epilogue, Epilogue::None) {
+        let dst = SharedMut(dst);
+        let finish = |group: usize| {
+            let rows = 32.min(m - 32 * group);
+            // SAFETY: the product wrote every row; each group is its own 32 rows.
+            unsafe { epilogue.finish(dst.ptr(), dst_rows as usize, (32 * group, 0), (rows, n)) };
+        };
+        if parallel {
+            (0..m.div_ceil(32)).into_par_iter().for_each(finish);
+        } else {
+            (0..m.div_ceil(32)).for_each(finish);
+        }
     }
 }

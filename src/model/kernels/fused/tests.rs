@@ -141,18 +141,37 @@ fn layer_norm_matches_reference() {
 }
 
 #[test]
-fn gelu_matches_reference() {
+fn linear_gelu_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
-    for dims in [vec![7], vec![4, 9], vec![3, 17_000]] {
-        let inputs = [random(&mut rng, &dims, 4.5)];
+    // Small ones take the gemm crate; the rest AMX where the CPU has it, with partial blocks
+    // and (600 inputs) a product in two chunks of `k`, the epilogue after the last.
+    for (lead, inp, out) in [
+        (vec![3], 5, 4),
+        (vec![2, 7], 33, 17),
+        (vec![130], 384, 65),
+        (vec![4, 32], 96, 288),
+        (vec![70], 600, 100),
+    ] {
+        let x_dims = [lead.as_slice(), &[inp]].concat();
+        let inputs = [
+            random(&mut rng, &x_dims, 1.),
+            random(&mut rng, &[out, inp], 0.5),
+            random(&mut rng, &[out], 1.),
+        ];
+        let what = format!("linear+gelu {x_dims:?} -> {out}");
+        let reference = |t: &[Tensor]| reference::gelu(&reference::linear(&t[0], &t[1], &t[2])?);
         compare(
-            &format!("gelu {dims:?}"),
+            &what,
             &inputs,
-            &[0],
-            |t| super::gelu(&t[0]),
-            |t| reference::gelu(&t[0]),
+            &[0, 1, 2],
+            |t| super::linear_gelu(&t[0], &t[1], &t[2]),
+            reference,
             &mut rng,
         );
+        // Without gradients GELU overwrites the product in place.
+        let untracked = super::linear_gelu(&inputs[0], &inputs[1], &inputs[2]).expect("runs");
+        let want = reference(&inputs).expect("the reference runs");
+        assert_close(&untracked, &want, &format!("{what} without gradients"));
     }
 }
 
