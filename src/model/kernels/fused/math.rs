@@ -17,7 +17,11 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p.mul_add(r, 1.666_666_5e-1);
     let p = p.mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the bits of `n + 127` read as an integer: adding 2^23 puts that integer (2..=254
+    // here) in the low mantissa bits. An `as` cast would be a saturating conversion, which
+    // the compiler does one lane at a time.
+    let biased = (n + (127.0 + 8_388_608.0)).to_bits() & 0x7F_FFFF;
+    let scale = f32::from_bits(biased << 23);
     if x < -87.0 { 0.0 } else { y * scale }
 }
 
