@@ -12,9 +12,9 @@ use crate::model::kernels::{Dropout, KeepRule};
 fn apply(x: &[f32], rule: KeepRule) -> Vec<f32> {
     multiversion! {
         /// Writes every element of `out` (as long as `x`).
-        fn apply_chunk(x: &[f32], out: &mut [MaybeUninit<f32>], first: usize, rule: KeepRule) {
-            for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
-                o.write(v * rule.scale((first + i) as u64));
+        fn apply_chunk(x: &[f32], out: &mut [MaybeUninit<f32>], first: u64, rule: KeepRule) {
+            for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+                o.write(v * rule.scale(first + i as u64));
             }
         }
     }
@@ -22,7 +22,7 @@ fn apply(x: &[f32], rule: KeepRule) -> Vec<f32> {
     unsafe {
         filled(x.len(), CHUNK, |c, out| {
             let first = c * CHUNK;
-            apply_chunk(&x[first..first + out.len()], out, first, rule)
+            apply_chunk(&x[first..first + out.len()], out, first as u64, rule)
         })
     }
 }
