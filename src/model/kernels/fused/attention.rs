@@ -230,7 +230,8 @@ impl CustomOp2 for Attention {
             hidden,
             head_dim,
         } = dims;
-        let mut grad_qkv = vec![0f32; qkv_data.len()];
+        // Every task writes its head's q, k and v columns of its sequence's rows: all of it.
+        let mut grad_qkv: Vec<f32> = Vec::with_capacity(qkv_data.len());
         let out = SharedMut(grad_qkv.as_mut_ptr());
         // The mask bias is a constant in the model; its gradient (the score gradients summed over
         // heads and query rows) is only computed when something asks for it.
@@ -354,6 +355,8 @@ impl CustomOp2 for Attention {
                 );
             }
         });
+        // SAFETY: the tasks, one per (sequence, head), wrote every element.
+        unsafe { grad_qkv.set_len(qkv_data.len()) };
         let grad_mask = if mask_tracked {
             let per_head =
                 Tensor::from_vec(grad_mask_per_head, (batch, self.heads, seq), qkv.device())?;
