@@ -6,12 +6,31 @@
 //! `[batch, heads, seq, seq]` alive between passes) and writes the query, key and value gradients
 //! into their columns of one `[batch, seq, 3 * hidden]` gradient.
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::math::{exp, max, sum_by, sum_zip_by};
 use super::{Operand, Read, SharedMut, input, matmul, multiversion};
 use crate::model::kernels::{Dropout, KeepRule};
+
+thread_local! {
+    /// Each thread's `seq x seq` buffers, reused across heads and calls: every use writes all
+    /// of a buffer before reading it.
+    static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([const { Vec::new() }; 4]) };
+}
+
+/// Runs `f` on four of this thread's scratch buffers of `len` elements.
+fn with_scratch<R>(len: usize, f: impl FnOnce([&mut [f32]; 4]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buffers| {
+        let [a, b, c, d] = buffers;
+        for buffer in [&mut *a, &mut *b, &mut *c, &mut *d] {
+            buffer.resize(len, 0.);
+        }
+        f([a.as_mut_slice(), b, c, d])
+    })
+}
 
 #[derive(Clone, Copy)]
 struct Attention {
@@ -170,41 +189,40 @@ impl CustomOp2 for Attention {
         let out = SharedMut(context.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {
             let (b, head) = (task / self.heads, task % self.heads);
-            let mut probs = vec![0f32; seq * seq];
-            // SAFETY: `dims` was checked against both inputs' shapes.
-            unsafe { self.probabilities(qkv, mask, dims, b, head, &mut probs) };
-            if let Some(keep) = self.keep {
-                let undropped = probs.clone();
-                apply_keep(
-                    &undropped,
-                    &mut probs,
-                    self.first_index(dims, b, head),
-                    keep,
-                );
-            }
-            let packed = 3 * hidden as isize;
-            let v = b * seq * 3 * hidden + 2 * hidden + head * head_dim;
-            // SAFETY: each task writes only its head's columns of its sequence's rows.
-            unsafe {
-                matmul(
-                    (seq, head_dim, seq),
-                    out.ptr().add(b * seq * hidden + head * head_dim),
-                    (hidden as isize, 1),
-                    None,
-                    Operand {
-                        ptr: probs.as_ptr(),
-                        rows: seq as isize,
-                        cols: 1,
-                    },
-                    Operand {
-                        ptr: qkv.as_ptr().add(v),
-                        rows: packed,
-                        cols: 1,
-                    },
-                    1.0,
-                    false,
-                );
-            }
+            with_scratch(seq * seq, |[probs, dropped, ..]| {
+                // SAFETY: `dims` was checked against both inputs' shapes.
+                unsafe { self.probabilities(qkv, mask, dims, b, head, probs) };
+                let probs: &[f32] = match self.keep {
+                    Some(keep) => {
+                        apply_keep(probs, dropped, self.first_index(dims, b, head), keep);
+                        dropped
+                    }
+                    None => probs,
+                };
+                let packed = 3 * hidden as isize;
+                let v = b * seq * 3 * hidden + 2 * hidden + head * head_dim;
+                // SAFETY: each task writes only its head's columns of its sequence's rows.
+                unsafe {
+                    matmul(
+                        (seq, head_dim, seq),
+                        out.ptr().add(b * seq * hidden + head * head_dim),
+                        (hidden as isize, 1),
+                        None,
+                        Operand {
+                            ptr: probs.as_ptr(),
+                            rows: seq as isize,
+                            cols: 1,
+                        },
+                        Operand {
+                            ptr: qkv.as_ptr().add(v),
+                            rows: packed,
+                            cols: 1,
+                        },
+                        1.0,
+                        false,
+                    );
+                }
+            });
         });
         // SAFETY: the tasks, one per (sequence, head), wrote every element.
         unsafe { context.set_len(batch * seq * hidden) };
@@ -247,113 +265,120 @@ impl CustomOp2 for Attention {
         let mask_out = SharedMut(grad_mask_per_head.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {
             let (b, head) = (task / self.heads, task % self.heads);
-            let mut probs = vec![0f32; seq * seq];
-            // SAFETY: `dims` was checked against both inputs' shapes.
-            unsafe { self.probabilities(qkv_data, mask_data, dims, b, head, &mut probs) };
-            let first = self.first_index(dims, b, head);
-            let dropped = self.keep.map(|keep| {
-                let mut dropped = vec![0f32; seq * seq];
-                apply_keep(&probs, &mut dropped, first, keep);
-                dropped
-            });
-            let used = dropped.as_deref().unwrap_or(&probs);
-            let packed = 3 * hidden as isize;
-            let row = b * seq * 3 * hidden + head * head_dim;
-            let (q, k, v) = (row, row + hidden, row + 2 * hidden);
-            let grad_out = Operand {
-                ptr: g[b * seq * hidden + head * head_dim..].as_ptr(),
-                rows: hidden as isize,
-                cols: 1,
-            };
-            let mut grad_probs = vec![0f32; seq * seq];
-            // SAFETY: all reads stay inside this head's columns of `qkv` and `grad`; each task
-            // writes only its own head's q, k and v columns of `grad_qkv`.
-            unsafe {
-                // dV = P_used^T · dO
-                matmul(
-                    (seq, head_dim, seq),
-                    out.ptr().add(v),
-                    (packed, 1),
-                    None,
-                    Operand {
-                        ptr: used.as_ptr(),
-                        rows: 1,
-                        cols: seq as isize,
-                    },
-                    grad_out,
-                    1.0,
-                    false,
-                );
-                // dP_used = dO · V^T
-                matmul(
-                    (seq, seq, head_dim),
-                    grad_probs.as_mut_ptr(),
-                    (seq as isize, 1),
-                    None,
-                    grad_out,
-                    Operand {
-                        ptr: qkv_data.as_ptr().add(v),
-                        rows: 1,
-                        cols: packed,
-                    },
-                    1.0,
-                    false,
-                );
-            }
-            if let Some(keep) = self.keep {
-                let through_dropout = grad_probs.clone();
-                apply_keep(&through_dropout, &mut grad_probs, first, keep);
-            }
-            softmax_backward_rows(&probs, &mut grad_probs, seq);
-            if mask_tracked {
-                // SAFETY: each task writes only its own row of `grad_mask_per_head`.
-                let sums =
-                    unsafe { std::slice::from_raw_parts_mut(mask_out.ptr().add(task * seq), seq) };
-                for row in grad_probs.chunks_exact(seq) {
-                    sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
+            with_scratch(seq * seq, |[probs, dropped, grad_used, grad_probs]| {
+                // SAFETY: `dims` was checked against both inputs' shapes.
+                unsafe { self.probabilities(qkv_data, mask_data, dims, b, head, probs) };
+                let first = self.first_index(dims, b, head);
+                let used: &[f32] = match self.keep {
+                    Some(keep) => {
+                        apply_keep(probs, dropped, first, keep);
+                        dropped
+                    }
+                    None => probs,
+                };
+                let packed = 3 * hidden as isize;
+                let row = b * seq * 3 * hidden + head * head_dim;
+                let (q, k, v) = (row, row + hidden, row + 2 * hidden);
+                let grad_out = Operand {
+                    ptr: g[b * seq * hidden + head * head_dim..].as_ptr(),
+                    rows: hidden as isize,
+                    cols: 1,
+                };
+                // SAFETY: all reads stay inside this head's columns of `qkv` and `grad`; each task
+                // writes only its own head's q, k and v columns of `grad_qkv`.
+                unsafe {
+                    // dV = P_used^T · dO
+                    matmul(
+                        (seq, head_dim, seq),
+                        out.ptr().add(v),
+                        (packed, 1),
+                        None,
+                        Operand {
+                            ptr: used.as_ptr(),
+                            rows: 1,
+                            cols: seq as isize,
+                        },
+                        grad_out,
+                        1.0,
+                        false,
+                    );
+                    // dP_used = dO · V^T (dP itself without dropout)
+                    let target = if self.keep.is_some() {
+                        grad_used.as_mut_ptr()
+                    } else {
+                        grad_probs.as_mut_ptr()
+                    };
+                    matmul(
+                        (seq, seq, head_dim),
+                        target,
+                        (seq as isize, 1),
+                        None,
+                        grad_out,
+                        Operand {
+                            ptr: qkv_data.as_ptr().add(v),
+                            rows: 1,
+                            cols: packed,
+                        },
+                        1.0,
+                        false,
+                    );
                 }
-            }
-            // SAFETY: as above.
-            unsafe {
-                // dQ = scale · dS · K
-                matmul(
-                    (seq, head_dim, seq),
-                    out.ptr().add(q),
-                    (packed, 1),
-                    None,
-                    Operand {
-                        ptr: grad_probs.as_ptr(),
-                        rows: seq as isize,
-                        cols: 1,
-                    },
-                    Operand {
-                        ptr: qkv_data.as_ptr().add(k),
-                        rows: packed,
-                        cols: 1,
-                    },
-                    self.scale,
-                    false,
-                );
-                // dK = scale · dS^T · Q
-                matmul(
-                    (seq, head_dim, seq),
-                    out.ptr().add(k),
-                    (packed, 1),
-                    None,
-                    Operand {
-                        ptr: grad_probs.as_ptr(),
-                        rows: 1,
-                        cols: seq as isize,
-                    },
-                    Operand {
-                        ptr: qkv_data.as_ptr().add(q),
-                        rows: packed,
-                        cols: 1,
-                    },
-                    self.scale,
-                    false,
-                );
-            }
+                if let Some(keep) = self.keep {
+                    // dP = dP_used through the dropout mask.
+                    apply_keep(grad_used, grad_probs, first, keep);
+                }
+                softmax_backward_rows(probs, grad_probs, seq);
+                if mask_tracked {
+                    // SAFETY: each task writes only its own row of `grad_mask_per_head`.
+                    let sums = unsafe {
+                        std::slice::from_raw_parts_mut(mask_out.ptr().add(task * seq), seq)
+                    };
+                    for row in grad_probs.chunks_exact(seq) {
+                        sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
+                    }
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dQ = scale · dS · K
+                    matmul(
+                        (seq, head_dim, seq),
+                        out.ptr().add(q),
+                        (packed, 1),
+                        None,
+                        Operand {
+                            ptr: grad_probs.as_ptr(),
+                            rows: seq as isize,
+                            cols: 1,
+                        },
+                        Operand {
+                            ptr: qkv_data.as_ptr().add(k),
+                            rows: packed,
+                            cols: 1,
+                        },
+                        self.scale,
+                        false,
+                    );
+                    // dK = scale · dS^T · Q
+                    matmul(
+                        (seq, head_dim, seq),
+                        out.ptr().add(k),
+                        (packed, 1),
+                        None,
+                        Operand {
+                            ptr: grad_probs.as_ptr(),
+                            rows: 1,
+                            cols: seq as isize,
+                        },
+                        Operand {
+                            ptr: qkv_data.as_ptr().add(q),
+                            rows: packed,
+                            cols: 1,
+                        },
+                        self.scale,
+                        false,
+                    );
+                }
+            });
         });
         // SAFETY: the tasks, one per (sequence, head), wrote every element.
         unsafe { grad_qkv.set_len(qkv_data.len()) };
