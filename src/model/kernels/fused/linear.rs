@@ -54,17 +54,12 @@ impl CustomOp3 for Linear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, bias) = (
-            input(sx, lx, self.name())?,
-            input(sw, lw, self.name())?,
-            input(sb, lb, self.name())?,
-        );
-        let shape = shape(lx, lw, bias.len())?;
-        let (rows, _, out) = shape;
+        let operands = Operands::new(self.name(), (sx, lx), (sw, lw), (sb, lb))?;
+        let (rows, _, out) = operands.shape;
         let mut y: Vec<f32> = Vec::with_capacity(rows * out);
         // SAFETY: `y` has room for `[rows, out]`, which the product writes before `set_len`.
         unsafe {
-            forward_into(x, w, bias, shape, y.as_mut_ptr(), Epilogue::None);
+            operands.forward_into(y.as_mut_ptr(), Epilogue::None);
             y.set_len(rows * out);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -78,67 +73,101 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (read_x, read_w, read_grad) = (Read::new(x), Read::new(w), Read::new(&grad));
-        let (x_data, w_data) = (read_x.slice(self.name())?, read_w.slice(self.name())?);
-        let g = read_grad.slice(self.name())?;
-        let grads = backward(x_data, w_data, g, x.dims2()?, w.dim(0)?)?;
-        to_tensors(grads, x, w, bias)
+        backward_op(self.name(), [x, w, bias], grad, |_| Ok(None))
     }
 }
 
-/// `(rows, in, out)` of a 2-D `x` `[rows, in]`, `weight` `[out, in]` and a bias of `bias_len`.
-pub(super) fn shape(lx: &Layout, lw: &Layout, bias_len: usize) -> Result<(usize, usize, usize)> {
-    let (rows, inp) = lx.shape().dims2()?;
-    let (out, w_inp) = lw.shape().dims2()?;
-    if w_inp != inp || bias_len != out {
-        bail!(
-            "fused linear: x {:?}, weight {:?}, bias {bias_len}",
-            lx.dims(),
-            lw.dims()
-        );
-    }
-    Ok((rows, inp, out))
+/// A linear layer op's inputs, a 2-D `x` `[rows, in]`, `weight` `[out, in]` and `bias` `[out]`,
+/// with `shape` `(rows, in, out)` checked against them.
+pub(super) struct Operands<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    bias: &'a [f32],
+    pub(super) shape: (usize, usize, usize),
 }
 
-/// `dst = x @ w^T + bias` (`[rows, out]`, row-major), then `epilogue` on each block.
-///
-/// # Safety
-/// The slices must have the sizes of `shape` (as [`shape`] checks); `dst`, and the buffer of a
-/// `GeluInto` epilogue, must be valid for `rows * out` writes that no one else makes.
-pub(super) unsafe fn forward_into(
-    x: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    (rows, inp, out): (usize, usize, usize),
-    dst: *mut f32,
-    epilogue: Epilogue,
-) {
-    let product = Product {
-        shape: (rows, out, inp),
-        dst,
-        dst_strides: (out as isize, 1),
-        bias: Some(bias),
-        lhs: Operand {
-            ptr: x.as_ptr(),
-            rows: inp as isize,
-            cols: 1,
-        },
-        // `w` read as `w^T`.
-        rhs: Operand {
-            ptr: w.as_ptr(),
-            rows: 1,
-            cols: inp as isize,
-        },
-        scale: 1.0,
-        parallel: true,
-    };
-    // SAFETY: by the caller.
-    unsafe { matmul_then(product, epilogue) };
+impl<'a> Operands<'a> {
+    pub(super) fn new(
+        op: &str,
+        (sx, lx): (&'a CpuStorage, &Layout),
+        (sw, lw): (&'a CpuStorage, &Layout),
+        (sb, lb): (&'a CpuStorage, &Layout),
+    ) -> Result<Self> {
+        let (x, w, bias) = (input(sx, lx, op)?, input(sw, lw, op)?, input(sb, lb, op)?);
+        let (rows, inp) = lx.shape().dims2()?;
+        let (out, w_inp) = lw.shape().dims2()?;
+        if w_inp != inp || bias.len() != out {
+            bail!(
+                "fused linear: x {:?}, weight {:?}, bias {}",
+                lx.dims(),
+                lw.dims(),
+                bias.len()
+            );
+        }
+        Ok(Self {
+            x,
+            w,
+            bias,
+            shape: (rows, inp, out),
+        })
+    }
+
+    /// `dst = x @ w^T + bias` (`[rows, out]`, row-major), then `epilogue` on each block.
+    ///
+    /// # Safety
+    /// `dst`, and the buffer of a `GeluInto` epilogue, must be valid for `rows * out` writes that
+    /// no one else makes.
+    pub(super) unsafe fn forward_into(&self, dst: *mut f32, epilogue: Epilogue) {
+        let (rows, inp, out) = self.shape;
+        let product = Product {
+            shape: (rows, out, inp),
+            dst,
+            dst_strides: (out as isize, 1),
+            bias: Some(self.bias),
+            lhs: Operand {
+                ptr: self.x.as_ptr(),
+                rows: inp as isize,
+                cols: 1,
+            },
+            // `w` read as `w^T`.
+            rhs: Operand {
+                ptr: self.w.as_ptr(),
+                rows: 1,
+                cols: inp as isize,
+            },
+            scale: 1.0,
+            parallel: true,
+        };
+        // SAFETY: the operands' sizes were checked in `new`; `dst` is the caller's.
+        unsafe { matmul_then(product, epilogue) };
+    }
+}
+
+/// A linear layer op's backward over `[x, weight, bias]` given the output's gradient `grad`:
+/// `through` may turn that gradient into the product's first (an activation's backward; `None`
+/// keeps it), then the layer's three gradients.
+pub(super) fn backward_op(
+    op: &str,
+    [x, w, bias]: [&Tensor; 3],
+    grad: &Tensor,
+    through: impl FnOnce(&[f32]) -> Result<Option<Vec<f32>>>,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (read_x, read_w, read_grad) = (Read::new(x), Read::new(w), Read::new(&grad));
+    let (x_data, w_data, g) = (read_x.slice(op)?, read_w.slice(op)?, read_grad.slice(op)?);
+    let through = through(g)?;
+    let g = through.as_deref().unwrap_or(g);
+    let grads = backward(x_data, w_data, g, x.dims2()?, w.dim(0)?)?;
+    let device = x.device();
+    Ok((
+        Some(Tensor::from_vec(grads.x, x.shape(), device)?),
+        Some(Tensor::from_vec(grads.weight, w.shape(), device)?),
+        Some(Tensor::from_vec(grads.bias, bias.shape(), device)?),
+    ))
 }
 
 /// The gradients of a linear layer's input, weight and bias.
-pub(super) struct Gradients {
+struct Gradients {
     x: Vec<f32>,
     weight: Vec<f32>,
     bias: Vec<f32>,
@@ -146,7 +175,7 @@ pub(super) struct Gradients {
 
 /// The gradients of `x @ w^T + bias` for `x` `[rows, inp]`, `w` `[out, inp]` given the output's,
 /// `g` `[rows, out]`: two products reading the transposed operands in place, and column sums.
-pub(super) fn backward(
+fn backward(
     x: &[f32],
     w: &[f32],
     g: &[f32],
@@ -212,21 +241,6 @@ pub(super) fn backward(
         weight: grad_w,
         bias: column_sums(g, out),
     })
-}
-
-/// `grads` as tensors shaped as `x`, `w` and `bias`.
-pub(super) fn to_tensors(
-    grads: Gradients,
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let device = x.device();
-    Ok((
-        Some(Tensor::from_vec(grads.x, x.shape(), device)?),
-        Some(Tensor::from_vec(grads.weight, w.shape(), device)?),
-        Some(Tensor::from_vec(grads.bias, bias.shape(), device)?),
-    ))
 }
 
 /// Runs `op` (a linear layer's) over `x` with any number of leading dimensions, flattened to rows.

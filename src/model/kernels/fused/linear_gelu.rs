@@ -10,8 +10,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::linear::{apply, backward, forward_into, shape, to_tensors};
-use super::{Epilogue, Read, SharedMut, gelu, input};
+use super::linear::{Operands, apply, backward_op};
+use super::{Epilogue, SharedMut, gelu};
 
 /// Over a 2-D `x` `[rows, in]`, `weight` `[out, in]`, `bias` `[out]`.
 struct LinearGelu {
@@ -34,20 +34,15 @@ impl CustomOp3 for LinearGelu {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, bias) = (
-            input(sx, lx, self.name())?,
-            input(sw, lw, self.name())?,
-            input(sb, lb, self.name())?,
-        );
-        let shape = shape(lx, lw, bias.len())?;
-        let (rows, _, out) = shape;
+        let operands = Operands::new(self.name(), (sx, lx), (sw, lw), (sb, lb))?;
+        let (rows, _, out) = operands.shape;
         let mut y: Vec<f32> = Vec::with_capacity(rows * out);
         match &self.product {
             None => {
                 // SAFETY: `y` has room for `[rows, out]`, which the product writes (then GELU
                 // overwrites) before `set_len`.
                 unsafe {
-                    forward_into(x, w, bias, shape, y.as_mut_ptr(), Epilogue::Gelu);
+                    operands.forward_into(y.as_mut_ptr(), Epilogue::Gelu);
                     y.set_len(rows * out);
                 }
             }
@@ -59,7 +54,7 @@ impl CustomOp3 for LinearGelu {
                 // SAFETY: both buffers have room for `[rows, out]`: the product writes every
                 // element of `product`, and the epilogue every element of `y`, before `set_len`.
                 unsafe {
-                    forward_into(x, w, bias, shape, product.as_mut_ptr(), into);
+                    operands.forward_into(product.as_mut_ptr(), into);
                     product.set_len(rows * out);
                     y.set_len(rows * out);
                 }
@@ -80,20 +75,16 @@ impl CustomOp3 for LinearGelu {
             bail!("fused linear+gelu: backward of a forward run without gradients");
         };
         let product = kept.lock().map_err(|_| poisoned())?;
-        let grad = grad.contiguous()?;
-        let (read_x, read_w, read_grad) = (Read::new(x), Read::new(w), Read::new(&grad));
-        let (x_data, w_data) = (read_x.slice(self.name())?, read_w.slice(self.name())?);
-        let g = read_grad.slice(self.name())?;
-        if product.len() != g.len() {
-            bail!(
-                "fused linear+gelu: {} gradients for a product of {}",
-                g.len(),
-                product.len()
-            );
-        }
-        let grad_product = gelu::backward(&product, g);
-        let grads = backward(x_data, w_data, &grad_product, x.dims2()?, w.dim(0)?)?;
-        to_tensors(grads, x, w, bias)
+        backward_op(self.name(), [x, w, bias], grad, |g| {
+            if product.len() != g.len() {
+                bail!(
+                    "fused linear+gelu: {} gradients for a product of {}",
+                    g.len(),
+                    product.len()
+                );
+            }
+            Ok(Some(gelu::backward(&product, g)))
+        })
     }
 }
 
