@@ -5,14 +5,20 @@
 //!   5,000), timed as whole processes (start-up included), as a user would see it.
 //! - `encoder`: the sentence encoder's training step and encoding speed ([`crate::model::bench`]),
 //!   with ratios against PyTorch + sentence-transformers on the same CPU.
+//! - `llm`: the local LLM writing query-gen's real requests (the chunks of a documents folder,
+//!   query-gen's default prompt, schema and sampling) at several batch sizes, and the same
+//!   requests sent to an Ollama server when one is named, in interleaved rounds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
 use super::Failure;
+use crate::corpus::{self, ChunkOptions, FileFilter, Source};
+use crate::llm::settings::{DEFAULT_LOCAL_MODEL, DEFAULT_OLLAMA_MODEL};
+use crate::llm::{self as llm_engine, LlmBackend, ResponseCache};
 use crate::model::bench::{self, BenchOptions};
 use crate::model::hub::{self, HubConfig, ModelRef};
 use crate::model::kernels::Implementation;
@@ -30,6 +36,36 @@ pub enum Bench {
     Rerun(RerunArgs),
     /// Time the encoder's training step (MNRL + AdamW) and encoding, on the CPU.
     Encoder(EncoderArgs),
+    /// Time the local LLM on query-gen's requests (and an Ollama server on the same ones).
+    Llm(LlmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LlmArgs {
+    /// The GGUF model: a path, `pypi:` or hub reference.
+    #[arg(long, default_value = DEFAULT_LOCAL_MODEL)]
+    pub model: String,
+    /// The documents whose chunks make the requests (query-gen's default prompt).
+    #[arg(long, default_value = "examples/docs")]
+    pub docs: PathBuf,
+    /// Batch sizes of the local LLM to time (sequences decoded together).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batches: Vec<usize>,
+    /// Requests per timing (chunks taken in order, repeated if the folder has fewer).
+    #[arg(long, default_value_t = 64)]
+    pub calls: usize,
+    /// Interleaved rounds over every configuration (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// An Ollama server to time on the same requests, e.g. `http://127.0.0.1:11434`.
+    #[arg(long)]
+    pub ollama: Option<String>,
+    /// The model the Ollama server serves (the same weights as `--model`).
+    #[arg(long, default_value = DEFAULT_OLLAMA_MODEL)]
+    pub ollama_model: String,
+    /// Requests in flight to the Ollama server.
+    #[arg(long, default_value_t = 4)]
+    pub ollama_concurrency: usize,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +112,7 @@ pub(super) fn execute(args: &BenchArgs, printer: &Printer) -> Result<(), Failure
     match &args.which {
         Bench::Rerun(args) => rerun(args, printer),
         Bench::Encoder(args) => encoder(args, printer),
+        Bench::Llm(args) => llm_bench(args, printer),
     }
 }
 
@@ -289,4 +326,196 @@ fn generate_corpus(dir: &Path, files: usize) -> std::io::Result<()> {
         fs_err::write(sub.join(format!("doc{i:05}.md")), text)?;
     }
     Ok(())
+}
+
+/// One timing of one configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LlmTiming {
+    backend: String,
+    batch: usize,
+    calls: usize,
+    seconds: f64,
+    prompt_tokens: usize,
+    answer_tokens: usize,
+}
+
+impl LlmTiming {
+    fn calls_per_second(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+}
+
+fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().map_err(|e| fail(e.to_string()))?;
+    let config = HubConfig::from_env();
+    let resolve = |reference: &str, files: &[hub::WantedFile]| {
+        let parsed = ModelRef::parse(reference, &cwd).map_err(|e| fail(e.to_string()))?;
+        hub::resolve(&parsed, files, &config, &mut |_| {})
+            .map_err(|e| fail(format!("cannot get `{reference}`: {e}")))
+    };
+    let gguf = resolve(&args.model, &[])?;
+    // Chunked as the quickstart's chunk stage does: its default sizes, its default tokenizer.
+    let tokenizer_dir = resolve(
+        crate::recipe::DEFAULT_BASE_MODEL,
+        hub::SENTENCE_TRANSFORMER_FILES,
+    )?;
+    let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_dir.join("tokenizer.json"))
+        .map_err(|e| fail(format!("cannot load the chunking tokenizer: {e}")))?;
+    let source =
+        Source::from_path(&args.docs, FileFilter::default()).map_err(|e| fail(e.to_string()))?;
+    let corpus = corpus::read_source(&source, &()).map_err(|e| fail(e.to_string()))?;
+    let options = ChunkOptions {
+        max_tokens: 200,
+        overlap: 32,
+    };
+    let chunks = corpus::chunk_documents(&corpus, &tokenizer, options, &())
+        .map_err(|e| fail(e.to_string()))?
+        .chunks;
+    let params = crate::stages::query_gen::QueryGenParams::default();
+    let usable: Vec<_> = chunks
+        .iter()
+        .filter(|c| c.n_tokens >= params.min_chunk_tokens)
+        .collect();
+    if usable.is_empty() {
+        return Err(fail(format!(
+            "`{}` has no chunk long enough to ask about",
+            args.docs.display()
+        )));
+    }
+    let picked: Vec<_> = usable.iter().cycle().take(args.calls).copied().collect();
+    let requests_for =
+        |round: usize| crate::stages::query_gen::llm_requests(&params, &picked, round as u64);
+    let scratch = tempfile_dir("ragd-bench-llm")?;
+    let mut timings: Vec<LlmTiming> = Vec::new();
+    let counter = llm_engine::local::LocalBackend::load(&gguf, 1)
+        .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+    printer.status(&format!(
+        "{} requests from {} chunks of `{}`; local LLM on {}",
+        args.calls,
+        usable.len(),
+        args.docs.display(),
+        counter.engine()
+    ));
+    let prompt_tokens: usize = requests_for(0)
+        .iter()
+        .map(|r| counter.prompt_ids(r).map(|ids| ids.len()))
+        .sum::<Result<usize, _>>()
+        .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+    let mut backends: Vec<(String, usize, Box<dyn LlmBackend>)> = Vec::new();
+    for &batch in &args.batches {
+        let backend = llm_engine::local::LocalBackend::load(&gguf, batch.max(1))
+            .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+        backends.push(("local".to_owned(), batch.max(1), Box::new(backend)));
+    }
+    if let Some(url) = &args.ollama {
+        let settings = llm_engine::LlmSettings {
+            backend: llm_engine::BackendKind::Ollama,
+            model: Some(args.ollama_model.clone()),
+            url: Some(url.clone()),
+            concurrency: Some(args.ollama_concurrency.max(1)),
+            ..llm_engine::LlmSettings::default()
+        };
+        let pool = settings
+            .connect_http()
+            .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+        backends.push((
+            format!("ollama {url}"),
+            args.ollama_concurrency.max(1),
+            Box::new(pool),
+        ));
+    }
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    for round in 0..args.rounds.max(1) {
+        for (i, (name, batch, backend)) in backends.iter().enumerate() {
+            // A fresh cache per timing: every request is a real call.
+            let cache = ResponseCache::open(&scratch.join(format!("{round}-{i}.jsonl")))
+                .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+            let requests = requests_for(round + 1);
+            let started = Instant::now();
+            let (answers, _) =
+                llm_engine::complete_all(backend.as_ref(), &cache, &requests, &cancel, &|_| {})
+                    .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+            let seconds = started.elapsed().as_secs_f64();
+            let answer_tokens = answers.iter().map(|a| counter.count_tokens(a)).sum();
+            let timing = LlmTiming {
+                backend: name.clone(),
+                batch: *batch,
+                calls: requests.len(),
+                seconds,
+                prompt_tokens,
+                answer_tokens,
+            };
+            printer.status(&format!(
+                "round {}: {name} batch {batch}: {:.2} calls/s ({:.1} s)",
+                round + 1,
+                timing.calls_per_second(),
+                seconds
+            ));
+            timings.push(timing);
+        }
+    }
+    let _ = fs_err::remove_dir_all(&scratch);
+    let medians: Vec<LlmTiming> = backends
+        .iter()
+        .map(|(name, batch, _)| {
+            let mut runs: Vec<&LlmTiming> = timings
+                .iter()
+                .filter(|t| &t.backend == name && t.batch == *batch)
+                .collect();
+            runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+            runs[runs.len() / 2].clone()
+        })
+        .collect();
+    let ollama = medians
+        .iter()
+        .find(|t| t.backend.starts_with("ollama"))
+        .map(LlmTiming::calls_per_second);
+    if printer.json {
+        printer.json_line(&serde_json::json!({
+            "type": "bench", "bench": "llm", "engine": counter.engine(),
+            "runs": timings, "medians": medians,
+        }));
+        return Ok(());
+    }
+    let rows = medians
+        .iter()
+        .map(|t| {
+            vec![
+                t.backend.clone(),
+                t.batch.to_string(),
+                format!("{:.2}", t.calls_per_second()),
+                format!("{:.0}", t.prompt_tokens as f64 / t.seconds),
+                format!("{:.0}", t.answer_tokens as f64 / t.seconds),
+                format!("{:.0}", t.answer_tokens as f64 / t.calls as f64),
+                ollama.map_or(String::new(), |o| {
+                    format!("{:.2}x", t.calls_per_second() / o)
+                }),
+            ]
+        })
+        .collect::<Vec<_>>();
+    let columns = [
+        "backend",
+        "batch",
+        "calls/s",
+        "prompt tok/s",
+        "answer tok/s",
+        "answer tokens/call",
+        "vs ollama",
+    ]
+    .map(str::to_owned);
+    printer.result(&table(&columns, &rows, ""));
+    printer.result(&format!(
+        "medians of {} interleaved rounds of {} calls ({} prompt tokens each round)\n",
+        args.rounds.max(1),
+        args.calls,
+        prompt_tokens
+    ));
+    Ok(())
+}
+
+/// A new empty folder under the system's temporary folder.
+fn tempfile_dir(prefix: &str) -> Result<PathBuf, Failure> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    fs_err::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+    Ok(dir)
 }

@@ -359,6 +359,91 @@ impl JsonGrammar {
         }
     }
 
+    /// The fewest bytes that complete a document from `state`. Every byte is a token of a
+    /// byte-level vocabulary, so a decoder that never picks a token leaving more than its
+    /// remaining budget can always finish: `max_tokens` never cuts a constrained answer.
+    pub fn bytes_to_complete(&self, state: &MatchState) -> usize {
+        let mut total = 0;
+        let depth = usize::from(state.depth);
+        for (level, frame) in state.stack[..depth].iter().enumerate().rev() {
+            // A frame below the top is waiting for the value being written above it.
+            let waiting = level + 1 < depth;
+            total += match *frame {
+                Frame::Object { node, field, pos } => {
+                    self.object_rest(node, usize::from(field), usize::from(pos))
+                }
+                // The value is the frame above (counted); then the fields after it.
+                Frame::ObjectValue { node, field } => {
+                    self.object_rest(node, usize::from(field) + 1, 0)
+                }
+                Frame::Array { node, count, phase } => {
+                    let Node::Array { item, min, .. } = self.nodes[usize::from(node)] else {
+                        continue;
+                    };
+                    let item = self.min_bytes(item);
+                    if waiting {
+                        // After the item in progress: the items still short, then `]`.
+                        let needed = usize::from(min.saturating_sub(count + 1));
+                        total += needed * (item + 1) + 1;
+                        continue;
+                    }
+                    let needed = usize::from(min.saturating_sub(count));
+                    match phase {
+                        ArrayPhase::Open => self.min_bytes(node),
+                        ArrayPhase::First => needed * (item + 1) + usize::from(needed == 0),
+                        ArrayPhase::AfterItem => needed * (item + 1) + 1,
+                        // A comma was written: one more item at least.
+                        ArrayPhase::AfterComma => needed.max(1) * (item + 1),
+                    }
+                }
+                Frame::String { node, chars, phase } => {
+                    let Node::String { min, .. } = self.nodes[usize::from(node)] else {
+                        continue;
+                    };
+                    let short = usize::from(min.saturating_sub(chars));
+                    match phase {
+                        StringPhase::Open => 2 + usize::from(min),
+                        StringPhase::Body => short + 1,
+                        StringPhase::Escape => 1 + short.saturating_sub(1) + 1,
+                        StringPhase::Unicode(left) => usize::from(left) + short + 1,
+                    }
+                }
+                Frame::Boolean { literal, pos } => match literal {
+                    2 => FALSE.len() - usize::from(pos),
+                    1 => TRUE.len() - usize::from(pos),
+                    _ => TRUE.len(),
+                },
+            };
+        }
+        total
+    }
+
+    /// Bytes of object `node` from field `field`'s literal at `pos` to its `}`.
+    fn object_rest(&self, node: u16, field: usize, pos: usize) -> usize {
+        let Node::Object { literals, children } = &self.nodes[usize::from(node)] else {
+            return 0;
+        };
+        let literals_left: usize = literals[field..].iter().map(Vec::len).sum::<usize>() - pos;
+        literals_left
+            + children[field.min(children.len())..]
+                .iter()
+                .map(|&c| self.min_bytes(c))
+                .sum::<usize>()
+    }
+
+    /// The fewest bytes of a value of `node`.
+    fn min_bytes(&self, node: u16) -> usize {
+        match &self.nodes[usize::from(node)] {
+            Node::Object { .. } => self.object_rest(node, 0, 0),
+            Node::Array { item, min, .. } => {
+                let min = usize::from(*min);
+                2 + min * self.min_bytes(*item) + min.saturating_sub(1)
+            }
+            Node::String { min, .. } => 2 + usize::from(*min),
+            Node::Boolean => TRUE.len(),
+        }
+    }
+
     fn whitespace_allowed(&self, frame: Frame) -> bool {
         match frame {
             Frame::Object { node, field, pos } => {
@@ -424,6 +509,41 @@ impl MatchState {
 
 #[cfg(test)]
 mod tests {
+    /// Walking a document byte by byte, the bytes still needed never exceed what is left of
+    /// the shortest document and reach 0 exactly at the end.
+    #[test]
+    fn bytes_to_complete_counts_down_to_the_end() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "queries": {"type": "array", "items": {"type": "string", "minLength": 3}, "minItems": 2},
+                "ok": {"type": "boolean"}
+            }
+        });
+        let grammar = JsonGrammar::compile(&schema).expect("compiles");
+        let shortest = br#"{"queries":["abc","def"],"ok":true}"#;
+        let mut state = grammar.start();
+        assert_eq!(grammar.bytes_to_complete(&state), shortest.len());
+        for (i, &byte) in shortest.iter().enumerate() {
+            state = grammar.advance(state, &[byte]).expect("valid");
+            assert_eq!(
+                grammar.bytes_to_complete(&state),
+                shortest.len() - i - 1,
+                "after {i}"
+            );
+        }
+        assert!(state.is_complete());
+        // Longer content: the count stays what closing takes.
+        let mut state = grammar.start();
+        state = grammar
+            .advance(state, br#"{"queries":["abcdef"#)
+            .expect("valid");
+        assert_eq!(
+            grammar.bytes_to_complete(&state),
+            r#"","def"],"ok":true}"#.len()
+        );
+    }
+
     use super::*;
     use serde_json::json;
 

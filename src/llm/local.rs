@@ -1,48 +1,79 @@
-//! The `local` backend: a quantized GGUF model (llama architecture, e.g. SmolLM2) run in-process
-//! with candle-transformers' `quantized_llama`, a KV cache per call, seeded temperature/top-p
-//! sampling, and JSON-schema constrained decoding ([`super::grammar`]).
+//! The `local` backend: a GGUF model (`llama` or `qwen2` architecture: SmolLM2, Qwen2.5) run
+//! in-process by our batched decoder ([`super::transformer`]), with seeded temperature/top-p
+//! sampling and JSON-schema constrained decoding ([`super::grammar`]) per sequence.
 //!
-//! On a CPU build without AVX (the default `x86_64` target), candle's quantized kernels run
-//! scalar; the weights are then dequantized once at load to f32, whose matmuls go through `gemm`
-//! with run-time AVX2/FMA dispatch: measured 10x faster here for 4x the memory (0.5 GB for
-//! SmolLM2-135M). A build with `-C target-cpu=native`, or a GPU, keeps the quantized weights.
+//! Continuous batching: callers' requests (from [`super::complete_all`]'s workers, one per slot)
+//! queue for one engine thread, which keeps up to `batch` sequences in flight. Each step is one
+//! forward pass over every sequence's new tokens (whole prompts for those just admitted, one
+//! token for the others); a finished sequence's answer goes back to its caller at once (who
+//! journals it) and its slot takes the next prompt. Reading every weight once per step for the
+//! whole batch is what makes it fast: a step for one sequence costs nearly what it costs for 32.
 //!
-//! Parallel calls each take a copy of the model: copies share the weights (reference-counted)
-//! and own only their KV caches, so `concurrency` copies cost little memory.
+//! A sequence's tokens do not depend on what else is in the batch (see the transformer), so the
+//! answers are the same however requests arrive.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
-use candle_core::quantized::gguf_file::{self, Content};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+use candle_core::quantized::gguf_file::Content;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use super::gguf::{GgufText, render_chat};
 use super::grammar::{JsonGrammar, MatchState};
+use super::transformer::{KvCache, Segment, Transformer};
 use super::{LlmBackend, LlmError, Request};
-use crate::model::device::{self, Accelerator};
+use crate::model::kernels::{exp, multiversion};
 
 /// Tokens whose logit is this far (after temperature) below the best have under e^-30 of its
 /// probability: they are never sampled and need no grammar check.
 const NEGLIGIBLE_LOGIT_GAP: f32 = 30.0;
 
+/// Prompt tokens admitted into one step at most (one prompt may exceed it alone), so sequences
+/// already decoding are not held up long by a wave of new prompts.
+const PREFILL_TOKENS_PER_STEP: usize = 4096;
+
+/// How long a waking engine waits for more requests before its first step, so a batch of
+/// callers starting together share it.
+const GATHER: Duration = Duration::from_millis(20);
+
 pub struct LocalBackend {
     identity: String,
-    text: GgufText,
+    text: Arc<GgufText>,
     template: String,
-    /// The loaded model; calls clone it, sharing its weights.
-    prototype: ModelWeights,
-    /// Copies not in use, with their KV-cache buffers.
-    idle: Mutex<Vec<ModelWeights>>,
-    workers: usize,
-    device: Device,
+    batch: usize,
+    context: usize,
+    engine: &'static str,
+    /// The model until the engine thread takes it, on the first call.
+    model: Mutex<Option<Transformer>>,
+    queue: OnceLock<Mutex<mpsc::Sender<Job>>>,
     grammars: Mutex<HashMap<String, Arc<JsonGrammar>>>,
-    /// Checked between tokens, so Ctrl-C does not wait for answers being written.
-    cancel: Option<Arc<AtomicBool>>,
+    /// Checked between steps, so Ctrl-C does not wait for answers being written.
+    cancel: Arc<AtomicBool>,
+}
+
+/// One request on its way to the engine, with where its answer goes.
+struct Job {
+    prompt: Vec<u32>,
+    request: Request,
+    grammar: Option<Arc<JsonGrammar>>,
+    reply: mpsc::Sender<Result<String, LlmError>>,
+}
+
+/// A sequence in flight.
+struct Sequence {
+    job: Job,
+    cache: KvCache,
+    rng: rand_chacha::ChaCha8Rng,
+    state: Option<MatchState>,
+    answer: Vec<u8>,
+    /// Tokens to feed in the next step: the prompt, then each chosen token.
+    feed: Vec<u32>,
+    chosen: usize,
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> LlmError {
@@ -53,61 +84,51 @@ fn bad(path: &Path, message: impl Into<String>) -> LlmError {
 }
 
 impl LocalBackend {
-    /// Loads a GGUF model for `workers` parallel calls on the device `accelerator` picks.
-    pub fn load(path: &Path, workers: usize, accelerator: Accelerator) -> Result<Self, LlmError> {
-        let device = device::select(accelerator)
-            .map_err(|e| bad(path, e.to_string()))?
-            .device;
+    /// Loads a GGUF model to decode up to `batch` sequences together, on the CPU whatever the
+    /// recipe's accelerator (the decoder has CPU kernels only; a GPU serves through Ollama).
+    pub fn load(path: &Path, batch: usize) -> Result<Self, LlmError> {
         let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
         let content =
             Content::read(&mut file).map_err(|e| bad(path, format!("not a GGUF file: {e}")))?;
-        let architecture = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if architecture != "llama" {
-            return Err(bad(
-                path,
-                format!(
-                    "architecture `{architecture}` is not supported (llama: SmolLM2, Llama, Mistral)"
-                ),
-            ));
-        }
         let text = GgufText::from_gguf(&content, path)?;
         let template = text
             .chat_template
             .clone()
             .ok_or_else(|| bad(path, "has no `tokenizer.chat_template`"))?;
-        let prototype = if device.is_cpu() && !cfg!(target_feature = "avx") {
-            let mut f32_file = std::io::Cursor::new(dequantized(&content, &mut file)?);
-            let content = Content::read(&mut f32_file)?;
-            ModelWeights::from_gguf(content, &mut f32_file, &device)?
-        } else {
-            ModelWeights::from_gguf(content, &mut file, &device)?
-        };
+        let model = Transformer::load(&content, &mut file, path)?;
         let mut hasher = blake3::Hasher::new();
         hasher
             .update_mmap_rayon(path)
             .map_err(|e| bad(path, e.to_string()))?;
+        let engine = model.engine();
         Ok(Self {
-            identity: format!("gguf blake3:{}", hasher.finalize().to_hex()),
-            text,
+            // The decoder's arithmetic decides the answers too: a new engine or its CPU path
+            // must not reuse another's cached answers.
+            identity: format!(
+                "gguf blake3:{} (batched decoder v1, {engine})",
+                hasher.finalize().to_hex()
+            ),
+            text: Arc::new(text),
             template,
-            prototype,
-            idle: Mutex::new(Vec::new()),
-            workers: workers.max(1),
-            device,
+            batch: batch.max(1),
+            context: model.config.context,
+            engine,
+            model: Mutex::new(Some(model)),
+            queue: OnceLock::new(),
             grammars: Mutex::new(HashMap::new()),
-            cancel: None,
+            cancel: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Stops calls in progress with [`LlmError::Cancelled`] once `flag` is set.
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.cancel = Some(flag);
+        self.cancel = flag;
         self
+    }
+
+    /// What multiplies the weights on this machine.
+    pub fn engine(&self) -> &'static str {
+        self.engine
     }
 
     /// Token ids of the chat prompt for `request`.
@@ -126,6 +147,11 @@ impl LocalBackend {
         self.text.encode(&rendered)
     }
 
+    /// Tokens of `text` under the model's tokenizer (0 where it cannot be encoded).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.text.encode(text).map_or(0, |ids| ids.len())
+    }
+
     fn grammar(&self, schema: &serde_json::Value) -> Result<Arc<JsonGrammar>, LlmError> {
         let key = schema.to_string();
         let mut grammars = self.grammars.lock().unwrap_or_else(PoisonError::into_inner);
@@ -137,101 +163,179 @@ impl LocalBackend {
         Ok(grammar)
     }
 
-    fn logits(
-        &self,
-        model: &mut ModelWeights,
-        ids: &[u32],
-        pos: usize,
-    ) -> Result<Vec<f32>, LlmError> {
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(model
-            .forward(&input, pos)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
-    }
-
-    fn generate(&self, model: &mut ModelWeights, request: &Request) -> Result<String, LlmError> {
-        let prompt = self.prompt_ids(request)?;
-        let budget = request.max_tokens as usize;
-        if prompt.len() + budget > MAX_SEQ_LEN {
-            return Err(LlmError::Unsupported(format!(
-                "the prompt has {} tokens; with max_tokens {budget} it exceeds the local model's {MAX_SEQ_LEN}-token window",
-                prompt.len()
-            )));
-        }
-        let grammar = request
-            .json_schema
-            .as_ref()
-            .map(|schema| self.grammar(schema))
-            .transpose()?;
-        let mut state = grammar.as_ref().map(|g| g.start());
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(request.seed);
-        model.clear_kv_cache();
-        let mut logits = self.logits(model, &prompt, 0)?;
-        let mut answer = Vec::new();
-        // `pos` is where the token chosen in this step goes in the sequence.
-        for pos in prompt.len()..prompt.len() + budget {
-            if self
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Relaxed))
-            {
-                return Err(LlmError::Cancelled);
+    /// The engine's queue, starting the engine thread on first use.
+    fn queue(&self) -> Result<mpsc::Sender<Job>, LlmError> {
+        let queue = self.queue.get_or_init(|| {
+            let (sender, jobs) = mpsc::channel();
+            let model = self
+                .model
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(model) = model {
+                let engine = Engine {
+                    model,
+                    text: self.text.clone(),
+                    batch: self.batch,
+                    cancel: self.cancel.clone(),
+                };
+                std::thread::Builder::new()
+                    .name("ragd-llm".to_owned())
+                    .spawn(move || engine.serve(&jobs))
+                    .ok();
             }
-            let allowed = |id: u32| -> Option<Option<MatchState>> {
-                let bytes = self.text.token_bytes.get(id as usize)?;
-                match (&grammar, state) {
-                    (Some(grammar), Some(state)) => {
-                        Some(Some(grammar.advance(state, bytes.as_deref()?)?))
-                    }
-                    _ => Some(None),
-                }
-            };
-            let Some((next, next_state)) = choose(
-                &logits,
-                request.temperature,
-                request.top_p,
-                &allowed,
-                &mut rng,
-            ) else {
-                break;
-            };
-            let Some(Some(bytes)) = self.text.token_bytes.get(next as usize) else {
-                // A control token (end of turn) ends an unconstrained answer.
-                break;
-            };
-            answer.extend_from_slice(bytes);
-            state = next_state.or(state);
-            if state.is_some_and(|s| s.is_complete()) || next == self.text.eos_id {
-                break;
-            }
-            logits = self.logits(model, &[next], pos)?;
-        }
-        Ok(String::from_utf8_lossy(&answer).into_owned())
+            Mutex::new(sender)
+        });
+        Ok(queue.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
 }
 
-/// The GGUF file with every tensor stored as f32, in memory.
-fn dequantized(content: &Content, file: &mut std::fs::File) -> Result<Vec<u8>, LlmError> {
-    let cpu = Device::Cpu;
-    let tensors = content
-        .tensor_infos
-        .keys()
-        .map(|name| {
-            let tensor = content.tensor(file, name, &cpu)?.dequantize(&cpu)?;
-            Ok((name.as_str(), QTensor::quantize(&tensor, GgmlDType::F32)?))
-        })
-        .collect::<Result<Vec<_>, candle_core::Error>>()?;
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    gguf_file::write(&mut bytes, &metadata, &tensor_refs)?;
-    Ok(bytes.into_inner())
+/// The engine thread's state.
+struct Engine {
+    model: Transformer,
+    text: Arc<GgufText>,
+    batch: usize,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Answers jobs until every sender is gone.
+    fn serve(&self, jobs: &mpsc::Receiver<Job>) {
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut running: Vec<Sequence> = Vec::new();
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                let Ok(job) = jobs.recv() else { return };
+                waiting.push_back(job);
+                while waiting.len() < self.batch {
+                    let Ok(job) = jobs.recv_timeout(GATHER) else {
+                        break;
+                    };
+                    waiting.push_back(job);
+                }
+            }
+            waiting.extend(jobs.try_iter());
+            if self.cancel.load(Ordering::Relaxed) {
+                for job in waiting.drain(..).chain(running.drain(..).map(|s| s.job)) {
+                    job.reply.send(Err(LlmError::Cancelled)).ok();
+                }
+                continue;
+            }
+            let mut budget = PREFILL_TOKENS_PER_STEP;
+            while running.len() < self.batch {
+                let Some(job) = waiting.front() else { break };
+                if job.prompt.len() > budget && budget < PREFILL_TOKENS_PER_STEP {
+                    break;
+                }
+                budget = budget.saturating_sub(job.prompt.len());
+                let job = waiting.pop_front().expect("the front job was just seen");
+                running.push(self.start(job));
+            }
+            let logits = {
+                let mut segments: Vec<Segment> = running
+                    .iter_mut()
+                    .map(|s| Segment {
+                        cache: &mut s.cache,
+                        tokens: &s.feed,
+                    })
+                    .collect();
+                self.model.forward(&mut segments)
+            };
+            let finished: Vec<Option<Result<String, LlmError>>> = running
+                .par_iter_mut()
+                .zip(logits)
+                .map(|(sequence, logits)| sequence.advance(&logits, &self.text))
+                .collect();
+            let mut kept = Vec::with_capacity(running.len());
+            for (sequence, outcome) in running.drain(..).zip(finished) {
+                match outcome {
+                    Some(answer) => {
+                        // A caller that gave up (cancelled) no longer listens.
+                        sequence.job.reply.send(answer).ok();
+                    }
+                    None => kept.push(sequence),
+                }
+            }
+            running = kept;
+        }
+    }
+
+    fn start(&self, job: Job) -> Sequence {
+        let capacity = job.prompt.len() + job.request.max_tokens as usize;
+        Sequence {
+            cache: self.model.new_cache(capacity),
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(job.request.seed),
+            state: job.grammar.as_ref().map(|g| g.start()),
+            answer: Vec::new(),
+            feed: job.prompt.clone(),
+            chosen: 0,
+            job,
+        }
+    }
+}
+
+impl Sequence {
+    /// Chooses the next token from `logits`; the answer once the sequence is done.
+    fn advance(&mut self, logits: &[f32], text: &GgufText) -> Option<Result<String, LlmError>> {
+        let request = &self.job.request;
+        let grammar = &self.job.grammar;
+        let state = self.state;
+        // Tokens left after this one: a constrained answer must still be able to close.
+        let left = (request.max_tokens as usize).saturating_sub(self.chosen + 1);
+        let allowed = |id: u32| -> Option<Option<MatchState>> {
+            let bytes = text.token_bytes.get(id as usize)?;
+            match (grammar, state) {
+                (Some(grammar), Some(state)) => {
+                    let next = grammar.advance(state, bytes.as_deref()?)?;
+                    (grammar.bytes_to_complete(&next) <= left).then_some(Some(next))
+                }
+                _ => Some(None),
+            }
+        };
+        let done = |answer: &[u8]| Some(Ok(String::from_utf8_lossy(answer).into_owned()));
+        let Some((next, next_state)) = choose(
+            logits,
+            request.temperature,
+            request.top_p,
+            &allowed,
+            &mut self.rng,
+        ) else {
+            return done(&self.answer);
+        };
+        let Some(Some(bytes)) = text.token_bytes.get(next as usize) else {
+            // A control token (end of turn) ends an unconstrained answer.
+            return done(&self.answer);
+        };
+        self.answer.extend_from_slice(bytes);
+        self.state = next_state.or(self.state);
+        self.chosen += 1;
+        if self.state.is_some_and(|s| s.is_complete())
+            || next == text.eos_id
+            || self.chosen >= request.max_tokens as usize
+        {
+            return done(&self.answer);
+        }
+        self.feed = vec![next];
+        None
+    }
+}
+
+/// Candidates sorted at first: the nucleus of a sampled step almost always lies among them.
+const FIRST_CANDIDATES: usize = 64;
+
+multiversion! {
+    /// `Σ e^((l - max) / scale)` over the logits, vectorised.
+    fn exp_sum(logits: &[f32], max: f32, scale: f32) -> f64 {
+        let mut lanes = [0f32; 16];
+        let chunks = logits.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|&l| exp((l - max) / scale)).sum();
+        for chunk in chunks {
+            for l in 0..16 {
+                lanes[l] += exp((chunk[l] - max) / scale);
+            }
+        }
+        f64::from(lanes.iter().sum::<f32>() + tail)
+    }
 }
 
 /// Picks the next token among those `allowed` accepts (returning the grammar state after it):
@@ -239,7 +343,8 @@ fn dequantized(content: &Content, file: &mut std::fs::File) -> Result<Vec<u8>, L
 ///
 /// Tokens are tried from the most probable down and the scan stops as soon as the allowed mass
 /// found covers `top_p` of what the allowed tokens can at most hold (1 minus the disallowed mass
-/// seen), so a grammar check touches a handful of tokens per step, not the whole vocabulary.
+/// seen), so a grammar check touches a handful of tokens per step, not the whole vocabulary; and
+/// only the best [`FIRST_CANDIDATES`] are sorted unless the scan goes past them.
 fn choose<S>(
     logits: &[f32],
     temperature: f64,
@@ -256,21 +361,30 @@ fn choose<S>(
     let mut order: Vec<u32> = (0..logits.len() as u32)
         .filter(|&i| (max - logits[i as usize]) / scale < NEGLIGIBLE_LOGIT_GAP)
         .collect();
-    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let sorted_head = FIRST_CANDIDATES.min(order.len());
+    if sorted_head < order.len() {
+        order.select_nth_unstable_by(sorted_head, by_logit);
+    }
+    order[..sorted_head].sort_unstable_by(by_logit);
+    let mut rest_sorted = false;
+    let mut candidates = (0..order.len()).map(|i| {
+        if i == sorted_head && !rest_sorted {
+            rest_sorted = true;
+            order[sorted_head..].sort_unstable_by(by_logit);
+        }
+        order[i]
+    });
     if temperature <= 0.0 {
-        return order
-            .into_iter()
+        return candidates
             .find_map(|id| allowed(id).map(|s| (id, s)))
             .or_else(|| best_allowed(logits, allowed));
     }
-    let weight = |id: u32| f64::from(((logits[id as usize] - max) / scale).exp());
-    let total: f64 = logits
-        .iter()
-        .map(|&l| f64::from(((l - max) / scale).exp()))
-        .sum();
+    let weight = |id: u32| f64::from(exp((logits[id as usize] - max) / scale));
+    let total = exp_sum(logits, max, scale);
     let mut nucleus = Vec::new();
     let (mut kept, mut refused) = (0.0, 0.0);
-    for id in order {
+    for id in candidates.by_ref() {
         let p = weight(id) / total;
         match allowed(id) {
             Some(state) => {
@@ -322,22 +436,34 @@ impl LlmBackend for LocalBackend {
     }
 
     fn concurrency(&self) -> usize {
-        self.workers
+        self.batch
     }
 
     fn complete(&self, request: &Request) -> Result<String, LlmError> {
-        let taken = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let mut model = taken.unwrap_or_else(|| self.prototype.clone());
-        let answer = self.generate(&mut model, request);
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(model);
-        answer
+        let prompt = self.prompt_ids(request)?;
+        let budget = request.max_tokens as usize;
+        if prompt.len() + budget > self.context {
+            return Err(LlmError::Unsupported(format!(
+                "the prompt has {} tokens; with max_tokens {budget} it exceeds the local model's {}-token window",
+                prompt.len(),
+                self.context
+            )));
+        }
+        let grammar = request
+            .json_schema
+            .as_ref()
+            .map(|schema| self.grammar(schema))
+            .transpose()?;
+        let (reply, answer) = mpsc::channel();
+        let job = Job {
+            prompt,
+            request: request.clone(),
+            grammar,
+            reply,
+        };
+        let stopped = || LlmError::Unsupported("the local LLM engine stopped".to_owned());
+        self.queue()?.send(job).map_err(|_| stopped())?;
+        answer.recv().map_err(|_| stopped())?
     }
 }
 
@@ -363,8 +489,8 @@ mod tests {
         reason = "the answer and its time are the test's figures"
     )]
     fn smollm2_answers_schema_valid_json_reproducibly() {
-        let backend = LocalBackend::load(&crate::testutil::smollm2_gguf(), 1, Accelerator::Cpu)
-            .expect("SmolLM2 loads");
+        let backend =
+            LocalBackend::load(&crate::testutil::smollm2_gguf(), 1).expect("SmolLM2 loads");
         assert!(backend.identity().starts_with("gguf blake3:"));
         let schema = serde_json::json!({
             "type": "object",
@@ -394,6 +520,62 @@ mod tests {
             answer
         );
         eprintln!("local answer in {seconds:.2}s: {answer}");
+    }
+
+    /// Six different requests (temperature 0 and sampled, with and without a schema) answered
+    /// one at a time and all together in one batch: the same answers, bit for bit.
+    #[test]
+    fn batched_answers_equal_unbatched_ones() {
+        let path = crate::testutil::smollm2_gguf();
+        let passages = [
+            "Snapshots are kept for thirty days. Remote repositories are pruned every Sunday.",
+            "The agent retries a failed upload three times, waiting twice as long each time.",
+            "Set `TIDE_HOME` to move the configuration folder; the default is ~/.tide.",
+        ];
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"queries": {"type": "array", "items": {"type": "string", "minLength": 8, "maxLength": 120}, "minItems": 1, "maxItems": 2}},
+            "required": ["queries"]
+        });
+        let requests: Vec<Request> = passages
+            .iter()
+            .enumerate()
+            .flat_map(|(i, passage)| {
+                let base = Request {
+                    prompt: format!("{passage}\n\nWrite 2 questions a user could ask that the text above answers."),
+                    seed: i as u64,
+                    temperature: 0.0,
+                    max_tokens: 48,
+                    ..request(None)
+                };
+                [
+                    base.clone(),
+                    Request {
+                        temperature: 0.7,
+                        json_schema: Some(schema.clone()),
+                        ..base
+                    },
+                ]
+            })
+            .collect();
+        let alone = LocalBackend::load(&path, 1).expect("loads");
+        let one_by_one: Vec<String> = requests
+            .iter()
+            .map(|r| alone.complete(r).expect("answers"))
+            .collect();
+        let batched = LocalBackend::load(&path, requests.len()).expect("loads");
+        let together: Vec<String> = std::thread::scope(|scope| {
+            let calls: Vec<_> = requests
+                .iter()
+                .map(|r| scope.spawn(|| batched.complete(r).expect("answers")))
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("no panic"))
+                .collect()
+        });
+        assert_eq!(one_by_one, together);
+        assert!(one_by_one.iter().all(|a| !a.is_empty()), "{one_by_one:?}");
     }
 
     #[test]

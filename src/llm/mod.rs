@@ -15,6 +15,7 @@ pub mod http;
 pub mod local;
 pub mod pool;
 pub mod settings;
+pub mod transformer;
 
 use serde::Serialize;
 

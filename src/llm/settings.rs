@@ -63,9 +63,10 @@ pub struct LlmSettings {
     /// Several servers of the same model: requests are spread over them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
-    /// Calls in flight per endpoint (for `local`: model copies decoding in parallel).
-    #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
+    /// Calls in flight per endpoint (default 2). For `local`: sequences decoded together in one
+    /// batch (default 32; more costs memory for their KV caches and adds little speed).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     #[serde(default = "default_temperature")]
     pub temperature: f64,
@@ -89,9 +90,6 @@ pub struct LlmSettings {
     pub api_key_env: Option<String>,
 }
 
-fn default_concurrency() -> usize {
-    2
-}
 fn default_temperature() -> f64 {
     0.7
 }
@@ -126,6 +124,14 @@ impl LlmSettings {
         }
     }
 
+    /// Calls in flight per endpoint, or sequences in a local batch.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(match self.backend {
+            BackendKind::Local => 32,
+            BackendKind::Ollama | BackendKind::Openai => 2,
+        })
+    }
+
     /// The servers to call: `endpoints`, else `url`, else the backend's default address.
     pub fn endpoints(&self) -> Vec<String> {
         if !self.endpoints.is_empty() {
@@ -143,6 +149,7 @@ impl LlmSettings {
     pub fn canonical(&self) -> Self {
         let mut settings = self.clone();
         settings.model = self.model().map(str::to_owned);
+        settings.concurrency = Some(self.concurrency());
         settings.endpoints = self.endpoints();
         settings.url = None;
         settings
@@ -188,10 +195,10 @@ impl LlmSettings {
                 invalid.push(Invalid::new(&key, format!("`{url}` is not an http(s) URL")));
             }
         }
-        if self.concurrency == 0 || self.concurrency > 64 {
+        if !(1..=256).contains(&self.concurrency()) {
             invalid.push(Invalid::new(
                 &path("concurrency"),
-                "must be between 1 and 64",
+                "must be between 1 and 256",
             ));
         }
         if !(0.0..=2.0).contains(&self.temperature) {
@@ -282,7 +289,7 @@ impl LlmSettings {
         match self.backend {
             BackendKind::Local => {
                 let path = env.resolve_model(self.local_reference(), NO_FILES)?;
-                let backend = LocalBackend::load(&path, self.concurrency, env.recipe.accelerator)
+                let backend = LocalBackend::load(&path, self.concurrency())
                     .map_err(super::stage_error)?
                     .with_cancel(cancel.clone());
                 Ok(Box::new(backend))
@@ -291,14 +298,15 @@ impl LlmSettings {
         }
     }
 
-    fn connect_http(&self) -> Result<EndpointPool, StageError> {
+    /// The servers of an `ollama` or `openai` block as one pool.
+    pub fn connect_http(&self) -> Result<EndpointPool, StageError> {
         let options = self.http_options()?;
         let members = self
             .endpoints()
             .iter()
             .map(|url| {
                 HttpBackend::connect(self.backend, url, &options)
-                    .map(|b| (Box::new(b) as Box<dyn LlmBackend>, self.concurrency))
+                    .map(|b| (Box::new(b) as Box<dyn LlmBackend>, self.concurrency()))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(super::stage_error)?;

@@ -380,28 +380,48 @@ impl QueryGen {
     }
 }
 
-impl QueryGen {
-    /// The JSON schema LLM answers must follow.
-    fn answer_schema(&self) -> serde_json::Value {
-        serde_json::json!({
-            "type": "object",
-            "properties": {
-                "queries": {
-                    "type": "array",
-                    "items": {
-                        "type": "string",
-                        "minLength": self.params.min_chars,
-                        "maxLength": self.params.max_chars,
-                    },
-                    "minItems": 1,
-                    "maxItems": self.params.queries_per_chunk,
-                }
-            },
-            "required": ["queries"],
-            "additionalProperties": false,
-        })
-    }
+/// The JSON schema LLM answers must follow.
+fn answer_schema(params: &QueryGenParams) -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "queries": {
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "minLength": params.min_chars,
+                    "maxLength": params.max_chars,
+                },
+                "minItems": 1,
+                "maxItems": params.queries_per_chunk,
+            }
+        },
+        "required": ["queries"],
+        "additionalProperties": false,
+    })
+}
 
+/// The requests the `llm` strategy sends for `chunks` (also what `bench llm` times).
+pub fn llm_requests(params: &QueryGenParams, chunks: &[&Chunk], seed: u64) -> Vec<llm::Request> {
+    let schema = answer_schema(params);
+    chunks
+        .iter()
+        .map(|chunk| {
+            let prompt = params
+                .prompt
+                .replace("{passage}", &io::passage(chunk))
+                .replace("{n}", &params.queries_per_chunk.to_string());
+            params.llm.request(
+                Some(params.system.clone()),
+                prompt,
+                Some(schema.clone()),
+                seed,
+            )
+        })
+        .collect()
+}
+
+impl QueryGen {
     /// Asks the LLM for each chunk's queries: per chunk, its (query, positive) pairs; an answer
     /// that does not parse gives none and is counted.
     fn ask_llm(
@@ -412,23 +432,7 @@ impl QueryGen {
     ) -> Result<Vec<Vec<(String, String)>>, StageError> {
         let settings = &self.params.llm;
         let backend = settings.connect(&ctx.env, &ctx.cancel)?;
-        let schema = self.answer_schema();
-        let requests: Vec<llm::Request> = chunks
-            .iter()
-            .map(|chunk| {
-                let prompt = self
-                    .params
-                    .prompt
-                    .replace("{passage}", &io::passage(chunk))
-                    .replace("{n}", &self.params.queries_per_chunk.to_string());
-                settings.request(
-                    Some(self.params.system.clone()),
-                    prompt,
-                    Some(schema.clone()),
-                    self.seed,
-                )
-            })
-            .collect();
+        let requests = llm_requests(&self.params, chunks, self.seed);
         ctx.info(format!(
             "asking {} ({}) for queries on {} chunks, {} at a time",
             settings.model().unwrap_or_default(),

@@ -17,8 +17,13 @@
 //!
 //! The optimiser's fused update lives with the optimiser (`model::train::optim`).
 
+pub mod bf16;
 mod fused;
 mod reference;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use fused::has_avx512;
+pub(crate) use fused::{exp, multiversion};
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

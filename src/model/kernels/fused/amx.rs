@@ -349,7 +349,7 @@ unsafe fn pack_rhs(out: &mut [u16], b: Operand, n: usize, col0: usize, ks: KRang
 
 /// Tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -357,7 +357,7 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-static CONFIG: TileConfig = TileConfig {
+pub(super) static CONFIG: TileConfig = TileConfig {
     palette: 1,
     start_row: 0,
     reserved: [0; 14],
@@ -368,9 +368,9 @@ static CONFIG: TileConfig = TileConfig {
 /// A 32 × 32 f32 block in memory for the accumulator tiles 0-3 (its four 16 × 16 quarters):
 /// row `i` at `ptr + i * row_bytes` bytes (0 repeats one row: a bias), columns contiguous.
 #[derive(Clone, Copy)]
-struct TileBlock {
-    ptr: *mut f32,
-    row_bytes: usize,
+pub(super) struct TileBlock {
+    pub(super) ptr: *mut f32,
+    pub(super) row_bytes: usize,
 }
 
 impl TileBlock {
@@ -389,7 +389,7 @@ impl TileBlock {
 /// # Safety
 /// The tile configuration must be loaded.
 #[inline]
-unsafe fn zero_accumulators() {
+pub(super) unsafe fn zero_accumulators() {
     // SAFETY: by the caller.
     unsafe {
         asm!(
@@ -431,7 +431,7 @@ unsafe fn load_accumulators(block: TileBlock) {
 /// The tile configuration must be loaded; `block` must be valid for 32 × 32 writes that no one
 /// else makes meanwhile.
 #[inline]
-unsafe fn store_accumulators(block: TileBlock) {
+pub(super) unsafe fn store_accumulators(block: TileBlock) {
     // SAFETY: by the caller.
     unsafe {
         asm!(

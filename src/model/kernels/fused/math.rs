@@ -6,7 +6,7 @@
 /// `e^x` to ~2 ulp (Cephes `expf`: range reduction by `ln 2`, degree-6 polynomial); exactly 0
 /// below -87 (so masked attention scores get exactly zero probability) and `e^88` above 88.
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let clamped = x.clamp(-87.0, 88.0);
     let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
     let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, clamped));

@@ -14,6 +14,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+pub(super) mod amx_packed;
 mod attention;
 mod dropout;
 mod gelu;
@@ -29,6 +31,7 @@ pub(super) use dropout::dropout;
 pub(super) use layer_norm::layer_norm;
 pub(super) use linear::linear;
 pub(super) use linear_gelu::linear_gelu;
+pub(crate) use math::exp;
 
 use std::mem::MaybeUninit;
 
@@ -54,7 +57,7 @@ macro_rules! multiversion {
                 fn avx512($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
-                if $crate::model::kernels::fused::has_avx512() {
+                if $crate::model::kernels::has_avx512() {
                     // SAFETY: the CPU supports every feature `avx512` is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
@@ -69,7 +72,13 @@ macro_rules! multiversion {
         }
     };
 }
-pub(super) use multiversion;
+pub(crate) use multiversion;
+
+/// Whether products may run on AMX tiles: the CPU has them and `RAGD_MATMUL` does not opt out.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn amx_available() -> bool {
+    MatmulEngine::selected() == MatmulEngine::Bf16x3
+}
 
 /// Whether the CPU has the AVX-512 subsets the kernels are compiled for.
 #[cfg(target_arch = "x86_64")]

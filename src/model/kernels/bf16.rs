@@ -1,0 +1,422 @@
+//! Weight matrices kept in bf16 for inference products `x · wᵀ` (the local LLM's linear layers).
+//!
+//! GGUF weights are 4- to 8-bit: widened to bf16 they are exact to 2^-9, at half the memory of
+//! f32, and each matrix is laid out once at load for the engine that multiplies it, the best the
+//! CPU has (chosen at run time):
+//! - AMX tiles (`fused::amx_packed`): 16 × 16 × 32 products per instruction;
+//! - AVX-512 BF16 (`vdpbf16ps`, Cooper Lake, Sapphire Rapids, Zen 4): 16 columns × 2 `k` per
+//!   instruction, 8 rows × 32 columns per register-blocked step; activations rounded to bf16;
+//! - anything else: rows of bf16 that a vectorised f32 loop widens as it goes.
+//!
+//! The first two share one layout, "VNNI" ([`pack_vnni`]): per 16 output columns, each pair of
+//! `k` holds 16 columns × 2 values side by side, 64 bytes, as AMX tiles and `vdpbf16ps` read them.
+//!
+//! Either way a row of the output depends only on its own row of `x`: no reduction order changes
+//! with the number of rows, so batched and unbatched inference agree bit for bit.
+
+use rayon::prelude::*;
+
+use super::fused::multiversion;
+
+/// A `[out, in]` weight matrix in bf16, packed for this CPU's engine.
+pub struct Bf16Weights {
+    out_features: usize,
+    in_features: usize,
+    layout: Layout,
+}
+
+enum Layout {
+    /// [`pack_vnni`], multiplied on AMX tiles.
+    #[cfg(target_arch = "x86_64")]
+    Tiles(Vec<u16>),
+    /// [`pack_vnni`], multiplied by AVX-512 BF16 dot products.
+    #[cfg(target_arch = "x86_64")]
+    Pairs(Vec<u16>),
+    /// Row-major bf16 bits.
+    Rows(Vec<u16>),
+}
+
+/// `k` per VNNI block (16 pairs) and values per block of 16 columns.
+const BLOCK_K: usize = 32;
+const BLOCK_ELEMS: usize = BLOCK_K * 16;
+
+/// `w` (`[n, k]` row-major, as a linear layer stores `[out, in]`) in VNNI blocks: per group of
+/// 16 output columns (`n` padded to 32 with zeros), per 32 `k` (padded with zeros), 16 rows of
+/// `k` pair `2r, 2r + 1` for each of the 16 columns, interleaved: `[group][k block][pair][column][2]`.
+pub(crate) fn pack_vnni(w: &[f32], n: usize, k: usize) -> Vec<u16> {
+    let (k_blocks, groups) = (k.div_ceil(BLOCK_K), 2 * n.div_ceil(32));
+    let mut packed = vec![0u16; groups * k_blocks * BLOCK_ELEMS];
+    packed
+        .par_chunks_mut(k_blocks * BLOCK_ELEMS)
+        .enumerate()
+        .for_each(|(group, out)| {
+            for c in 0..16 {
+                let col = group * 16 + c;
+                if col >= n {
+                    break;
+                }
+                for (kk, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
+                    let (kb, within) = (kk / BLOCK_K, kk % BLOCK_K);
+                    out[kb * BLOCK_ELEMS + (within / 2) * 32 + c * 2 + within % 2] =
+                        half::bf16::from_f32(v).to_bits();
+                }
+            }
+        });
+    packed
+}
+
+/// Output columns per task of the portable kernel: one widened weight row each, in L1.
+const PORTABLE_COLUMNS: usize = 16;
+
+multiversion! {
+    /// `Σ a·b` over lanes of 16 in a fixed order (so the result never depends on the caller).
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+        let tail: f32 = a_chunks
+            .remainder()
+            .iter()
+            .zip(b_chunks.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in a_chunks.zip(b_chunks) {
+            for l in 0..16 {
+                lanes[l] += x[l] * y[l];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// Widens bf16 bits to f32.
+    fn widen(bits: &[u16], out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(bits) {
+            *o = f32::from_bits(u32::from(b) << 16);
+        }
+    }
+}
+
+impl Bf16Weights {
+    /// Packs `w`, `[out_features, in_features]` row-major.
+    pub fn new(w: &[f32], out_features: usize, in_features: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            out_features * in_features,
+            "a weight matrix holds out x in values"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            let layout = if super::fused::amx_available() {
+                Some(Layout::Tiles(pack_vnni(w, out_features, in_features)))
+            } else if dot_pairs::available() {
+                Some(Layout::Pairs(pack_vnni(w, out_features, in_features)))
+            } else {
+                None
+            };
+            if let Some(layout) = layout {
+                return Self {
+                    out_features,
+                    in_features,
+                    layout,
+                };
+            }
+        }
+        let rows = w
+            .par_iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        Self {
+            out_features,
+            in_features,
+            layout: Layout::Rows(rows),
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// What multiplies: `AMX bf16` or `bf16 rows (f32 FMA)`.
+    pub fn engine(&self) -> &'static str {
+        match self.layout {
+            #[cfg(target_arch = "x86_64")]
+            Layout::Tiles(_) => "AMX bf16",
+            #[cfg(target_arch = "x86_64")]
+            Layout::Pairs(_) => "AVX-512 BF16",
+            Layout::Rows(_) => "bf16 rows (f32 vector loop)",
+        }
+    }
+
+    /// `x · wᵀ` for `x` `[rows, in_features]`: `[rows, out_features]`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        assert_eq!(x.len(), rows * k, "x holds rows x in_features values");
+        let mut out = vec![0f32; rows * n];
+        if rows == 0 {
+            return out;
+        }
+        match &self.layout {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: tiles are packed only where AMX is available, by `pack_weights` for this
+            // `n` and `k`.
+            Layout::Tiles(packed) => unsafe {
+                super::fused::amx_packed::matmul(x, packed, (rows, n, k), &mut out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`.
+            Layout::Pairs(packed) => unsafe {
+                dot_pairs::matmul(x, packed, (rows, n, k), &mut out)
+            },
+            Layout::Rows(bits) => {
+                let columns: Vec<Vec<f32>> = bits
+                    .par_chunks(PORTABLE_COLUMNS * k)
+                    .map(|block| {
+                        let mut row = vec![0f32; k];
+                        let mut results = Vec::with_capacity(block.len() / k * rows);
+                        for w in block.chunks_exact(k) {
+                            widen(w, &mut row);
+                            results.extend(x.chunks_exact(k).map(|xr| dot(xr, &row)));
+                        }
+                        results
+                    })
+                    .collect();
+                for (task, results) in columns.iter().enumerate() {
+                    for (c, column) in results.chunks_exact(rows).enumerate() {
+                        let j = task * PORTABLE_COLUMNS + c;
+                        for (r, &v) in column.iter().enumerate() {
+                            out[r * n + j] = v;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The AVX-512 BF16 engine.
+#[cfg(target_arch = "x86_64")]
+mod dot_pairs {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{BLOCK_ELEMS, BLOCK_K};
+
+    /// Rows per register-blocked step (8 rows × 2 column vectors: 16 accumulators).
+    const ROWS: usize = 8;
+    /// Rows of activations per task (their bf16 copy stays in L2 while the task's weights pass).
+    const BLOCK_ROWS: usize = 256;
+    /// Groups of 32 columns per task.
+    const TASK_COLUMN_PAIRS: usize = 4;
+
+    pub(super) fn available() -> bool {
+        super::super::has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// A raw output pointer shared by tasks writing disjoint blocks.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    // SAFETY: tasks write disjoint elements; the buffer outlives the parallel section.
+    unsafe impl Send for Out {}
+    // SAFETY: as above.
+    unsafe impl Sync for Out {}
+
+    impl Out {
+        /// The pointer (a method, so closures capture the `Send` wrapper, not its field).
+        fn ptr(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// `out` rows `rows` (at most [`ROWS`]) × columns `32 cp .. 32 cp + 32`, over every `k`:
+    /// each output is its lane's `vdpbf16ps` sum over the `k` pairs in order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 BF16; `xs` rows hold `k_pad` bf16 each; `weights` holds the
+    /// two 16-column groups of `cp`; `out` has room for the rows and columns written.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn block<const R: usize>(
+        xs: *const u16,
+        k_pad: usize,
+        weights: *const u16,
+        k_blocks: usize,
+        out: *mut f32,
+        n: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let second = k_blocks * BLOCK_ELEMS;
+        for pair in 0..k_blocks * BLOCK_K / 2 {
+            let at = (pair / 16) * BLOCK_ELEMS + (pair % 16) * 32;
+            // SAFETY: both groups hold every pair's 64 bytes; each row holds `k_pad` values.
+            unsafe {
+                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(weights.add(at).cast()));
+                let w1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(weights.add(second + at).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = xs.add(r * k_pad + 2 * pair).cast::<i32>().read_unaligned();
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (half, &v) in acc.iter().enumerate() {
+                let count = cols.saturating_sub(16 * half).min(16);
+                if count == 0 {
+                    break;
+                }
+                let mask = ((1u32 << count) - 1) as u16;
+                // SAFETY: `count` columns of row `r` are within `out`, by the caller.
+                unsafe { _mm512_mask_storeu_ps(out.add(r * n + 16 * half), mask, v) };
+            }
+        }
+    }
+
+    /// `out = x · wᵀ` for `x` `[m, k]` and `w` packed by [`super::pack_vnni`] from `[n, k]`.
+    ///
+    /// # Safety
+    /// [`available`] must hold; `packed` must come from `pack_vnni` with this `n` and `k`.
+    pub(super) unsafe fn matmul(
+        x: &[f32],
+        packed: &[u16],
+        (m, n, k): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let k_blocks = k.div_ceil(BLOCK_K);
+        let k_pad = k_blocks * BLOCK_K;
+        let mut xs = vec![0u16; m * k_pad];
+        xs.par_chunks_mut(k_pad)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = half::bf16::from_f32(v).to_bits();
+                }
+            });
+        let column_pairs = n.div_ceil(32);
+        let (row_blocks, column_tasks) = (
+            m.div_ceil(BLOCK_ROWS),
+            column_pairs.div_ceil(TASK_COLUMN_PAIRS),
+        );
+        let dst = Out(out.as_mut_ptr());
+        let xs = &xs;
+        (0..row_blocks * column_tasks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (rb, ct) = (task / column_tasks, task % column_tasks);
+                let rows = rb * BLOCK_ROWS..((rb + 1) * BLOCK_ROWS).min(m);
+                for cp in ct * TASK_COLUMN_PAIRS..((ct + 1) * TASK_COLUMN_PAIRS).min(column_pairs) {
+                    let cols = 32.min(n - 32 * cp);
+                    let weights = packed[2 * cp * k_blocks * BLOCK_ELEMS..].as_ptr();
+                    let mut r = rows.start;
+                    while r < rows.end {
+                        let left = rows.end - r;
+                        // SAFETY: AVX-512 BF16 is available (the caller's promise); rows `r..` of
+                        // `xs` and `out`, columns of `cp`, all within bounds; this task alone
+                        // writes them.
+                        unsafe {
+                            let (xr, o) = (xs.as_ptr().add(r * k_pad), dst.ptr().add(r * n + 32 * cp));
+                            let step = match left {
+                                ROWS.. => {
+                                    block::<ROWS>(xr, k_pad, weights, k_blocks, o, n, cols);
+                                    ROWS
+                                }
+                                4..=7 => {
+                                    block::<4>(xr, k_pad, weights, k_blocks, o, n, cols);
+                                    4
+                                }
+                                2..=3 => {
+                                    block::<2>(xr, k_pad, weights, k_blocks, o, n, cols);
+                                    2
+                                }
+                                _ => {
+                                    block::<1>(xr, k_pad, weights, k_blocks, o, n, cols);
+                                    1
+                                }
+                            };
+                            r += step;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// Each output within bf16 rounding of an f64 product of the bf16-rounded operands, for
+    /// ragged shapes (rows and columns off tile sizes, `k` off 32), in whichever engine this CPU
+    /// runs and in the portable one.
+    #[test]
+    fn products_match_f64_of_the_rounded_operands() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let round = |v: f32| half::bf16::from_f32(v).to_f32();
+        for (m, n, k) in [(1, 1, 1), (5, 17, 33), (33, 70, 96), (40, 100, 577)] {
+            let (x, w) = (random(m * k, &mut rng), random(n * k, &mut rng));
+            let portable = Bf16Weights {
+                out_features: n,
+                in_features: k,
+                layout: Layout::Rows(
+                    w.iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect(),
+                ),
+            };
+            for weights in [Bf16Weights::new(&w, n, k), portable] {
+                let out = weights.forward(&x, m);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut exact, mut magnitude) = (0f64, 0f64);
+                        for kk in 0..k {
+                            let xr = if weights.engine() != "bf16 rows (f32 vector loop)" {
+                                round(x[i * k + kk])
+                            } else {
+                                x[i * k + kk]
+                            };
+                            let term = f64::from(xr) * f64::from(round(w[j * k + kk]));
+                            exact += term;
+                            magnitude += term.abs();
+                        }
+                        let error = (f64::from(out[i * n + j]) - exact).abs();
+                        assert!(
+                            error <= 1e-5 * magnitude.max(1.0),
+                            "{} ({m}, {n}, {k}) at ({i}, {j}): {} vs {exact}",
+                            weights.engine(),
+                            out[i * n + j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's output is the same bits alone and among others, at any position.
+    #[test]
+    fn a_row_does_not_depend_on_the_rows_beside_it() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (n, k) = (96, 300);
+        let weights = Bf16Weights::new(&random(n * k, &mut rng), n, k);
+        let x = random(45 * k, &mut rng);
+        let all = weights.forward(&x, 45);
+        for row in [0, 17, 44] {
+            let alone = weights.forward(&x[row * k..(row + 1) * k], 1);
+            assert_eq!(alone, all[row * n..(row + 1) * n], "row {row}");
+        }
+    }
+}
