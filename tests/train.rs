@@ -28,6 +28,8 @@ fn base_model_dir() -> PathBuf {
         offline: true,
         pypi_index: "https://pypi.org/simple".to_owned(),
         cache_dir: cache,
+        ollama_url: ragd_pipe::model::ollama::DEFAULT_URL.to_owned(),
+        ollama_store: PathBuf::new(),
     };
     let reference =
         ModelRef::parse("sentence-transformers/all-MiniLM-L6-v2", Path::new(".")).expect("parses");

@@ -41,8 +41,45 @@ pub enum HubError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot use the Ollama model")]
+    Ollama(#[from] OllamaError),
+    #[error("cannot import the GGUF file `{}`", path.display())]
+    Import {
+        path: PathBuf,
+        #[source]
+        source: Box<ModelError>,
+    },
     #[error(transparent)]
     Fs(#[from] std::io::Error),
+}
+
+/// Why an Ollama server could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum OllamaError {
+    #[error("`{url}` is not a usable Ollama URL: {message}")]
+    BadUrl { url: String, message: String },
+    #[error(
+        "the Ollama server at `{url}` did not answer (is it running? `ollama serve`): {message}"
+    )]
+    Unreachable { url: String, message: String },
+    #[error("the Ollama server at `{url}` refused {what}: {message}")]
+    Refused {
+        url: String,
+        what: String,
+        message: String,
+    },
+    #[error("the Ollama server at `{url}` has no model `{name}` (`ollama list` shows its models)")]
+    NoSuchModel { name: String, url: String },
+    #[error("cannot find the GGUF of `{name}` in Ollama's model store `{}` (set `OLLAMA_MODELS` to the server's store): {why}", store.display())]
+    NotInStore {
+        name: String,
+        store: PathBuf,
+        why: String,
+    },
+    #[error("our encoder failed on the probe texts")]
+    Encoder(#[source] Box<ModelError>),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// Why a model could not be loaded, run or placed on a device.
@@ -104,6 +141,8 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+    #[error("`{}`: {message}", path.display())]
+    Gguf { path: PathBuf, message: String },
     #[error("invalid argument `{name}`: {why}")]
     InvalidArgument { name: &'static str, why: String },
     #[error("{during} failed")]

