@@ -20,7 +20,7 @@ pub use entry::{METADATA_FILE, ModelDetails, ModelEntry, REGISTERED_AT};
 pub use error::RegistryError;
 pub use name::{MAX_NAME_LEN, validate_name};
 pub use ops::{
-    REQUIRED_FILES, WEIGHT_FILES, default_ragd_home, default_root, export, list, register, remove,
-    show,
+    REQUIRED_FILES, WEIGHT_FILES, default_ragd_home, default_root, export, list, register,
+    register_with, remove, show,
 };
-pub use ragd_config::{CONFIG_FILE, CUSTOM_MODEL, ConfigUpdate, use_model};
+pub use ragd_config::{CONFIG_FILE, CUSTOM_MODEL, ConfigUpdate, use_model, use_ollama_model};

@@ -87,6 +87,19 @@ pub fn register(
     metadata: &serde_json::Value,
     force: bool,
 ) -> Result<ModelEntry, RegistryError> {
+    register_with(root, name, model_dir, &[], metadata, force)
+}
+
+/// [`register`], with `extra` files (GGUF exports, …) copied into the model folder beside the
+/// model's own, under their file names, in the same atomic swap.
+pub fn register_with(
+    root: &Path,
+    name: &str,
+    model_dir: &Path,
+    extra: &[PathBuf],
+    metadata: &serde_json::Value,
+    force: bool,
+) -> Result<ModelEntry, RegistryError> {
     let name = validate_name(name)?;
     check_model_folder(model_dir)?;
     let serde_json::Value::Object(fields) = metadata else {
@@ -112,6 +125,11 @@ pub fn register(
     let staging = unique_path(root, STAGING_PREFIX, name);
     let staged = (|| {
         copy_tree(model_dir, &staging, &[METADATA_FILE])?;
+        for file in extra {
+            let file_name = file.file_name().unwrap_or(file.as_os_str());
+            fs::copy(file, staging.join(file_name))?;
+            fs::File::open(staging.join(file_name))?.sync_all()?;
+        }
         let metadata_path = staging.join(METADATA_FILE);
         fs::write(&metadata_path, metadata_json.as_bytes())?;
         fs::File::open(&metadata_path)?.sync_all()?;

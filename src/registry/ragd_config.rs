@@ -59,14 +59,42 @@ pub fn use_model(root: &Path, name: &str, ragd_home: &Path) -> Result<ConfigUpda
         .ok_or_else(|| RegistryError::NonUtf8Path {
             path: model_path.clone(),
         })?;
+    let (config_path, created) = edit_config(
+        ragd_home,
+        &[(MODEL_KEY, CUSTOM_MODEL), (PATH_KEY, path_text)],
+    )?;
+    Ok(ConfigUpdate {
+        config_path,
+        model_path,
+        created,
+    })
+}
+
+/// Makes ragd embed with the model `ollama_name` of its Ollama server: `embedding.model:
+/// <ollama_name>` (ragd's way of naming an Ollama embedding model, as for its default
+/// `nomic-embed-text`), with the same line edit as [`use_model`]; `custom_model_path` is left
+/// as it was. Returns the config file and whether it was created.
+pub fn use_ollama_model(
+    ollama_name: &str,
+    ragd_home: &Path,
+) -> Result<(PathBuf, bool), RegistryError> {
+    edit_config(ragd_home, &[(MODEL_KEY, ollama_name)])
+}
+
+/// Sets `embedding.<key>: <value>` for each pair in `<ragd_home>/config.yaml`, atomically and
+/// keeping the file's permissions.
+fn edit_config(
+    ragd_home: &Path,
+    values: &[(&str, &str)],
+) -> Result<(PathBuf, bool), RegistryError> {
     let config_path = ragd_home.join(CONFIG_FILE);
     let (original, permissions) = match fs::read_to_string(&config_path) {
         Ok(text) => (Some(text), Some(fs::metadata(&config_path)?.permissions())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
         Err(e) => return Err(e.into()),
     };
-    let edited = set_custom_model(original.as_deref().unwrap_or_default(), path_text).map_err(
-        |problem| {
+    let edited =
+        set_embedding(original.as_deref().unwrap_or_default(), values).map_err(|problem| {
             let path = config_path.clone();
             match problem {
                 EditProblem::InvalidYaml(message) => {
@@ -79,14 +107,9 @@ pub fn use_model(root: &Path, name: &str, ragd_home: &Path) -> Result<ConfigUpda
                 }
                 EditProblem::Unsafe(message) => RegistryError::ConfigEditUnsafe { path, message },
             }
-        },
-    )?;
+        })?;
     write_replacing(&config_path, &edited, permissions)?;
-    Ok(ConfigUpdate {
-        config_path,
-        model_path,
-        created: original.is_none(),
-    })
+    Ok((config_path, original.is_none()))
 }
 
 /// Writes `text` to a temporary file beside `path` with the old file's permissions, syncs it, and
@@ -267,7 +290,13 @@ fn yaml_scalar(value: &str) -> String {
 }
 
 /// Sets `embedding.model` and `embedding.custom_model_path` in the YAML `text`.
+#[cfg(test)]
 pub(crate) fn set_custom_model(text: &str, model_path: &str) -> Result<String, EditProblem> {
+    set_embedding(text, &[(MODEL_KEY, CUSTOM_MODEL), (PATH_KEY, model_path)])
+}
+
+/// Sets each `embedding.<key>` of `values` in the config text (see the module doc).
+fn set_embedding(text: &str, values: &[(&str, &str)]) -> Result<String, EditProblem> {
     let (bom, body) = match text.strip_prefix('\u{FEFF}') {
         Some(body) => ("\u{FEFF}", body),
         None => ("", text),
@@ -283,19 +312,19 @@ pub(crate) fn set_custom_model(text: &str, model_path: &str) -> Result<String, E
         .map(|l| l.ending)
         .find(|e| !e.is_empty())
         .unwrap_or("\n");
-    let values = [
-        (MODEL_KEY, yaml_scalar(CUSTOM_MODEL)),
-        (PATH_KEY, yaml_scalar(model_path)),
-    ];
+    let scalars: Vec<(&str, String)> = values
+        .iter()
+        .map(|(key, value)| (*key, yaml_scalar(value)))
+        .collect();
     let embedding_line = lines.iter().position(|l| {
         indentation(l.text) == 0 && key_of(l.text).is_some_and(|(k, _)| k == EMBEDDING)
     });
 
     let edited = match embedding_line {
-        None => append_block(body, &lines, newline, &values),
-        Some(at) => edit_block(&lines, at, newline, &values)?,
+        None => append_block(body, &lines, newline, &scalars),
+        Some(at) => edit_block(&lines, at, newline, &scalars)?,
     };
-    verify(&original, &edited, model_path)?;
+    verify(&original, &edited, values)?;
     Ok(format!("{bom}{edited}"))
 }
 
@@ -439,13 +468,14 @@ fn replace_value(
 }
 
 /// The edit must have set the two values and changed nothing else that YAML sees.
-fn verify(original: &Value, edited: &str, model_path: &str) -> Result<(), EditProblem> {
+fn verify(original: &Value, edited: &str, values: &[(&str, &str)]) -> Result<(), EditProblem> {
     let unsafe_edit = |message: String| EditProblem::Unsafe(message);
     let parsed: Value = serde_yaml::from_str(edited)
         .map_err(|e| unsafe_edit(format!("the result does not parse: {e}")))?;
     let embedding = &parsed[EMBEDDING];
-    if embedding[MODEL_KEY].as_str() != Some(CUSTOM_MODEL)
-        || embedding[PATH_KEY].as_str() != Some(model_path)
+    if values
+        .iter()
+        .any(|(key, value)| embedding[*key].as_str() != Some(value))
     {
         return Err(unsafe_edit(format!(
             "the result reads `{EMBEDDING}` as {}",
@@ -488,6 +518,21 @@ mod tests {
 
     fn edit(text: &str) -> String {
         set_custom_model(text, PATH).expect("edits")
+    }
+
+    #[test]
+    fn an_ollama_model_name_replaces_only_embedding_model() {
+        let original =
+            "# ragd\nembedding:\n  model: custom  # was\n  custom_model_path: /m\nk: v\n";
+        let edited = set_embedding(original, &[(MODEL_KEY, "my-docs:latest")]).expect("edits");
+        assert_eq!(
+            edited,
+            "# ragd\nembedding:\n  model: \"my-docs:latest\"  # was\n  custom_model_path: /m\nk: v\n"
+        );
+        assert_eq!(
+            set_embedding("", &[(MODEL_KEY, "my-docs")]).expect("edits"),
+            "embedding:\n  model: my-docs\n"
+        );
     }
 
     #[test]
