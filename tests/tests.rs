@@ -6,5 +6,6 @@ mod caching;
 mod cli;
 mod diagnostics;
 mod llm;
+mod ollama;
 mod pipeline;
 mod train;

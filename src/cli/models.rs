@@ -1,10 +1,12 @@
 //! `ragd-pipe models`: the registry of fine-tuned models.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 use super::Failure;
+use crate::model::gguf::{self, GgufType};
+use crate::model::ollama::{OllamaServer, ServedCheck};
 use crate::output::{Printer, table};
 use crate::registry::{self, RegistryError};
 
@@ -25,10 +27,57 @@ pub enum ModelsAction {
     Show { name: String },
     /// Remove a model from the registry.
     Rm { name: String },
-    /// Copy a model to a new folder (for sentence-transformers, Ollama, another machine).
-    Export { name: String, dest: PathBuf },
-    /// Make ragd embed with this model (`embedding.model: custom` in ragd's config.yaml).
-    Use { name: String },
+    /// Copy a model to a new folder (for sentence-transformers, another machine), or write it as
+    /// a GGUF file (for llama.cpp and Ollama), optionally creating it in Ollama.
+    Export(ExportArgs),
+    /// Make ragd embed with this model (`embedding.model: custom` in ragd's config.yaml), or with
+    /// the Ollama model made from it (`--ollama NAME`: `embedding.model: NAME`).
+    Use {
+        /// The registered model.
+        name: String,
+        /// The model's name in Ollama, which must serve it.
+        #[arg(long, value_name = "NAME")]
+        ollama: Option<String>,
+        /// The Ollama server [default: `OLLAMA_HOST`, else http://127.0.0.1:11434].
+        #[arg(long, value_name = "URL", requires = "ollama")]
+        ollama_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The registered model.
+    name: String,
+    /// The folder to copy to, or the GGUF file to write [default for gguf: `NAME-TYPE.gguf`].
+    dest: Option<PathBuf>,
+    /// What to write.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Folder)]
+    format: ExportFormat,
+    /// The GGUF's matrix type: f16 (llama.cpp's default), q8_0 (half the size) or f32.
+    #[arg(long = "type", value_name = "TYPE", default_value = "f16", value_parser = parse_gguf_type)]
+    gguf_type: GgufType,
+    /// Also create the model in Ollama under this name, and check that it embeds like ours
+    /// (implies `--format gguf`).
+    #[arg(long, value_name = "NAME")]
+    ollama: Option<String>,
+    /// The Ollama server [default: `OLLAMA_HOST`, else http://127.0.0.1:11434].
+    #[arg(long, value_name = "URL", requires = "ollama")]
+    ollama_url: Option<String>,
+    /// The least cosine similarity per probe text between Ollama's embedding and ours.
+    #[arg(long, default_value_t = 0.99, requires = "ollama")]
+    min_cosine: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    /// A copy of the sentence-transformers folder.
+    Folder,
+    /// One GGUF file (llama.cpp's `bert` architecture).
+    Gguf,
+}
+
+fn parse_gguf_type(text: &str) -> Result<GgufType, String> {
+    text.parse()
 }
 
 fn registry_failure(error: RegistryError) -> Failure {
@@ -104,11 +153,33 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
             let path = registry::remove(&root, name).map_err(registry_failure)?;
             printer.status(&format!("removed {name} ({})", path.display()));
         }
-        ModelsAction::Export { name, dest } => {
-            let path = registry::export(&root, name, dest).map_err(registry_failure)?;
-            printer.status(&format!("exported {name} to {}", path.display()));
+        ModelsAction::Export(args) => export(&root, args, printer)?,
+        ModelsAction::Use {
+            name,
+            ollama: Some(ollama_name),
+            ollama_url,
+        } => {
+            registry::show(&root, name).map_err(registry_failure)?;
+            let failure = |e: &dyn std::error::Error| {
+                Failure::report(miette::miette!("{}", crate::exec::error_chain(e)), 2)
+            };
+            let server = match ollama_url {
+                Some(url) => OllamaServer::new(url),
+                None => OllamaServer::from_env(),
+            }
+            .map_err(|e| failure(&e))?;
+            server.model_digest(ollama_name).map_err(|e| failure(&e))?;
+            let home = registry::default_ragd_home().map_err(registry_failure)?;
+            let (config, created) =
+                registry::use_ollama_model(ollama_name, &home).map_err(registry_failure)?;
+            let verb = if created { "created" } else { "updated" };
+            printer.status(&format!(
+                "{verb} {}: ragd now embeds with `{ollama_name}` from Ollama at {} (made from {name})",
+                config.display(),
+                server.url()
+            ));
         }
-        ModelsAction::Use { name } => {
+        ModelsAction::Use { name, .. } => {
             let home = registry::default_ragd_home().map_err(registry_failure)?;
             let update = registry::use_model(&root, name, &home).map_err(registry_failure)?;
             let verb = if update.created { "created" } else { "updated" };
@@ -121,4 +192,95 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
         }
     }
     Ok(())
+}
+
+fn export(root: &Path, args: &ExportArgs, printer: &Printer) -> Result<(), Failure> {
+    let name = &args.name;
+    if args.format == ExportFormat::Folder && args.ollama.is_none() {
+        let Some(dest) = &args.dest else {
+            return Err(Failure::report(
+                miette::miette!(
+                    help = "give a destination folder, or `--format gguf` for a GGUF file",
+                    "`models export {name}` needs a destination folder"
+                ),
+                1,
+            ));
+        };
+        let path = registry::export(root, name, dest).map_err(registry_failure)?;
+        printer.status(&format!("exported {name} to {}", path.display()));
+        return Ok(());
+    }
+    let details = registry::show(root, name).map_err(registry_failure)?;
+    let dest = args
+        .dest
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", args.gguf_type)));
+    let exported = gguf::export_bert(&details.entry.path, &dest, args.gguf_type, name)
+        .map_err(|e| Failure::report(miette::miette!("{}", crate::exec::error_chain(&e)), 2))?;
+    printer.status(&format!(
+        "exported {name} to {} ({}, {:.1} MB, {} tensors, {} pooling)",
+        exported.path.display(),
+        exported.gguf_type,
+        exported.bytes as f64 / 1e6,
+        exported.tensors,
+        exported.pooling
+    ));
+    let Some(ollama_name) = &args.ollama else {
+        if printer.json {
+            printer.json_line(&exported);
+        }
+        return Ok(());
+    };
+    let ollama_failure = |e: &dyn std::error::Error| {
+        Failure::report(miette::miette!("{}", crate::exec::error_chain(e)), 2)
+    };
+    let server = match &args.ollama_url {
+        Some(url) => OllamaServer::new(url),
+        None => OllamaServer::from_env(),
+    }
+    .map_err(|e| ollama_failure(&e))?;
+    let check = server
+        .publish(ollama_name, &exported.path, &details.entry.path)
+        .map_err(|e| ollama_failure(&e))?;
+    print_check(printer, &check, args.min_cosine);
+    if check.min_cosine >= args.min_cosine {
+        Ok(())
+    } else {
+        Err(Failure::report(
+            miette::miette!(
+                "the model Ollama serves as `{ollama_name}` does not embed like `{name}`: the least cosine is {:.6}, below {}",
+                check.min_cosine,
+                args.min_cosine
+            ),
+            2,
+        ))
+    }
+}
+
+/// The probe comparison: a table on stdout (or one JSON line), the verdict on stderr.
+fn print_check(printer: &Printer, check: &ServedCheck, min_cosine: f64) {
+    if printer.json {
+        printer.json_line(check);
+        return;
+    }
+    let rows: Vec<Vec<String>> = check
+        .probes
+        .iter()
+        .map(|p| vec![format!("{:.6}", p.cosine), p.text.clone()])
+        .collect();
+    let columns = ["cosine", "probe text"].map(str::to_owned);
+    printer.result(&table(&columns, &rows, ""));
+    let verdict = if check.min_cosine >= min_cosine {
+        "ok"
+    } else {
+        "FAILED"
+    };
+    printer.status(&format!(
+        "Ollama at {} serves `{}`: cosine with our encoder min {:.6}, mean {:.6} over {} probe texts (needs >= {min_cosine}): {verdict}",
+        check.url,
+        check.model,
+        check.min_cosine,
+        check.mean_cosine,
+        check.probes.len()
+    ));
 }

@@ -6,6 +6,11 @@
 //! went, and [`Stage::effect_missing`] reruns the stage when that folder is gone. The regression
 //! guard lives here: a model the evaluation found worse than its base is registered, but never
 //! made the default unless `allow_worse` says so.
+//!
+//! The registered folder also holds the model as GGUF files (`<name>-f16.gguf`, … for
+//! llama.cpp and Ollama; `register.gguf`). With `register.ollama`, the model is created in an
+//! Ollama server and the stage succeeds only when what the server serves embeds the probe texts
+//! like our own encoder (cosine ≥ `min_cosine` for each).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,8 @@ use super::{
     StageError, StageOutcome,
 };
 use crate::eval::Report;
+use crate::model::gguf::{self, GgufType};
+use crate::model::ollama::{OllamaServer, ServedCheck};
 use crate::registry::{self, METADATA_FILE, RegistryError};
 
 /// What register leaves in the store.
@@ -46,6 +53,39 @@ pub struct RegisterParams {
     /// Make it the default even when the evaluation found it worse than the base model.
     #[serde(default)]
     pub allow_worse: bool,
+    /// GGUF files to write beside the model, for llama.cpp and Ollama: `<name>-<type>.gguf` for
+    /// each of `f16`, `q8_0`, `f32`; `[]` writes none.
+    #[serde(default = "default_gguf")]
+    pub gguf: Vec<GgufType>,
+    /// Serve the model from an Ollama server too, and check what it serves.
+    #[serde(default)]
+    pub ollama: Option<OllamaParams>,
+}
+
+fn default_gguf() -> Vec<GgufType> {
+    vec![GgufType::F16]
+}
+
+/// The `register.ollama:` section.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct OllamaParams {
+    /// The model's name in Ollama (`name` or `name:tag`); replaced if it exists.
+    pub name: String,
+    /// The server; default: `OLLAMA_HOST`, else `http://127.0.0.1:11434`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Which GGUF the server gets.
+    #[serde(default)]
+    pub gguf: GgufType,
+    /// The least cosine similarity, for every probe text, between the server's embedding and
+    /// ours; below it the stage fails.
+    #[serde(default = "default_min_cosine")]
+    pub min_cosine: f64,
+}
+
+fn default_min_cosine() -> f64 {
+    0.99
 }
 
 /// Where a run registered its model: `registered.json`.
@@ -54,6 +94,10 @@ struct Registered {
     name: String,
     path: PathBuf,
     made_default: bool,
+    #[serde(default)]
+    gguf: Vec<PathBuf>,
+    #[serde(default)]
+    ollama: Option<ServedCheck>,
 }
 
 pub struct Register {
@@ -101,7 +145,7 @@ impl Stage for Register {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -142,7 +186,14 @@ impl Stage for Register {
         let recipe_path = std::path::absolute(&ctx.recipe_path)?;
         let force = self.params.force || self.registered_by(&root, &recipe_path);
         let metadata = self.metadata(ctx, &model_dir, &recipe_path, report.as_ref())?;
-        let entry = registry::register(&root, &self.name, &model_dir, &metadata, force).map_err(
+        let staging = ctx.out_dir.join(".gguf");
+        let ggufs = self.write_ggufs(ctx, &model_dir, &staging)?;
+        let registered =
+            registry::register_with(&root, &self.name, &model_dir, &ggufs, &metadata, force);
+        if staging.exists() {
+            fs_err::remove_dir_all(&staging)?;
+        }
+        let entry = registered.map_err(
             |error| match error {
                 RegistryError::Exists { .. } => StageError::Failed(format!(
                     "{error}; another recipe registered it: set `register.force: true` to replace it, or choose another `register.name`"
@@ -176,10 +227,19 @@ impl Stage for Register {
                 ));
             }
         }
+        let ollama = match &self.params.ollama {
+            Some(params) => Some(self.serve(ctx, params, &entry.path)?),
+            None => None,
+        };
         let registered = Registered {
             name: self.name.clone(),
             path: std::path::absolute(&entry.path)?,
             made_default,
+            gguf: ggufs
+                .iter()
+                .filter_map(|g| g.file_name().map(|n| entry.path.join(n)))
+                .collect(),
+            ollama,
         };
         io::write_json(&ctx.out_dir.join(REGISTERED_FILE), &registered)?;
         Ok(StageOutcome {
@@ -190,13 +250,18 @@ impl Stage for Register {
     fn effect_missing(&self, artifact: &Path) -> Option<String> {
         let text = fs_err::read_to_string(artifact.join(REGISTERED_FILE)).ok()?;
         let registered: Registered = serde_json::from_str(&text).ok()?;
-        (!registered.path.join(METADATA_FILE).is_file()).then(|| {
-            format!(
+        if !registered.path.join(METADATA_FILE).is_file() {
+            return Some(format!(
                 "the registered model `{}` is no longer in `{}`",
                 registered.name,
                 registered.path.display()
-            )
-        })
+            ));
+        }
+        registered
+            .gguf
+            .iter()
+            .find(|file| !file.is_file())
+            .map(|file| format!("the GGUF file `{}` is gone", file.display()))
     }
 }
 
@@ -206,6 +271,94 @@ impl Register {
             Some(dir) => Ok(dir.clone()),
             None => registry::default_root().map_err(registry_error),
         }
+    }
+
+    /// The GGUF types to write: `register.gguf`, plus the one Ollama gets.
+    fn gguf_types(&self) -> Vec<GgufType> {
+        let mut types = self.params.gguf.clone();
+        if let Some(ollama) = &self.params.ollama
+            && !types.contains(&ollama.gguf)
+        {
+            types.push(ollama.gguf);
+        }
+        types
+    }
+
+    fn gguf_file_name(&self, gguf_type: GgufType) -> String {
+        format!("{}-{gguf_type}.gguf", self.name)
+    }
+
+    /// Exports the model in each GGUF type into `staging`, for the registry to copy in.
+    fn write_ggufs(
+        &self,
+        ctx: &StageContext,
+        model_dir: &Path,
+        staging: &Path,
+    ) -> Result<Vec<PathBuf>, StageError> {
+        let mut files = Vec::new();
+        for gguf_type in self.gguf_types() {
+            let path = staging.join(self.gguf_file_name(gguf_type));
+            let exported = gguf::export_bert(model_dir, &path, gguf_type, &self.name)
+                .map_err(|e| StageError::Failed(super::error::error_chain(&e)))?;
+            ctx.info(format!(
+                "wrote the {gguf_type} GGUF ({:.1} MB, {} tensors, {} pooling)",
+                exported.bytes as f64 / 1e6,
+                exported.tensors,
+                exported.pooling
+            ));
+            files.push(path);
+        }
+        Ok(files)
+    }
+
+    /// Creates the model in Ollama from its GGUF and checks, probe text by probe text, that the
+    /// server embeds like our encoder.
+    fn serve(
+        &self,
+        ctx: &StageContext,
+        params: &OllamaParams,
+        registered: &Path,
+    ) -> Result<ServedCheck, StageError> {
+        let failed = |e: &dyn std::error::Error| StageError::Failed(super::error::error_chain(e));
+        let server = match &params.url {
+            Some(url) => OllamaServer::new(url),
+            None => OllamaServer::from_env(),
+        }
+        .map_err(|e| failed(&e))?;
+        let gguf = registered.join(self.gguf_file_name(params.gguf));
+        let check = server
+            .publish(&params.name, &gguf, registered)
+            .map_err(|e| failed(&e))?;
+        ctx.info(format!(
+            "Ollama at {} serves `{}` ({}); cosine with our encoder, per probe text:",
+            check.url, params.name, params.gguf
+        ));
+        for probe in &check.probes {
+            ctx.info(format!("  {:.6}  {}", probe.cosine, probe.text));
+        }
+        let passed = check.min_cosine >= params.min_cosine;
+        ctx.info(format!(
+            "probe comparison: min {:.6}, mean {:.6} over {} texts (needs >= {}): {}",
+            check.min_cosine,
+            check.mean_cosine,
+            check.probes.len(),
+            params.min_cosine,
+            if passed { "ok" } else { "FAILED" }
+        ));
+        if !passed {
+            let worst = check
+                .probes
+                .iter()
+                .find(|p| p.cosine.is_nan() || p.cosine < params.min_cosine)
+                .map_or(String::new(), |p| {
+                    format!(" (`{}`: {:.6})", p.text, p.cosine)
+                });
+            return Err(StageError::Failed(format!(
+                "the model Ollama serves as `{}` does not embed like ours: cosine below {}{worst}",
+                params.name, params.min_cosine
+            )));
+        }
+        Ok(check)
     }
 
     /// Whether the model of this name came from this same recipe file, which may replace it.
