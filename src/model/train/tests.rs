@@ -208,6 +208,23 @@ fn one_step_matches_pytorch_and_the_saved_model_reloads() {
     ] {
         assert!(out.path().join(name).is_file(), "`{name}` is missing");
     }
+    // Every legacy flag, as llama.cpp's converter and older sentence-transformers read them
+    // (the converter fails on a missing `pooling_mode_mean_tokens`; issue 13).
+    let pooling: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("1_Pooling/config.json")).expect("pooling"),
+    )
+    .expect("JSON");
+    for flag in [
+        "pooling_mode_cls_token",
+        "pooling_mode_mean_tokens",
+        "pooling_mode_max_tokens",
+        "pooling_mode_mean_sqrt_len_tokens",
+        "pooling_mode_weightedmean_tokens",
+        "pooling_mode_lasttoken",
+    ] {
+        assert!(pooling[flag].is_boolean(), "`{flag}` in {pooling}");
+    }
+    assert_eq!(pooling["pooling_mode_mean_tokens"], true);
     let reloaded = SentenceEncoder::load(out.path(), &Device::Cpu).expect("the saved model loads");
     assert_eq!(reloaded.max_seq_length(), encoder.max_seq_length());
     assert_eq!(reloaded.pooling(), encoder.pooling());
