@@ -85,7 +85,8 @@ fn registry_failure(error: RegistryError) -> Failure {
         RegistryError::InvalidName { .. }
         | RegistryError::NotFound { .. }
         | RegistryError::Exists { .. }
-        | RegistryError::DestinationNotEmpty { .. } => 1,
+        | RegistryError::DestinationNotEmpty { .. }
+        | RegistryError::LinkOutside { .. } => 1,
         _ => 2,
     };
     Failure::report(

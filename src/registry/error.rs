@@ -35,6 +35,8 @@ pub enum RegistryError {
     },
     #[error("editing `{}` would change more than `embedding.model` and `embedding.custom_model_path`: {message}", path.display())]
     ConfigEditUnsafe { path: PathBuf, message: String },
+    #[error("`{}` is a link to `{}`, outside the model folder: it is not copied (copy the file into the folder, or remove the link)", link.display(), target.display())]
+    LinkOutside { link: PathBuf, target: PathBuf },
     #[error("cannot lock the registry at `{}`", path.display())]
     Lock {
         path: PathBuf,

@@ -23,21 +23,32 @@ pub(crate) struct RegistryLock {
 impl RegistryLock {
     /// Waits for the lock, then removes whatever staging or trash folders an interrupted writer
     /// left: with the lock held, no other writer can still be using them.
+    ///
+    /// The lock file marks a folder as a registry: a folder that had none before this call (a
+    /// new registry, or one pointed at by mistake) is never cleaned, since no writer of ours can
+    /// have left anything in it.
     pub(crate) fn acquire(root: &Path) -> Result<Self, RegistryError> {
+        let was_registry = root.join(LOCK_NAME).is_file();
         let file = Self::open(root)?;
         file.file().lock().map_err(|source| RegistryError::Lock {
             path: file.path().to_path_buf(),
             source,
         })?;
-        remove_leftovers(root)?;
+        if was_registry {
+            remove_leftovers(root)?;
+        }
         Ok(Self { _file: file })
     }
 
     /// Cleans up as [`Self::acquire`] does when no writer is busy, and otherwise leaves things
     /// alone: for `list`, which must not wait on a long copy. Housekeeping only, so it gives up
     /// silently where it cannot write (a registry shared read-only).
+    /// It creates nothing: a folder without the lock file is not a registry, and is left alone.
     pub(crate) fn tidy(root: &Path) {
-        let Ok(file) = Self::open(root) else {
+        let Ok(file) = fs::OpenOptions::new()
+            .write(true)
+            .open(root.join(LOCK_NAME))
+        else {
             return;
         };
         if file.file().try_lock().is_ok() {
@@ -78,16 +89,36 @@ impl RegistryLock {
     }
 }
 
+/// Removes the staging and trash folders of interrupted writers: only real folders (not links)
+/// whose whole name is one [`super::tree::unique_path`] makes, so that another tool's `.tmp-x`
+/// beside the models is never touched.
 fn remove_leftovers(root: &Path) -> Result<(), RegistryError> {
     for entry in fs::read_dir(root)? {
         let entry = entry?;
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(STAGING_PREFIX) || name.starts_with(TRASH_PREFIX) {
+        let Some(name) = name.to_str() else { continue };
+        if is_leftover(name) && entry.file_type()?.is_dir() {
             fs::remove_dir_all(entry.path())?;
         }
     }
     Ok(())
+}
+
+/// Whether `name` reads `.tmp-<model>-<pid>-<n>` or `.trash-<model>-<pid>-<n>`, with `<model>` a
+/// valid model name and `<pid>`, `<n>` decimal numbers.
+fn is_leftover(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix(STAGING_PREFIX)
+        .or_else(|| name.strip_prefix(TRASH_PREFIX))
+    else {
+        return false;
+    };
+    let number = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    let mut parts = rest.rsplitn(3, '-');
+    let (Some(counter), Some(pid), Some(model)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    number(counter) && number(pid) && super::name::validate_name(model).is_ok()
 }
 
 #[cfg(test)]

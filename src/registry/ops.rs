@@ -242,6 +242,7 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::lock::LOCK_NAME;
     use crate::registry::use_model;
 
     /// A tiny sentence-transformers folder whose weights are `size` bytes of `fill`.
@@ -469,6 +470,103 @@ mod tests {
     }
 
     #[test]
+    fn r18_7_cleanup_touches_only_its_own_leftovers_in_a_registry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A folder that is not a registry (no lock file), with another tool's hidden folders.
+        let downloads = dir.path().join("downloads");
+        let foreign = [".tmp-photos", ".trash-old-4242-1", ".tmp-x-1-2"];
+        for name in foreign {
+            fs::create_dir_all(downloads.join(name)).expect("mkdir");
+            fs::write(downloads.join(name).join("keep"), "mine").expect("write");
+        }
+        assert!(list(&downloads).expect("lists").is_empty());
+        assert_eq!(
+            hidden_entries(&downloads),
+            [".tmp-photos", ".tmp-x-1-2", ".trash-old-4242-1"]
+        );
+        assert!(
+            !downloads.join(LOCK_NAME).exists(),
+            "a read created the lock file"
+        );
+        register(
+            &downloads,
+            "m",
+            &model_folder(dir.path(), 1, 8),
+            &metadata(),
+            false,
+        )
+        .expect("registers");
+        for name in foreign {
+            assert!(
+                downloads.join(name).join("keep").is_file(),
+                "{name} deleted"
+            );
+        }
+
+        // In a registry: only names of our own pattern go, and never what a link points at.
+        let root = dir.path().join("models");
+        register(
+            &root,
+            "m",
+            &model_folder(dir.path(), 2, 8),
+            &metadata(),
+            false,
+        )
+        .expect("registers");
+        fs::create_dir_all(dir.path().join("elsewhere")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), root.join(".tmp-link-1-2"))
+            .expect("link");
+        for name in [".tmp-notes", ".trash-", ".tmp-m-12-x", ".tmp-half-4242-0"] {
+            fs::create_dir_all(root.join(name)).expect("mkdir");
+        }
+        list(&root).expect("lists");
+        assert_eq!(
+            hidden_entries(&root),
+            [
+                ".registry.lock",
+                ".tmp-link-1-2",
+                ".tmp-m-12-x",
+                ".tmp-notes",
+                ".trash-"
+            ]
+        );
+    }
+
+    #[test]
+    fn r18_10_links_leaving_the_model_folder_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("models");
+        let source = model_folder(dir.path(), 1, 8);
+        fs::write(dir.path().join("secret"), "key").expect("write");
+        // A link inside the folder is copied as the file it names.
+        std::os::unix::fs::symlink(source.join("config.json"), source.join("copy.json"))
+            .expect("link");
+        register(&root, "inside", &source, &metadata(), false).expect("registers");
+        assert!(!root.join("inside/copy.json").is_symlink());
+
+        std::os::unix::fs::symlink(dir.path().join("secret"), source.join("1_Pooling/notes"))
+            .expect("link");
+        let error = register(&root, "m", &source, &metadata(), false).expect_err("refused");
+        assert!(
+            matches!(&error, RegistryError::LinkOutside { link, .. } if link.ends_with("1_Pooling/notes")),
+            "{error}"
+        );
+        assert!(!root.join("m").exists());
+        assert_eq!(hidden_entries(&root), [".registry.lock"]);
+
+        // A registered model edited by hand is refused on export too.
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("inside/secret"))
+            .expect("link");
+        let dest = dir.path().join("export");
+        let error = export(&root, "inside", &dest).expect_err("refused");
+        assert!(
+            matches!(error, RegistryError::LinkOutside { .. }),
+            "{error}"
+        );
+        assert!(!dest.exists());
+    }
+
+    #[test]
     fn export_copies_to_a_fresh_or_empty_folder_only() {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("models");
@@ -535,6 +633,40 @@ mod tests {
             ragd_home_from(None, None),
             Err(RegistryError::NoHome)
         ));
+    }
+
+    #[test]
+    fn r18_9_use_writes_through_a_linked_config() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("models");
+        register(
+            &root,
+            "m",
+            &model_folder(dir.path(), 1, 8),
+            &metadata(),
+            false,
+        )
+        .expect("m");
+        let ragd_home = dir.path().join("ragd");
+        let dotfiles = dir.path().join("dotfiles");
+        fs::create_dir_all(&ragd_home).expect("mkdir");
+        fs::create_dir_all(&dotfiles).expect("mkdir");
+        fs::write(dotfiles.join("ragd.yaml"), "embedding:\n  model: minilm\n").expect("write");
+        // A relative link, as dotfile managers make them.
+        std::os::unix::fs::symlink("../dotfiles/ragd.yaml", ragd_home.join("config.yaml"))
+            .expect("link");
+
+        let update = use_model(&root, "m", &ragd_home).expect("edits");
+        assert!(
+            update.config_path.is_symlink(),
+            "the link was replaced by a file"
+        );
+        let target = fs::read_to_string(dotfiles.join("ragd.yaml")).expect("read");
+        assert!(target.contains("model: custom"), "{target}");
+        assert!(
+            fs::read_dir(&ragd_home).expect("read").count() == 1,
+            "a temporary file was left beside the link"
+        );
     }
 
     #[test]

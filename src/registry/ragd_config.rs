@@ -108,8 +108,31 @@ fn edit_config(
                 EditProblem::Unsafe(message) => RegistryError::ConfigEditUnsafe { path, message },
             }
         })?;
-    write_replacing(&config_path, &edited, permissions)?;
+    // A config kept in a dotfiles repository and linked here is edited where it lives: renaming
+    // over the link would cut it off from its target and leave the real file unchanged.
+    write_replacing(&through_links(&config_path)?, &edited, permissions)?;
     Ok((config_path, original.is_none()))
+}
+
+/// The file `path` names once every symbolic link on its last component is followed (a link may
+/// name a file that does not exist yet). A loop of links is refused as the OS refuses it.
+fn through_links(path: &Path) -> Result<PathBuf, RegistryError> {
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&path)?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                path = base.join(target);
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "too many levels of symbolic links at `{}`",
+        path.display()
+    ))
+    .into())
 }
 
 /// Writes `text` to a temporary file beside `path` with the old file's permissions, syncs it, and

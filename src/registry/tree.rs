@@ -7,10 +7,16 @@ use fs_err as fs;
 
 use super::error::RegistryError;
 
-/// Copies every file under `from` into `to` (created), following links, skipping the top-level
-/// files named in `except`; then syncs each file and folder so that a rename of `to` afterwards
-/// publishes complete data even across a power cut.
+/// Copies every file under `from` into `to` (created), skipping the top-level files named in
+/// `except`; then syncs each file and folder so that a rename of `to` afterwards publishes
+/// complete data even across a power cut.
+///
+/// Links are followed only where they stay inside `from`: one that leads out of it is refused
+/// with [`RegistryError::LinkOutside`], since copying it would turn whatever it points at (a key,
+/// a dotfile) into a regular file of the model, to be exported or shared. Keeping such links as
+/// links was the rejected alternative: the copy would then break, or leak, on another machine.
 pub(crate) fn copy_tree(from: &Path, to: &Path, except: &[&str]) -> Result<(), RegistryError> {
+    let root = fs::canonicalize(from)?;
     fs::create_dir_all(to)?;
     for entry in walkdir::WalkDir::new(from)
         .follow_links(true)
@@ -24,6 +30,15 @@ pub(crate) fn copy_tree(from: &Path, to: &Path, except: &[&str]) -> Result<(), R
             .expect("walkdir yields paths under its root");
         if entry.depth() == 1 && except.iter().any(|e| relative == Path::new(e)) {
             continue;
+        }
+        if entry.path_is_symlink() {
+            let target = fs::canonicalize(entry.path())?;
+            if !target.starts_with(&root) {
+                return Err(RegistryError::LinkOutside {
+                    link: entry.path().to_path_buf(),
+                    target,
+                });
+            }
         }
         let target = to.join(relative);
         if entry.file_type().is_dir() {
