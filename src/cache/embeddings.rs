@@ -3,9 +3,12 @@
 //! laptop. An entry is keyed by everything its numbers depend on — the model's files, the
 //! settings the caller names, every text in order — so a hit is exactly what encoding would give.
 //!
-//! One file per entry under `<workdir>/shared-v1/embeddings/`: a header (magic, rows, dim) and
-//! the rows as little-endian f32, written atomically ([`write_atomic`]), so a crash leaves either
-//! no entry or a whole one.
+//! One file per entry under `<workdir>/shared-v1/embeddings/`: a header (magic, rows, dim, the
+//! blake3 digest of the rows) and the rows as little-endian f32, written atomically
+//! ([`write_atomic`]), so a crash leaves either no entry or a whole one. The digest is checked
+//! on every load, as the store checks its artifacts: an entry overwritten in place (same size,
+//! other numbers) is a miss, never silently used. Checking only the length was the rejected
+//! alternative; hashing 15 MB of rows costs a few milliseconds against minutes of encoding.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +19,9 @@ use super::error::CacheError;
 use super::write_atomic;
 
 /// First bytes of an entry; a new layout gets a new magic, and old entries read as misses.
-const MAGIC: &[u8; 8] = b"RAGDEMB1";
+const MAGIC: &[u8; 8] = b"RAGDEMB2";
+/// Magic, rows and dim (u64 each), the rows' blake3 digest.
+const HEADER_LEN: usize = MAGIC.len() + 16 + 32;
 
 /// The folder of entries, created on first save.
 #[derive(Debug, Clone)]
@@ -70,7 +75,7 @@ impl EmbeddingCache {
     /// is a miss: it is only a cache.
     pub fn load(&self, key: &str) -> Option<(usize, Vec<f32>)> {
         let bytes = fs::read(self.path(key)).ok()?;
-        let header = MAGIC.len() + 16;
+        let header = HEADER_LEN;
         if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
             return None;
         }
@@ -80,7 +85,9 @@ impl EmbeddingCache {
         };
         let (rows, dim) = (number(MAGIC.len())?, number(MAGIC.len() + 8)?);
         let body = &bytes[header..];
-        if rows.checked_mul(dim)?.checked_mul(4)? != body.len() {
+        if rows.checked_mul(dim)?.checked_mul(4)? != body.len()
+            || blake3::hash(body).as_bytes() != &bytes[MAGIC.len() + 16..header]
+        {
             return None;
         }
         let data = body
@@ -93,13 +100,16 @@ impl EmbeddingCache {
     /// Stores `data` (rows of `dim`) under `key`, atomically.
     pub fn save(&self, key: &str, dim: usize, data: &[f32]) -> Result<(), CacheError> {
         let rows = data.len().checked_div(dim).unwrap_or(0);
-        let mut bytes = Vec::with_capacity(MAGIC.len() + 16 + 4 * data.len());
+        let mut bytes = Vec::with_capacity(HEADER_LEN + 4 * data.len());
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&(rows as u64).to_le_bytes());
         bytes.extend_from_slice(&(dim as u64).to_le_bytes());
+        bytes.extend_from_slice(&[0; 32]);
         for v in data {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
+        let digest = blake3::hash(&bytes[HEADER_LEN..]);
+        bytes[MAGIC.len() + 16..HEADER_LEN].copy_from_slice(digest.as_bytes());
         write_atomic(&self.path(key), &bytes)?;
         Ok(())
     }
@@ -142,5 +152,20 @@ mod tests {
         let bytes = fs_err::read(&path).expect("entry");
         fs_err::write(&path, &bytes[..bytes.len() - 2]).expect("truncate");
         assert_eq!(cache.load(&base), None);
+    }
+
+    #[test]
+    fn r18_8_an_entry_overwritten_in_place_is_a_miss() {
+        let work = tempfile::tempdir().expect("temp dir");
+        let cache = EmbeddingCache::new(work.path());
+        let data = [0.25f32, -1.5, 3.0, 4.0];
+        cache.save("k", 2, &data).expect("saves");
+        assert_eq!(cache.load("k"), Some((2, data.to_vec())));
+        let path = work.path().join("embeddings/k.f32");
+        let mut bytes = fs_err::read(&path).expect("entry");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs_err::write(&path, &bytes).expect("same-size overwrite");
+        assert_eq!(cache.load("k"), None);
     }
 }
