@@ -5,6 +5,8 @@
 //! tensor's storage file (`archive/data/<key>`). candle's `candle_core::pickle` interprets only the
 //! opcodes that build a state dict and never runs Python code, unlike `torch.load` without
 //! `weights_only`; archives from before PyTorch 1.6 (not zip files) are not supported by it.
+//! What it would allocate is checked first ([`pickle_guard`]): it copies memoised objects and
+//! trusts declared lengths.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::model::error::{CandleContext, ModelError};
+use crate::model::pickle_guard;
 
 /// The weight files tried in a model folder, in order of preference.
 pub const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
@@ -60,8 +63,24 @@ impl Checkpoint {
                 })
                 .collect::<Result<BTreeMap<_, _>, ModelError>>()?
         } else {
+            let refused = |source| ModelError::UnsafeWeights {
+                path: path.to_owned(),
+                source,
+            };
+            let sizes = pickle_guard::check_archive(path).map_err(refused)?;
             let file = candle_core::pickle::PthTensors::new(path, None).during(during)?;
             let mut tensors = BTreeMap::new();
+            for (name, info) in file.tensor_infos() {
+                pickle_guard::check_tensor(
+                    &sizes,
+                    name,
+                    &info.path,
+                    info.layout.start_offset(),
+                    info.layout.shape().elem_count(),
+                    info.dtype.size_in_bytes(),
+                )
+                .map_err(refused)?;
+            }
             for name in file.tensor_infos().keys() {
                 if let Some(tensor) = file.get(name).during(during)? {
                     tensors.insert(name.clone(), tensor.to_device(device).during(during)?);
@@ -134,6 +153,30 @@ mod tests {
                 .expect("ids"),
             (0..24).collect::<Vec<i64>>()
         );
+    }
+
+    #[test]
+    fn r18_4_a_pickle_of_repeated_memo_references_is_refused() {
+        use std::io::Write;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pytorch_model.bin");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).expect("create"));
+        zip.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
+            .expect("entry");
+        // 10^8 tuples for candle's reader (gigabytes), in 198 bytes.
+        zip.write_all(&crate::model::pickle_guard::tests::memo_bomb(8))
+            .expect("write");
+        zip.finish().expect("finish");
+        let started = std::time::Instant::now();
+        let error = Checkpoint::read(&path, &Device::Cpu).expect_err("refused");
+        assert!(
+            matches!(&error, ModelError::UnsafeWeights { .. }),
+            "{error}"
+        );
+        assert!(started.elapsed().as_secs() < 5);
+        // The real fixture passes the check.
+        Checkpoint::read_dir(&fixture_dir(), &Device::Cpu).expect("reads");
     }
 
     #[test]

@@ -92,6 +92,12 @@ pub enum ModelError {
     MissingFile { path: PathBuf },
     #[error("`{}` holds neither `model.safetensors` nor `pytorch_model.bin`", dir.display())]
     MissingWeights { dir: PathBuf },
+    #[error("refusing to read `{}`", path.display())]
+    UnsafeWeights {
+        path: PathBuf,
+        #[source]
+        source: crate::model::pickle_guard::Refusal,
+    },
     #[error("bad `{key}` in `{}`: {message}", path.display())]
     BadConfig {
         path: PathBuf,

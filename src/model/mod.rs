@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod ollama;
+pub mod pickle_guard;
 pub mod pooling;
 pub mod tokenize;
 pub mod train;
