@@ -222,8 +222,9 @@ impl Stage for Train {
         Self::KIND
     }
 
+    /// 2: empty and repeated rows of the training data are skipped.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -272,6 +273,10 @@ impl Stage for Train {
             None => ctx.input(Artifact::TrainingData)?.join(TRAIN_FILE),
         };
         let examples: Vec<TrainingExample> = io::read_jsonl(&data_path)?;
+        let (examples, dropped) = without_unusable_rows(examples);
+        if let Some(warning) = dropped.warning(&data_path) {
+            ctx.warn(warning);
+        }
         if examples.is_empty() {
             return Err(StageError::Failed(format!(
                 "`{}` holds no training examples",
@@ -477,6 +482,53 @@ impl Train {
     }
 }
 
+/// Rows of a training file that cannot train anything, counted for a warning.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct DroppedRows {
+    /// Rows with an empty (or blank) query or positive.
+    empty: usize,
+    /// Rows repeating an earlier row's query and positive: a repeat only weighs that pair twice
+    /// and, in one batch, makes the copy a wrong answer to its twin.
+    duplicate: usize,
+}
+
+impl DroppedRows {
+    fn warning(&self, path: &Path) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.empty > 0 {
+            parts.push(format!("{} with an empty query or positive", self.empty));
+        }
+        if self.duplicate > 0 {
+            parts.push(format!("{} repeating an earlier row", self.duplicate));
+        }
+        (!parts.is_empty()).then(|| {
+            format!(
+                "`{}`: skipped {} rows ({})",
+                path.display(),
+                self.empty + self.duplicate,
+                parts.join(", ")
+            )
+        })
+    }
+}
+
+/// The examples without empty rows and repeats of an earlier (query, positive) pair, in order.
+fn without_unusable_rows(examples: Vec<TrainingExample>) -> (Vec<TrainingExample>, DroppedRows) {
+    let mut dropped = DroppedRows::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut kept = Vec::with_capacity(examples.len());
+    for example in examples {
+        if example.query.trim().is_empty() || example.positive.trim().is_empty() {
+            dropped.empty += 1;
+        } else if !seen.insert((example.query.clone(), example.positive.clone())) {
+            dropped.duplicate += 1;
+        } else {
+            kept.push(example);
+        }
+    }
+    (kept, dropped)
+}
+
 /// Cuts `ids` to `max` tokens, keeping the last (the closing special token).
 fn truncate(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
     if ids.len() > max
@@ -551,6 +603,9 @@ mod tests {
             ("checkpoint_every: 0", "checkpoint_every"),
             ("data: missing.jsonl", "data"),
             ("weight_decay: -1", "weight_decay"),
+            ("batch_size: 1000000000000", "batch_size"),
+            ("batch_size: 18446744073709551615", "batch_size"),
+            ("mini_batch_size: 1000000000000", "mini_batch_size"),
         ] {
             let problems = build(yaml, dir.path()).err().unwrap_or_default();
             assert!(
@@ -560,6 +615,45 @@ mod tests {
         }
         let error = serde_yaml::from_str::<TrainParams>("epochz: 2").expect_err("unknown key");
         assert!(error.to_string().contains("epochz"), "{error}");
+    }
+
+    #[test]
+    fn r18_16_empty_and_duplicate_training_rows_are_counted_and_skipped() {
+        let row = |query: &str, positive: &str| TrainingExample {
+            query: query.to_owned(),
+            positive: positive.to_owned(),
+            positive_id: positive.to_owned(),
+            negatives: Vec::new(),
+            source_document: "d".to_owned(),
+        };
+        let rows = vec![
+            row("q1", "p1"),
+            row("", "p2"),
+            row("q1", "p1"),
+            row("q2", "  "),
+            row("q1", "p2"),
+            row("q1", "p1"),
+        ];
+        let (kept, dropped) = without_unusable_rows(rows);
+        let pairs: Vec<(&str, &str)> = kept
+            .iter()
+            .map(|e| (e.query.as_str(), e.positive.as_str()))
+            .collect();
+        assert_eq!(pairs, [("q1", "p1"), ("q1", "p2")]);
+        assert_eq!(
+            dropped,
+            DroppedRows {
+                empty: 2,
+                duplicate: 2
+            }
+        );
+        assert_eq!(
+            dropped.warning(Path::new("t.jsonl")).as_deref(),
+            Some(
+                "`t.jsonl`: skipped 4 rows (2 with an empty query or positive, 2 repeating an earlier row)"
+            )
+        );
+        assert_eq!(DroppedRows::default().warning(Path::new("t.jsonl")), None);
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct TokenizedText {
     pub ids: Vec<u32>,
 }
 
+/// The largest batch (and mini-batch) accepted: far above the 32 to 256+ that train well, and
+/// small enough that a batch's index lists and similarity matrix stay allocatable. A typo of a
+/// few extra zeros is refused when the recipe is checked instead of aborting on allocation.
+pub const MAX_BATCH_SIZE: usize = 1 << 16;
+
 /// Everything that decides what a run computes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -104,8 +109,14 @@ impl TrainConfig {
         if self.batch_size < 2 {
             return invalid("batch_size", "must be at least 2 (in-batch negatives)");
         }
+        if self.batch_size > MAX_BATCH_SIZE {
+            return invalid("batch_size", "must be at most 65536");
+        }
         if self.mini_batch_size == 0 {
             return invalid("mini_batch_size", "must be at least 1");
+        }
+        if self.mini_batch_size > MAX_BATCH_SIZE {
+            return invalid("mini_batch_size", "must be at most 65536");
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.) {
             return invalid("learning_rate", "must be a positive number");

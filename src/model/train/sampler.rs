@@ -39,7 +39,7 @@ pub fn epoch_batches(
         None => without_duplicates(order, positives, batch_size),
         Some(pool_batches) => {
             let mut grouped = Vec::with_capacity(order.len());
-            for pool in order.chunks(batch_size * pool_batches.max(1)) {
+            for pool in order.chunks(batch_size.saturating_mul(pool_batches.max(1))) {
                 let mut pool = pool.to_vec();
                 pool.sort_by_key(|&i| lengths.get(i).copied().unwrap_or(0));
                 grouped.extend(pool);
@@ -58,7 +58,8 @@ fn without_duplicates(order: Vec<usize>, positives: &[&str], batch_size: usize) 
     let mut queue: VecDeque<usize> = order.into();
     let mut batches = Vec::new();
     while !queue.is_empty() {
-        let mut batch = Vec::with_capacity(batch_size);
+        // Sized from the data: `batch_size` itself is the user's number, possibly huge.
+        let mut batch = Vec::with_capacity(batch_size.min(queue.len()));
         let mut seen = HashSet::new();
         let mut deferred = Vec::new();
         while batch.len() < batch_size {
@@ -173,6 +174,16 @@ mod tests {
         let mut sorted = firsts.clone();
         sorted.sort_unstable();
         assert_ne!(firsts, sorted);
+    }
+
+    #[test]
+    fn r18_2_a_huge_batch_size_is_sized_from_the_data() {
+        let positives = ["a", "b", "c"];
+        for pool in [None, Some(50)] {
+            let batches = epoch_batches(&positives, &[1, 2, 3], config(usize::MAX, pool), 0);
+            assert_eq!(batches.len(), 1);
+            assert_eq!(batches[0].len(), 3);
+        }
     }
 
     #[test]

@@ -122,8 +122,7 @@ impl<'a> Trainer<'a> {
         journal_dir: Option<&Path>,
         on_step: &mut dyn FnMut(&StepRecord) -> ControlFlow<()>,
     ) -> Result<TrainOutcome, TrainError> {
-        let plan = self.plan(examples)?;
-        let total_steps = plan.len() as u64;
+        let total_steps = self.total_steps(examples)?;
         let schedule = Schedule::new(
             self.config.learning_rate,
             self.config.warmup_ratio,
@@ -143,9 +142,12 @@ impl<'a> Trainer<'a> {
             log = snapshot.state.log;
         }
         let start = resumed_from.unwrap_or(0);
+        let mut plan = self.batches(examples).skip(start as usize);
         for step in start + 1..=total_steps {
             let started = Instant::now();
-            let (epoch, indices) = &plan[(step - 1) as usize];
+            let Some((epoch, indices)) = plan.next() else {
+                break;
+            };
             let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
             let (loss, grads) = self.gradients(&batch, step)?;
             if !loss.is_finite() {
@@ -161,7 +163,7 @@ impl<'a> Trainer<'a> {
             train_seconds += seconds;
             let record = StepRecord {
                 step,
-                epoch: *epoch,
+                epoch,
                 loss,
                 lr,
                 grad_norm,
@@ -187,42 +189,42 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The number of optimiser steps a run over `examples` takes.
+    /// The number of optimiser steps a run over `examples` takes: the batches are drawn and
+    /// counted, one epoch in memory at a time, up to `max_steps`.
     pub fn total_steps(&self, examples: &[TokenizedExample]) -> Result<u64, TrainError> {
-        Ok(self.plan(examples)?.len() as u64)
-    }
-
-    /// The batches of every step, with their epoch, capped at `max_steps`.
-    fn plan(&self, examples: &[TokenizedExample]) -> Result<Vec<(u64, Vec<usize>)>, TrainError> {
-        let positives: Vec<&str> = examples.iter().map(|e| e.positive_id.as_str()).collect();
-        let lengths: Vec<usize> = examples.iter().map(|e| e.positive.len()).collect();
-        let sampler = SamplerConfig {
-            batch_size: self.config.batch_size,
-            seed: self.config.seed,
-            length_pool_batches: self.config.length_pool_batches,
-        };
-        let mut plan = Vec::new();
-        for epoch in 0..self.config.epochs {
-            for batch in sampler::epoch_batches(&positives, &lengths, sampler, epoch) {
-                plan.push((epoch, batch));
-            }
-        }
-        if let Some(max) = self.config.max_steps {
-            plan.truncate(max as usize);
-        }
-        if plan.is_empty() {
+        let total = self.batches(examples).count() as u64;
+        if total == 0 {
+            let positives: std::collections::HashSet<&str> =
+                examples.iter().map(|e| e.positive_id.as_str()).collect();
             return Err(TrainError::NoBatches {
                 why: format!(
                     "{} examples with {} distinct positives; a batch needs two examples with different positives",
                     examples.len(),
-                    positives
-                        .iter()
-                        .collect::<std::collections::HashSet<_>>()
-                        .len()
+                    positives.len()
                 ),
             });
         }
-        Ok(plan)
+        Ok(total)
+    }
+
+    /// The batches of every step with their epoch, drawn lazily: one epoch's batches exist at a
+    /// time and nothing is drawn past `max_steps`, so `epochs: 100000000` with `max_steps: 1`
+    /// costs one epoch. Building the whole plan first was the rejected alternative: its memory
+    /// grows with `epochs`, which nothing bounds.
+    fn batches<'e>(&self, examples: &'e [TokenizedExample]) -> Batches<'e> {
+        Batches {
+            positives: examples.iter().map(|e| e.positive_id.as_str()).collect(),
+            lengths: examples.iter().map(|e| e.positive.len()).collect(),
+            sampler: SamplerConfig {
+                batch_size: self.config.batch_size,
+                seed: self.config.seed,
+                length_pool_batches: self.config.length_pool_batches,
+            },
+            epochs: self.config.epochs,
+            remaining: self.config.max_steps.unwrap_or(u64::MAX),
+            next_epoch: 0,
+            current: (0, Vec::new().into_iter()),
+        }
     }
 
     /// The loss of `batch` and the gradient of every parameter (in [`Self::params`] order).
@@ -432,6 +434,49 @@ impl<'a> Trainer<'a> {
 
 /// The anchors' token ids, and the candidates': every positive, then each distinct hard negative
 /// that is not one of the batch's positives (that would mark a right answer wrong).
+/// The batches of a run in order, with their epoch (see [`Trainer::batches`]).
+struct Batches<'e> {
+    positives: Vec<&'e str>,
+    lengths: Vec<usize>,
+    sampler: SamplerConfig,
+    epochs: u64,
+    /// Steps still allowed by `max_steps`.
+    remaining: u64,
+    next_epoch: u64,
+    /// The epoch being drawn from and its batches left.
+    current: (u64, std::vec::IntoIter<Vec<usize>>),
+}
+
+impl Iterator for Batches<'_> {
+    type Item = (u64, Vec<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        loop {
+            if let Some(batch) = self.current.1.next() {
+                self.remaining -= 1;
+                return Some((self.current.0, batch));
+            }
+            if self.next_epoch >= self.epochs {
+                return None;
+            }
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            let batches =
+                sampler::epoch_batches(&self.positives, &self.lengths, self.sampler, epoch);
+            // Whether an epoch has a batch does not depend on its shuffle (it needs two distinct
+            // positives), so an empty epoch means every epoch is empty.
+            if batches.is_empty() {
+                self.next_epoch = self.epochs;
+                return None;
+            }
+            self.current = (epoch, batches.into_iter());
+        }
+    }
+}
+
 fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> (Vec<&'e [u32]>, Vec<&'e [u32]>) {
     let anchors = batch.iter().map(|e| e.anchor.as_slice()).collect();
     let mut seen: std::collections::HashSet<&str> =
@@ -553,6 +598,40 @@ mod tests {
             .and_then(|t| t.to_dtype(DType::F64))
             .and_then(|t| t.to_vec1::<f64>())
             .expect("values")
+    }
+
+    #[test]
+    fn r18_3_many_epochs_with_max_steps_draw_only_what_runs() {
+        let bert = tiny_bert(DType::F32);
+        let pooling = Pooling::new(vec![PoolingMode::Mean], true);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let examples = tiny_examples(6, 3);
+        let config = TrainConfig {
+            epochs: 100_000_000,
+            max_steps: Some(2),
+            ..tiny_config(2, 2)
+        };
+        let mut trainer = Trainer::new(model, config).expect("trainer");
+        assert_eq!(trainer.total_steps(&examples).expect("steps"), 2);
+        let outcome = trainer
+            .run(&examples, None, &mut |_| ControlFlow::Continue(()))
+            .expect("runs");
+        assert_eq!(outcome.log.len(), 2);
+
+        let three_epochs = Trainer::new(
+            model,
+            TrainConfig {
+                epochs: 3,
+                ..tiny_config(2, 2)
+            },
+        )
+        .expect("trainer");
+        assert_eq!(three_epochs.total_steps(&examples).expect("steps"), 9);
+        let epochs: Vec<u64> = three_epochs.batches(&examples).map(|(e, _)| e).collect();
+        assert_eq!(epochs, [0, 0, 0, 1, 1, 1, 2, 2, 2]);
     }
 
     #[test]

@@ -133,7 +133,9 @@ impl CustomOp3 for LayerNorm {
         let width = gamma_data.len();
         let task = Self::rows_per_task(width) * width;
         let mut grad_x = vec![0f32; x_data.len()];
-        let (grad_gamma, grad_beta) = grad_x
+        // Each task's sums are added in task order, not in rayon's `reduce` tree, whose shape
+        // (and so the rounding) followed work stealing: same seed, different weights.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = grad_x
             .par_chunks_mut(task)
             .zip(x_data.par_chunks(task).zip(g.par_chunks(task)))
             .map(|(gx, (x, g))| {
@@ -141,14 +143,18 @@ impl CustomOp3 for LayerNorm {
                 backward_rows(x, gamma_data, g, self.eps, gx, &mut sums.0, &mut sums.1);
                 sums
             })
-            .reduce(
-                || (vec![0f32; width], vec![0f32; width]),
-                |mut a, b| {
-                    a.0.iter_mut().zip(&b.0).for_each(|(a, b)| *a += b);
-                    a.1.iter_mut().zip(&b.1).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect();
+        let (mut grad_gamma, mut grad_beta) = (vec![0f32; width], vec![0f32; width]);
+        for (gamma_part, beta_part) in &partial {
+            grad_gamma
+                .iter_mut()
+                .zip(gamma_part)
+                .for_each(|(a, b)| *a += b);
+            grad_beta
+                .iter_mut()
+                .zip(beta_part)
+                .for_each(|(a, b)| *a += b);
+        }
         let device = x.device();
         Ok((
             Some(Tensor::from_vec(grad_x, x.shape(), device)?),

@@ -20,21 +20,25 @@ multiversion! {
 }
 
 /// Sums of the columns of a row-major `[_, width]` matrix.
-fn column_sums(data: &[f32], width: usize) -> Vec<f32> {
+///
+/// Each task's sums are collected in order and added in that order, so the result depends on
+/// the data alone. rayon's `reduce` pairs partial sums in whatever tree work stealing made, which
+/// changed the last bits of the bias gradients from run to run (same seed, other weights).
+pub(super) fn column_sums(data: &[f32], width: usize) -> Vec<f32> {
     let task = (CHUNK / width.max(1)).max(1) * width;
-    data.par_chunks(task)
+    let partial: Vec<Vec<f32>> = data
+        .par_chunks(task)
         .map(|rows| {
             let mut sums = vec![0f32; width];
             add_rows(rows, &mut sums);
             sums
         })
-        .reduce(
-            || vec![0f32; width],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+        .collect();
+    let mut sums = vec![0f32; width];
+    for part in &partial {
+        add_rows(part, &mut sums);
+    }
+    sums
 }
 
 /// Over a 2-D `x` `[rows, in]`, `weight` `[out, in]`, `bias` `[out]`.

@@ -240,3 +240,70 @@ fn fused_kernels_refuse_what_they_cannot_run() {
     );
     assert!(wrong_width.is_err(), "weight [3, 5] does not take 6 inputs");
 }
+
+/// The gradients of `sum(out * probe)` with respect to every input of `op`, as raw values.
+fn gradients(
+    inputs: &[Tensor],
+    probe: &Tensor,
+    op: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> Vec<Vec<f32>> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).expect("a var"))
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = op(&tensors).expect("forward");
+    let grads = (out * probe)
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.backward())
+        .expect("backward");
+    vars.iter()
+        .map(|v| values(grads.get(v.as_tensor()).expect("a gradient")))
+        .collect()
+}
+
+/// Same inputs, same gradient bits, whatever the number of threads: the reductions across rayon
+/// tasks (the bias and LayerNorm parameter gradients) add the tasks' sums in a fixed order.
+#[test]
+fn r18_12_parameter_gradients_do_not_depend_on_thread_scheduling() {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    // Wide value ranges make the order of additions show in the last bits; 4096 rows make many
+    // tasks.
+    let (rows, width, out) = (4096, 384, 96);
+    let x = random(&mut rng, &[rows, width], 1e3);
+    let weight = random(&mut rng, &[out, width], 1.0);
+    let bias = random(&mut rng, &[out], 1.0);
+    let gamma = random(&mut rng, &[width], 1.0);
+    let beta = random(&mut rng, &[width], 1.0);
+    let linear_probe = random(&mut rng, &[rows, out], 1e3);
+    let norm_probe = random(&mut rng, &[rows, width], 1e3);
+    let run = || {
+        (
+            gradients(
+                &[x.clone(), weight.clone(), bias.clone()],
+                &linear_probe,
+                |t| super::linear(&t[0], &t[1], &t[2]),
+            ),
+            gradients(
+                &[x.clone(), gamma.clone(), beta.clone()],
+                &norm_probe,
+                |t| super::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            ),
+        )
+    };
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a pool")
+        .install(run);
+    let many = rayon::ThreadPoolBuilder::new()
+        .num_threads(8)
+        .build()
+        .expect("a pool");
+    for _ in 0..4 {
+        let parallel = many.install(run);
+        assert!(parallel.0[2] == one_thread.0[2], "bias gradient");
+        assert!(parallel.1[1] == one_thread.1[1], "gamma gradient");
+        assert!(parallel.1[2] == one_thread.1[2], "beta gradient");
+    }
+}
