@@ -156,11 +156,13 @@ pub fn list_files(root: &Path, filter: &FileFilter) -> Result<Listing, CorpusErr
             Ok(_) => {}
             Err(error) => {
                 let path = error.path().map(relative).unwrap_or_default();
-                // A dangling link whose name the globs would not select is nobody's document.
+                // A dangling or looping link whose name the globs would not select is nobody's
+                // document (a loop leads back to a folder already walked).
                 let missing = error
                     .io_error()
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound);
-                if exclude.is_match(&path) || (missing && !include.is_match(&path)) {
+                let looping = error.loop_ancestor().is_some();
+                if exclude.is_match(&path) || ((missing || looping) && !include.is_match(&path)) {
                     continue;
                 }
                 let detail = match (error.loop_ancestor(), error.io_error()) {
@@ -571,6 +573,22 @@ pub(crate) mod tests {
         } else {
             assert_eq!(corpus.stats.skipped[&SkipReason::Unreadable], 1);
         }
+    }
+
+    #[test]
+    fn r18_16_a_link_loop_outside_the_globs_is_not_a_document() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write(dir.path(), "guide.md", "Backups run nightly.\n");
+        fs::create_dir_all(dir.path().join("sub")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("sub/back")).expect("link");
+        let corpus = read_source(
+            &Source::from_path(dir.path(), FileFilter::default()).expect("folder"),
+            &(),
+        )
+        .expect("reads");
+        assert_eq!(doc_ids(&corpus), vec!["guide.md"]);
+        assert_eq!(corpus.stats.documents_seen, 1);
+        assert!(corpus.stats.skipped.is_empty(), "{:?}", corpus.stats);
     }
 
     #[test]
