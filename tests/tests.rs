@@ -8,4 +8,5 @@ mod diagnostics;
 mod llm;
 mod ollama;
 mod pipeline;
+mod regressions;
 mod train;

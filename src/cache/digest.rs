@@ -94,53 +94,71 @@ impl DigestMemo {
             .remove(0))
     }
 
-    /// The digests of many files, in order; memo misses are hashed in parallel.
+    /// The digests of many files, in order; memo misses are hashed in parallel. The first file
+    /// that cannot be read fails the whole call.
     pub fn digest_all(&mut self, files: &[PathBuf]) -> std::io::Result<Vec<FileDigest>> {
-        let stats: Vec<(PathBuf, Stat)> = files
+        self.try_digest_all(files).into_iter().collect()
+    }
+
+    /// The digest of each file, or why it could not be read, in order: for callers that skip
+    /// unreadable files (a corpus) rather than stop at the first.
+    pub fn try_digest_all(&mut self, files: &[PathBuf]) -> Vec<std::io::Result<FileDigest>> {
+        let stats: Vec<std::io::Result<(PathBuf, Stat)>> = files
             .par_iter()
             .map(|file| {
                 let absolute = std::path::absolute(file)?;
                 let metadata = fs::metadata(&absolute)?;
                 Ok((absolute, Stat::of(&metadata)))
             })
-            .collect::<std::io::Result<_>>()?;
-        let mut digests: Vec<Option<FileDigest>> = stats
+            .collect();
+        let remembered = |(path, stat): &(PathBuf, Stat)| {
+            self.entries
+                .get(path)
+                .filter(|entry| entry.stat == *stat)
+                .map(|entry| FileDigest {
+                    blake3: entry.blake3.clone(),
+                    size: stat.size,
+                })
+        };
+        let mut digests: Vec<Option<std::io::Result<FileDigest>>> = stats
             .iter()
-            .map(|(path, stat)| {
-                self.entries
-                    .get(path)
-                    .filter(|entry| entry.stat == *stat)
-                    .map(|entry| FileDigest {
-                        blake3: entry.blake3.clone(),
-                        size: stat.size,
-                    })
+            .map(|stat| match stat {
+                Ok(stat) => remembered(stat).map(Ok),
+                Err(e) => Some(Err(std::io::Error::new(e.kind(), e.to_string()))),
             })
             .collect();
-        let missing: Vec<usize> = (0..digests.len())
-            .filter(|&i| digests[i].is_none())
+        let missing: Vec<(usize, &PathBuf, Stat)> = stats
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| digests[*i].is_none())
+            .filter_map(|(i, stat)| stat.as_ref().ok().map(|(path, stat)| (i, path, *stat)))
             .collect();
-        let hashed: Vec<(usize, String)> = missing
+        let hashed: Vec<(usize, &PathBuf, Stat, std::io::Result<String>)> = missing
             .par_iter()
-            .map(|&i| hash_file(&stats[i].0, stats[i].1.size).map(|h| (i, h)))
-            .collect::<std::io::Result<_>>()?;
-        for (i, blake3) in hashed {
-            let (path, stat) = &stats[i];
-            if !stat.is_racy() {
-                self.entries.insert(
-                    path.clone(),
-                    MemoEntry {
-                        stat: *stat,
-                        blake3: blake3.clone(),
-                    },
-                );
-                self.dirty = true;
-            }
-            digests[i] = Some(FileDigest {
-                blake3,
-                size: stat.size,
-            });
+            .map(|&(i, path, stat)| (i, path, stat, hash_file(path, stat.size)))
+            .collect();
+        for (i, path, stat, result) in hashed {
+            digests[i] = Some(result.map(|blake3| {
+                if !stat.is_racy() {
+                    self.entries.insert(
+                        path.clone(),
+                        MemoEntry {
+                            stat,
+                            blake3: blake3.clone(),
+                        },
+                    );
+                    self.dirty = true;
+                }
+                FileDigest {
+                    blake3,
+                    size: stat.size,
+                }
+            }));
         }
-        Ok(digests.into_iter().flatten().collect())
+        digests
+            .into_iter()
+            .map(|d| d.expect("every file has a digest or an error"))
+            .collect()
     }
 
     /// Forgets files that no longer exist, so the memo does not grow without bound.

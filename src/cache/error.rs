@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum CacheError {
     #[error(
         "another ragd-pipe run{} is using the workdir `{}`",
@@ -17,6 +17,12 @@ pub enum CacheError {
         source: std::io::Error,
     },
     #[error("lock file `{}` is not readable: {message}", path.display())]
+    #[diagnostic(
+        code(ragd::cache::bad_lock),
+        help(
+            "the lock only records what ran: restore it from version control, or move it aside and run again to write a new one (the store keeps every artifact, so nothing is recomputed that is still cached)"
+        )
+    )]
     BadLock { path: PathBuf, message: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),

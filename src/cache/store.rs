@@ -40,6 +40,13 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileDigest>,
     /// The digest of the file listing: the artifact's output hash in the lock.
     pub digest: String,
+    /// Artifact → the output digest of the upstream artifact this one was computed from. The
+    /// key names upstream *keys*, which stay the same when a stage that is not bit-reproducible
+    /// (an LLM sampling without a seed, training) reruns under its key and produces other
+    /// bytes; these digests tell such a dependent from one built from the bytes there now.
+    /// Empty in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumed: BTreeMap<String, String>,
     /// The stage's summary (counts, figures).
     pub summary: serde_json::Value,
 }
@@ -186,11 +193,13 @@ impl Store {
 
     /// Hashes the finished output, writes its manifest, syncs, and renames it into the store.
     /// A damaged artifact already under the key is replaced.
+    /// `consumed` records the upstream output digests the stage read (see [`Manifest::consumed`]).
     pub fn commit(
         &self,
         staging: &Staging,
         kind: &str,
         summary: serde_json::Value,
+        consumed: BTreeMap<String, String>,
     ) -> Result<Manifest, CacheError> {
         let relative = list_files(&staging.out_dir)?;
         let mut memo = DigestMemo::in_memory();
@@ -211,6 +220,7 @@ impl Store {
             created: jiff::Timestamp::now().to_string(),
             files,
             digest: hash_bytes(&listing),
+            consumed,
             summary,
         };
         let manifest_path = staging.out_dir.join(MANIFEST_NAME);
@@ -414,7 +424,12 @@ mod tests {
         let store = Store::open(dir.path()).expect("store");
         let staging = staged(&store, "k1", "hello");
         let manifest = store
-            .commit(&staging, "chunk", serde_json::json!({"n": 1}))
+            .commit(
+                &staging,
+                "chunk",
+                serde_json::json!({"n": 1}),
+                BTreeMap::new(),
+            )
             .expect("commit");
         assert!(!staging.root.exists(), "staging folder removed");
         let mut memo = DigestMemo::in_memory();
@@ -461,6 +476,7 @@ mod tests {
                 &staged(&store, "k", "one"),
                 "chunk",
                 serde_json::Value::Null,
+                BTreeMap::new(),
             )
             .expect("first");
         fs::write(store.artifact_dir("k").join("data.txt"), "bad").expect("corrupt");
@@ -469,6 +485,7 @@ mod tests {
                 &staged(&store, "k", "one"),
                 "chunk",
                 serde_json::Value::Null,
+                BTreeMap::new(),
             )
             .expect("second");
         let mut memo = DigestMemo::in_memory();

@@ -20,10 +20,11 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct StageStatus {
     stage: String,
-    /// `in-sync`, `changed` or `not-locked`.
+    /// `in-sync`, `changed`, `not-locked` or `unknown` (the key could not be computed).
     lock: &'static str,
     changes: Vec<DirtyReason>,
-    /// `present`, `missing` or `damaged`.
+    /// `present`, `missing`, `damaged`, `stale` (computed from other upstream bytes) or
+    /// `unknown` (the stage's inputs could not be resolved).
     store: &'static str,
     would_run: bool,
 }
@@ -42,6 +43,10 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
         .map(|stage| {
             let locked = prepared.lock.stages.get(stage.spec.kind);
             let (lock, changes) = match locked {
+                _ if stage.unresolved.is_some() => match &stage.status {
+                    Status::Run(reasons) => ("unknown", reasons.clone()),
+                    Status::Cached(_) => ("unknown", Vec::new()),
+                },
                 None => ("not-locked", Vec::new()),
                 Some(entry) if entry.key == stage.key => ("in-sync", Vec::new()),
                 Some(entry) => {
@@ -56,6 +61,7 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
                 }
             };
             let store = match &stage.status {
+                _ if stage.unresolved.is_some() => "unknown",
                 Status::Cached(_) => "present",
                 Status::Run(reasons)
                     if reasons
@@ -64,6 +70,14 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
                 {
                     "damaged"
                 }
+                Status::Run(reasons)
+                    if reasons
+                        .iter()
+                        .any(|r| matches!(r, DirtyReason::UpstreamOutput { .. })) =>
+                {
+                    "stale"
+                }
+                Status::Run(_) if stage.reusable.is_some() => "present",
                 Status::Run(_) => "missing",
             };
             StageStatus {
@@ -83,8 +97,9 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
         .iter()
         .map(|s| {
             let lock = match s.lock {
-                "changed" => format!(
-                    "changed: {}",
+                "changed" | "unknown" => format!(
+                    "{}: {}",
+                    s.lock,
                     s.changes
                         .iter()
                         .map(ToString::to_string)

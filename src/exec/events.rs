@@ -16,6 +16,7 @@
 //! | `stage-failed`   | a stage failed or was interrupted         | `stage`, `key`, `seconds`, `message`, `resumable` |
 //! | `summary`        | at the end                                | `ran`, `cached`, `failed`, `seconds`            |
 //! | `diagnostic`     | an error, as miette's JSON report         | `diagnostic`                                    |
+//! | `run-failed`     | in the run log only: the run failed before or between stages | `message` |
 
 use serde::Serialize;
 
@@ -88,6 +89,9 @@ pub enum Event {
     },
     Diagnostic {
         diagnostic: serde_json::Value,
+    },
+    RunFailed {
+        message: String,
     },
 }
 

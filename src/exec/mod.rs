@@ -61,6 +61,7 @@ pub enum ExecError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
+    #[diagnostic(transparent)]
     Cache(#[from] CacheError),
     #[error("this recipe has no stage `{name}`")]
     #[diagnostic(code(ragd::run::unknown_stage), help("stages of this recipe: {valid}"))]
@@ -106,17 +107,26 @@ pub struct Prepared {
     bridge: Arc<Bridge>,
 }
 
-/// Builds the DAG and the plan. Read-only apart from the digest memo.
+/// Builds the DAG and the plan. Read-only: `plan`, `status` and `run --dry-run` work on a
+/// read-only or full workdir. The digest memo is saved when it can be, to spare rehashing next
+/// time; failing to save it costs only that.
 pub fn prepare(
     recipe: &Recipe,
     options: &PlanOptions,
     reporter: Arc<dyn Reporter>,
 ) -> Result<Prepared, ExecError> {
+    prepare_with(recipe, options, Arc::new(Bridge::new(reporter)))
+}
+
+fn prepare_with(
+    recipe: &Recipe,
+    options: &PlanOptions,
+    bridge: Arc<Bridge>,
+) -> Result<Prepared, ExecError> {
     let dag = Dag::build(recipe)?;
-    let store = Store::open(&recipe.workdir)?;
+    let store = Store::at(&recipe.workdir);
     let mut memo = DigestMemo::open(&store.memo_path());
     let lock = LockFile::read(&recipe.lock_path())?;
-    let bridge = Arc::new(Bridge::new(reporter));
     let hub = HubConfig::from_env();
     let env_for = |stage: &'static str| StageEnv {
         recipe: recipe.env.clone(),
@@ -125,7 +135,7 @@ pub fn prepare(
         stage,
     };
     let plan = Plan::build(dag, &store, &mut memo, &lock, &env_for, options)?;
-    memo.save().map_err(CacheError::from)?;
+    let _ = memo.save();
     Ok(Prepared {
         plan,
         store,
@@ -166,13 +176,23 @@ pub fn run(
             reporter.event(&Event::Waiting { pid });
         })?)
     };
-    let prepared = prepare(recipe, &options.plan, reporter.clone())?;
-    let selected = select(&prepared.plan, options)?;
+    // A real run keeps a log from the start, so that a run failing before any stage (a recipe
+    // whose DAG does not hold, a file that cannot be hashed) leaves a record too.
+    let bridge = Arc::new(Bridge::new(reporter.clone()));
     let log = if options.dry_run {
         None
     } else {
-        Some(prepared.bridge.open_log(&prepared.store)?)
+        let store = Store::open(&recipe.workdir)?;
+        Some(bridge.open_log(&store)?)
     };
+    let prepared = prepare_with(recipe, &options.plan, bridge.clone())
+        .and_then(|prepared| select(&prepared.plan, options).map(|selected| (prepared, selected)))
+        .inspect_err(|error| {
+            bridge.log_only(&Event::RunFailed {
+                message: error_chain(error),
+            });
+        });
+    let (prepared, selected) = prepared?;
     prepared.bridge.emit(&plan_event(recipe, &prepared.plan));
     let mut report = RunReport {
         log,
@@ -191,23 +211,65 @@ pub fn run(
         bridge,
     } = prepared;
     let mut available: Vec<bool> = plan.stages.iter().map(|s| s.status.is_cached()).collect();
+    // The output digest of each stage's artifact as it is now, filled in as stages run.
+    let mut outputs: Vec<Option<String>> = plan
+        .stages
+        .iter()
+        .map(|s| match &s.status {
+            Status::Cached(manifest) => Some(manifest.digest.clone()),
+            Status::Run(_) => None,
+        })
+        .collect();
     let mut failure = None;
     for (index, planned) in plan.stages.iter().enumerate() {
         let kind = planned.spec.kind;
         if !selected.contains(&index) {
             continue;
         }
-        if let Status::Cached(manifest) = &planned.status {
+        if let Some(error) = &planned.unresolved {
+            bridge.emit(&Event::StageFailed {
+                stage: kind.to_owned(),
+                key: planned.key.clone(),
+                seconds: 0.,
+                message: error_chain(error.as_ref()),
+                resumable: false,
+            });
+            failure = Some(ExecError::Plan(PlanError::External {
+                stage: kind.to_owned(),
+                source: error.clone(),
+            }));
+            break;
+        }
+        // What this stage reads now: each input's output digest, once every producer has one.
+        let consumed: Option<BTreeMap<String, String>> = planned
+            .inputs
+            .iter()
+            .map(|(&artifact, &producer)| {
+                outputs[producer]
+                    .clone()
+                    .map(|digest| (crate::plan::artifact_name(artifact), digest))
+            })
+            .collect();
+        let kept = match &planned.status {
+            Status::Cached(manifest) => Some((&**manifest, "cached")),
+            Status::Run(_) => consumed
+                .as_ref()
+                .and_then(|current| planned.reusable_with(current))
+                .map(|manifest| (manifest, "cached: its inputs came out identical")),
+        };
+        if let Some((manifest, reason)) = kept {
             bridge.emit(&Event::StageSkipped {
                 stage: kind.to_owned(),
                 key: planned.key.clone(),
-                reason: "cached".to_owned(),
+                reason: reason.to_owned(),
             });
             let entry = locked(planned, manifest);
             if lock.stages.get(kind) != Some(&entry) {
                 lock.stages.insert(kind.to_owned(), entry);
                 lock.write(&recipe.lock_path())?;
             }
+            available[index] = true;
+            outputs[index] = Some(manifest.digest.clone());
             report.cached.push(kind.to_owned());
             continue;
         }
@@ -266,7 +328,13 @@ pub fn run(
         let seconds = stage_started.elapsed().as_secs_f64();
         match outcome {
             Ok(outcome) => {
-                let manifest = store.commit(&staging, kind, outcome.summary.clone())?;
+                let manifest = store.commit(
+                    &staging,
+                    kind,
+                    outcome.summary.clone(),
+                    consumed.unwrap_or_default(),
+                )?;
+                outputs[index] = Some(manifest.digest.clone());
                 lock.stages
                     .insert(kind.to_owned(), locked(planned, &manifest));
                 lock.write(&recipe.lock_path())?;
@@ -448,6 +516,11 @@ impl Bridge {
 
     fn emit(&self, event: &Event) {
         self.reporter.event(event);
+        self.log_only(event);
+    }
+
+    /// Records an event in the run log without showing it (the caller reports it otherwise).
+    fn log_only(&self, event: &Event) {
         let mut log = self
             .log
             .lock()
@@ -548,4 +621,174 @@ pub fn referenced_keys(locks: &[PathBuf]) -> BTreeMap<String, PathBuf> {
         }
     }
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::plan::DirtyReason;
+    use crate::stages::{Artifact, External, Input, Stage, StageOutcome};
+
+    /// A stage that is not bit-reproducible: it writes whatever `output` holds, or random bytes
+    /// when it holds nothing (an LLM sampling without a seed).
+    struct Nondeterministic {
+        output: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Stage for Nondeterministic {
+        fn kind(&self) -> &'static str {
+            "chunk"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn inputs(&self) -> Vec<Input> {
+            Vec::new()
+        }
+        fn params(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn externals(&self, _env: &StageEnv) -> Result<Vec<External>, StageError> {
+            Ok(Vec::new())
+        }
+        fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+            let text = self
+                .output
+                .lock()
+                .expect("not poisoned")
+                .clone()
+                .unwrap_or_else(|| rand::random::<u64>().to_string());
+            fs::write(ctx.out_dir.join("chunks.jsonl"), text)?;
+            Ok(StageOutcome::default())
+        }
+    }
+
+    /// A stage reading the chunks, counting its runs.
+    struct Reader {
+        runs: Arc<AtomicUsize>,
+    }
+
+    impl Stage for Reader {
+        fn kind(&self) -> &'static str {
+            "query-gen"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn inputs(&self) -> Vec<Input> {
+            vec![Input {
+                artifact: Artifact::Chunks,
+                required: true,
+                instead: None,
+            }]
+        }
+        fn params(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn externals(&self, _env: &StageEnv) -> Result<Vec<External>, StageError> {
+            Ok(Vec::new())
+        }
+        fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            let chunks = fs::read(ctx.input(Artifact::Chunks)?.join("chunks.jsonl"))?;
+            fs::write(ctx.out_dir.join("queries.jsonl"), chunks)?;
+            Ok(StageOutcome::default())
+        }
+    }
+
+    /// Every event of a run.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Event>>);
+
+    impl Reporter for Recorder {
+        fn event(&self, event: &Event) {
+            self.0.lock().expect("not poisoned").push(event.clone());
+        }
+    }
+
+    #[test]
+    fn r18_11_dependents_follow_the_bytes_their_inputs_came_out_with() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        fs::create_dir_all(dir.path().join("docs")).expect("mkdir");
+        let mut recipe = Recipe::from_text(
+            &dir.path().join("recipe.yaml"),
+            "chunk:\n  input: docs\nquery_gen:\n  strategies: [ict]\n".to_owned(),
+            &[],
+        )
+        .expect("loads");
+        let output = Arc::new(Mutex::new(Some("one".to_owned())));
+        let runs = Arc::new(AtomicUsize::new(0));
+        recipe.stages[0].stage = Arc::new(Nondeterministic {
+            output: output.clone(),
+        });
+        recipe.stages[1].stage = Arc::new(Reader { runs: runs.clone() });
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let run = |force: &[&str], only: Option<&str>| {
+            let options = RunOptions {
+                plan: PlanOptions {
+                    force: force.iter().map(|f| (*f).to_owned()).collect(),
+                    force_all: false,
+                },
+                only: only.map(str::to_owned),
+                ..RunOptions::default()
+            };
+            let recorder = Arc::new(Recorder::default());
+            let report = super::run(
+                &recipe,
+                &options,
+                recorder.clone(),
+                runtime.handle(),
+                Arc::new(AtomicBool::new(false)),
+            )
+            .expect("runs");
+            let events = std::mem::take(&mut *recorder.0.lock().expect("not poisoned"));
+            (report, events)
+        };
+
+        run(&[], None);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        // Forced, the same bytes again: the reader is planned to run, then kept (early cutoff).
+        let prepared = prepare(
+            &recipe,
+            &PlanOptions {
+                force: vec!["chunk".to_owned()],
+                force_all: false,
+            },
+            Arc::new(Recorder::default()),
+        )
+        .expect("plans");
+        assert!(
+            matches!(&prepared.plan.stages[1].status, Status::Run(reasons)
+                if matches!(reasons[..], [DirtyReason::UpstreamRuns { .. }])),
+            "a dependent of a forced stage is not listed as cached"
+        );
+        let (report, events) = run(&["chunk"], None);
+        assert_eq!(report.ran, ["chunk"]);
+        assert_eq!(report.cached, ["query-gen"]);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::StageSkipped { reason, .. }
+            if reason.contains("identical")))
+        );
+
+        // Forced, and other bytes come out: the reader reruns on them.
+        *output.lock().expect("not poisoned") = None;
+        let (report, _) = run(&["chunk"], None);
+        assert_eq!(report.ran, ["chunk", "query-gen"]);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+        // The chunks recomputed alone (`--only`): the reader's artifact is stale, and reruns.
+        let (report, _) = run(&["chunk"], Some("chunk"));
+        assert_eq!(report.ran, ["chunk"]);
+        let (report, _) = run(&[], None);
+        assert_eq!(report.ran, ["query-gen"]);
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        let (report, _) = run(&[], None);
+        assert!(report.ran.is_empty());
+    }
 }

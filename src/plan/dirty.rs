@@ -30,6 +30,13 @@ pub enum DirtyReason {
     Params { changes: Vec<ParamChange> },
     /// An upstream stage's key changed.
     Upstream { artifact: String },
+    /// An upstream stage runs first (forced, or its artifact is damaged or gone) and may produce
+    /// other bytes under its key: this stage reruns unless they come out identical (early
+    /// cutoff, decided once the upstream stage has run).
+    UpstreamRuns { artifact: String, stage: String },
+    /// The upstream artifact holds other bytes than the ones this artifact was computed from (a
+    /// stage that is not bit-reproducible reran under the same key).
+    UpstreamOutput { artifact: String },
     /// Input files changed. Per-file lists are empty when only aggregates were known.
     Files {
         label: String,
@@ -47,6 +54,9 @@ pub enum DirtyReason {
     },
     /// An external input appeared or went away.
     ExternalSet { label: String, present: bool },
+    /// What the stage reads could not be resolved (a server that does not answer), so its key
+    /// is unknown; it fails if run.
+    IdentityUnknown { detail: String },
 }
 
 /// One changed parameter.
@@ -118,6 +128,13 @@ impl fmt::Display for DirtyReason {
                 Ok(())
             }
             Self::Upstream { artifact } => write!(f, "upstream {artifact} changed"),
+            Self::UpstreamRuns { stage, .. } => write!(
+                f,
+                "upstream `{stage}` runs first; kept if its output comes out identical"
+            ),
+            Self::UpstreamOutput { artifact } => {
+                write!(f, "upstream {artifact} changed (same key, other bytes)")
+            }
             Self::Files {
                 label,
                 added,
@@ -143,6 +160,7 @@ impl fmt::Display for DirtyReason {
                 write!(f, "model `{label}` ({reference}) changed")
             }
             Self::Identity { label, old, new } => write!(f, "`{label}` changed ({old} → {new})"),
+            Self::IdentityUnknown { detail } => write!(f, "identity unknown: {detail}"),
             Self::ExternalSet { label, present } => {
                 if *present {
                     write!(f, "new input `{label}`")

@@ -81,23 +81,49 @@ impl Dag {
                         edges[i].insert(input.artifact, p);
                     }
                     None if input.required => {
-                        let producers: Vec<String> = crate::stages::REGISTRY
+                        // Sections of this recipe that produce it, left out of `from:`.
+                        let present: Vec<String> = recipe
+                            .stages
                             .iter()
-                            .filter(|s| s.produces == input.artifact)
-                            .map(|s| format!("`{}:`", s.section))
+                            .filter(|s| s.spec.produces == input.artifact)
+                            .map(|s| format!("`{}`", s.spec.section))
                             .collect();
-                        let mut help = format!("add a {} section", producers.join(" or "));
+                        let (message, mut help) = if from_positions.is_some() && !present.is_empty()
+                        {
+                            (
+                                format!(
+                                    "stage `{}` needs {}, which none of the sections in its `from:` produces",
+                                    entry.spec.kind,
+                                    input.artifact.name()
+                                ),
+                                format!(
+                                    "add {} to `{}.from`",
+                                    present.join(" or "),
+                                    entry.spec.section
+                                ),
+                            )
+                        } else {
+                            let producers: Vec<String> = crate::stages::REGISTRY
+                                .iter()
+                                .filter(|s| s.produces == input.artifact)
+                                .map(|s| format!("`{}:`", s.section))
+                                .collect();
+                            (
+                                format!(
+                                    "stage `{}` needs {}, which no stage of this recipe produces",
+                                    entry.spec.kind,
+                                    input.artifact.name()
+                                ),
+                                format!("add a {} section", producers.join(" or ")),
+                            )
+                        };
                         if let Some(key) = input.instead {
                             help.push_str(&format!(", or set `{}.{key}`", entry.spec.section));
                         }
                         problems.push(recipe.problem(
                             ProblemKind::MissingInput,
                             &section_path(i),
-                            format!(
-                                "stage `{}` needs {}, which no stage of this recipe produces",
-                                entry.spec.kind,
-                                input.artifact.name()
-                            ),
+                            message,
                             format!("needs {}", input.artifact.name()),
                             Some(help),
                         ));
@@ -131,10 +157,7 @@ impl Dag {
             }
         }
         if !problems.is_empty() {
-            return Err(RecipeError::Invalid {
-                path: recipe.path.clone(),
-                problems,
-            });
+            return Err(RecipeError::invalid(recipe.path.clone(), problems));
         }
 
         let mut graph: DiGraph<usize, Artifact> = DiGraph::new();
@@ -164,16 +187,16 @@ impl Dag {
                     .unwrap_or(members.first().copied().unwrap_or(0));
                 let mut path = section_path(at);
                 path.push("from".to_owned());
-                return Err(RecipeError::Invalid {
-                    path: recipe.path.clone(),
-                    problems: vec![recipe.problem(
+                return Err(RecipeError::invalid(
+                    recipe.path.clone(),
+                    vec![recipe.problem(
                         ProblemKind::Cycle,
                         &path,
                         format!("stages {} read each other's output in a cycle", names.join(", ")),
                         "this closes the cycle",
                         Some("a stage can only read from stages that do not depend on it; fix the `from:` lists".to_owned()),
                     )],
-                });
+                ));
             }
         };
         let position: BTreeMap<usize, usize> = order
@@ -252,6 +275,32 @@ pub struct PlannedStage {
     pub record: KeyRecord,
     pub key: String,
     pub status: Status,
+    /// Why the stage's inputs could not be resolved (a server that does not answer), when they
+    /// could not: its key is then unknown (empty), and so are its dependents'. Planning goes on,
+    /// so that `plan`, `status` and runs of other stages still work; running this stage fails.
+    pub unresolved: Option<Arc<StageError>>,
+    /// A whole artifact under the key that runs only because an upstream stage runs first
+    /// ([`DirtyReason::UpstreamRuns`]): the executor keeps it if every input comes out with the
+    /// digest it was computed from (early cutoff).
+    pub reusable: Option<Box<Manifest>>,
+}
+
+impl PlannedStage {
+    /// Whether `reusable` was computed from exactly the upstream outputs `current` gives
+    /// (artifact name → output digest, for every input).
+    pub fn reusable_with(&self, current: &BTreeMap<String, String>) -> Option<&Manifest> {
+        self.reusable
+            .as_deref()
+            .filter(|manifest| !current.is_empty() && manifest.consumed == *current)
+    }
+}
+
+/// The name of an artifact in keys, records and manifests (`training-data`).
+pub fn artifact_name(artifact: Artifact) -> String {
+    serde_json::to_value(artifact)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Whether a stage's artifact can be used as it is.
@@ -279,7 +328,7 @@ pub enum PlanError {
     External {
         stage: String,
         #[source]
-        source: StageError,
+        source: Arc<StageError>,
     },
     #[error("stage `{stage}`: cannot hash `{}`", path.display())]
     Hash {
@@ -314,13 +363,44 @@ impl Plan {
         for node in dag.nodes {
             let kind = node.spec.kind;
             let env = env_for(kind);
-            let externals = node
-                .stage
-                .externals(&env)
-                .map_err(|source| PlanError::External {
-                    stage: kind.to_owned(),
-                    source,
-                })?;
+            let upstream_unresolved = node
+                .inputs
+                .values()
+                .find_map(|&p| stages[p].unresolved.as_ref().map(|e| (p, e.clone())));
+            let resolved = match upstream_unresolved {
+                Some((producer, error)) => Err((
+                    format!("upstream `{}` is unresolved", stages[producer].spec.kind),
+                    error,
+                )),
+                None => node
+                    .stage
+                    .externals(&env)
+                    .map_err(|error| (crate::stages::error::error_chain(&error), Arc::new(error))),
+            };
+            let externals = match resolved {
+                Ok(externals) => externals,
+                Err((detail, error)) => {
+                    stages.push(PlannedStage {
+                        spec: node.spec,
+                        stage: node.stage.clone(),
+                        inputs: node.inputs,
+                        record: KeyRecord {
+                            format: KEY_FORMAT,
+                            kind: kind.to_owned(),
+                            stage_version: node.stage.version(),
+                            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+                            params: canonical(&node.stage.params()),
+                            upstream: BTreeMap::new(),
+                            externals: BTreeMap::new(),
+                        },
+                        key: String::new(),
+                        status: Status::Run(vec![DirtyReason::IdentityUnknown { detail }]),
+                        unresolved: Some(error),
+                        reusable: None,
+                    });
+                    continue;
+                }
+            };
             let mut digests = BTreeMap::new();
             for external in externals {
                 let (label, digest) = digest_external(kind, external, memo)?;
@@ -329,14 +409,8 @@ impl Plan {
             let upstream = node
                 .inputs
                 .iter()
-                .map(|(artifact, &producer)| {
-                    (
-                        serde_json::to_value(artifact)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
-                        stages[producer].key.clone(),
-                    )
+                .map(|(&artifact, &producer)| {
+                    (artifact_name(artifact), stages[producer].key.clone())
                 })
                 .collect();
             let record = KeyRecord {
@@ -374,6 +448,10 @@ impl Plan {
                     &key,
                 )),
             };
+            let (status, reusable) = match status {
+                Status::Cached(manifest) => upstream_check(&stages, &node.inputs, manifest),
+                other => (other, None),
+            };
             stages.push(PlannedStage {
                 spec: node.spec,
                 stage: node.stage,
@@ -381,9 +459,49 @@ impl Plan {
                 record,
                 key,
                 status,
+                unresolved: None,
+                reusable,
             });
         }
         Ok(Self { stages })
+    }
+}
+
+/// Whether a whole artifact was computed from the upstream artifacts there now. Keys name
+/// upstream keys, not bytes, so this is what catches an upstream stage that reran under its key
+/// and produced other bytes. An upstream stage that is about to run makes the artifact a
+/// candidate for early cutoff instead (`reusable`). A manifest from before digests were recorded
+/// names none, and is trusted by its key.
+fn upstream_check(
+    stages: &[PlannedStage],
+    inputs: &BTreeMap<Artifact, usize>,
+    manifest: Box<Manifest>,
+) -> (Status, Option<Box<Manifest>>) {
+    let mut reasons = Vec::new();
+    let mut stale = false;
+    for (&artifact, &producer) in inputs {
+        let name = artifact_name(artifact);
+        match &stages[producer].status {
+            Status::Run(_) => reasons.push(DirtyReason::UpstreamRuns {
+                artifact: name,
+                stage: stages[producer].spec.kind.to_owned(),
+            }),
+            Status::Cached(upstream) => {
+                if manifest
+                    .consumed
+                    .get(&name)
+                    .is_some_and(|consumed| *consumed != upstream.digest)
+                {
+                    stale = true;
+                    reasons.push(DirtyReason::UpstreamOutput { artifact: name });
+                }
+            }
+        }
+    }
+    match (reasons.is_empty(), stale) {
+        (true, _) => (Status::Cached(manifest), None),
+        (false, true) => (Status::Run(reasons), None),
+        (false, false) => (Status::Run(reasons), Some(manifest)),
     }
 }
 
@@ -414,6 +532,10 @@ fn why_missing(
     }
 }
 
+/// What stands for the digest of an input file that could not be read, followed by the error
+/// kind (`PermissionDenied`).
+const UNREADABLE: &str = "unreadable: ";
+
 /// Hashes one external input.
 fn digest_external(
     stage: &str,
@@ -431,14 +553,19 @@ fn digest_external(
     match external {
         External::Identity { label, value } => Ok((label, ExternalDigest::of_identity(&value))),
         External::Files { label, root, files } => {
+            // A file that cannot be read (no permission, an I/O error) enters the key as such,
+            // so it changes the key once readable; the stage reading the files decides what it
+            // means (chunk skips and counts it). Failing the plan here stopped `plan`, `status`
+            // and `run` over one bad document that the chunk stage would have skipped anyway.
             let absolute: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
-            let digests = memo
-                .digest_all(&absolute)
-                .map_err(hash_error(root.clone()))?;
+            let digests = memo.try_digest_all(&absolute);
             let map = files
                 .iter()
                 .map(|f| f.to_string_lossy().into_owned())
-                .zip(digests.into_iter().map(|d| d.blake3))
+                .zip(digests.into_iter().map(|d| match d {
+                    Ok(d) => d.blake3,
+                    Err(e) => format!("{UNREADABLE}{:?}", e.kind()),
+                }))
                 .collect();
             Ok((label, ExternalDigest::of_files("files", map, None)))
         }

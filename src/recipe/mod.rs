@@ -12,15 +12,18 @@ pub mod spans;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use miette::{NamedSource, SourceSpan};
+use miette::SourceSpan;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use error::{Problem, ProblemKind, RecipeError};
+pub use error::{Problem, ProblemKind, RecipeError, RecipeSource};
 use spans::SpanIndex;
 
 use crate::model::device::Accelerator;
 use crate::stages::{self, BuildError, RecipeEnv, Stage, StageSpec};
+
+/// The most parts a `--set` key may have (`train.loss.scale` has three).
+const MAX_OVERRIDE_DEPTH: usize = 16;
 
 /// The recipe format this build reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -120,9 +123,10 @@ impl Recipe {
     /// Checks recipe text as if read from `path` (which names the source and anchors relative paths).
     pub fn from_text(path: &Path, text: String, overrides: &[String]) -> Result<Self, RecipeError> {
         let text = Arc::new(text);
+        // Positions are indexed only once the text parses (see `Loader::load`).
         let locator = Locator {
-            source: NamedSource::new(path.display().to_string(), text.clone()),
-            spans: SpanIndex::new(&text),
+            source: RecipeSource::new(path.display().to_string(), text.clone()),
+            spans: SpanIndex::default(),
             overrides: Vec::new(),
         };
         let mut loader = Loader {
@@ -133,10 +137,7 @@ impl Recipe {
         let recipe = loader.load(&text, overrides);
         match recipe {
             Some(recipe) if loader.problems.is_empty() => Ok(recipe),
-            _ => Err(RecipeError::Invalid {
-                path: path.to_path_buf(),
-                problems: loader.problems,
-            }),
+            _ => Err(RecipeError::invalid(path.to_path_buf(), loader.problems)),
         }
     }
 
@@ -167,7 +168,7 @@ impl Recipe {
 
 /// Maps recipe paths to a source and span: the recipe text, or the `--set` argument that set it.
 struct Locator {
-    source: NamedSource<Arc<String>>,
+    source: RecipeSource,
     spans: SpanIndex,
     /// (path set, the argument's text, the span of its value within it).
     overrides: Vec<(Vec<String>, Arc<String>, SourceSpan)>,
@@ -190,7 +191,9 @@ impl Locator {
             .rev()
             .find(|(set, ..)| path.starts_with(set) || set.starts_with(path) && at_key);
         let (source, span) = match overridden {
-            Some((_, argument, span)) => (NamedSource::new("--set", argument.clone()), Some(*span)),
+            Some((_, argument, span)) => {
+                (RecipeSource::new("--set", argument.clone()), Some(*span))
+            }
             None => {
                 let span = if at_key {
                     self.spans.key(path)
@@ -223,6 +226,9 @@ struct Loader {
 impl Loader {
     fn load(&mut self, text: &str, overrides: &[String]) -> Option<Recipe> {
         let mut root = self.parse(text)?;
+        // Indexed after parsing, which bounds the nesting (serde_yaml stops at 128 levels): the
+        // index copies each node's path, which 100,000 nested levels made quadratic.
+        self.locator.spans = SpanIndex::new(text);
         for argument in overrides {
             self.apply_override(&mut root, argument);
         }
@@ -392,7 +398,7 @@ impl Loader {
             locator: std::mem::replace(
                 &mut self.locator,
                 Locator {
-                    source: NamedSource::new("", Arc::new(String::new())),
+                    source: RecipeSource::new("", Arc::new(String::new())),
                     spans: SpanIndex::default(),
                     overrides: Vec::new(),
                 },
@@ -433,7 +439,7 @@ impl Loader {
             help: Some(
                 "overrides read `--set section.key=value`, e.g. `--set train.epochs=1`".to_owned(),
             ),
-            source: NamedSource::new("--set", text.clone()),
+            source: RecipeSource::new("--set", text.clone()),
             span: Some(span),
         };
         let Some((key, raw)) = argument.split_once('=') else {
@@ -444,6 +450,19 @@ impl Loader {
             return;
         };
         let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+        // No recipe key is nested deeper; a longer path would only build a deep tree for the
+        // checks after it to recurse through.
+        if path.len() > MAX_OVERRIDE_DEPTH {
+            self.problems.push(bad(
+                format!(
+                    "override key `{}…` has {} parts; recipe keys have at most {MAX_OVERRIDE_DEPTH}",
+                    &key[..key.floor_char_boundary(40)],
+                    path.len()
+                ),
+                (0, key.len()).into(),
+            ));
+            return;
+        }
         if path.iter().any(String::is_empty) {
             self.problems.push(bad(
                 format!("override key `{key}` has an empty part"),
@@ -494,10 +513,20 @@ impl Loader {
         let path = vec![spec.section.to_owned(), schema::FROM_KEY.to_owned()];
         let names = match raw {
             serde_yaml::Value::String(one) => vec![one],
-            serde_yaml::Value::Sequence(items) => items
-                .into_iter()
-                .filter_map(|item| item.as_str().map(str::to_owned))
-                .collect(),
+            serde_yaml::Value::Sequence(items) => {
+                let mut names = Vec::new();
+                for (n, item) in items.into_iter().enumerate() {
+                    match item {
+                        serde_yaml::Value::String(name) => names.push(name),
+                        _ => {
+                            let mut at = path.clone();
+                            at.push(n.to_string());
+                            self.type_problem(&at, "expected a section name");
+                        }
+                    }
+                }
+                names
+            }
             _ => {
                 self.type_problem(&path, "expected a section name or a list of them");
                 return None;

@@ -109,7 +109,7 @@ impl StageDef for Chunk {
                 ),
             );
         }
-        if params.overlap * 2 > params.max_tokens {
+        if params.overlap.saturating_mul(2) > params.max_tokens {
             invalid.push(
                 Invalid::new(
                     &["overlap"],
