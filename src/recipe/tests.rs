@@ -273,14 +273,15 @@ fn set_value() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Recipe text: the YAML-ish mix, sometimes after a line longer than miette can render.
+/// Recipe text: the YAML-ish mix, sometimes after a line longer than miette can render, or
+/// after a flow mapping whose last key (often unknown) sits past column 65,535.
 fn recipe_text() -> impl Strategy<Value = String> {
-    (yamlish(), prop::option::weighted(0.1, 60_000usize..70_000)).prop_map(
-        |(text, long)| match long {
-            Some(n) => format!("# {}\n{text}", "x".repeat(n)),
-            None => text,
-        },
-    )
+    let long = prop::option::weighted(0.2, (60_000usize..70_000, "[a-z_]{1,8}", any::<bool>()));
+    (yamlish(), long).prop_map(|(text, long)| match long {
+        Some((n, _, false)) => format!("# {}\n{text}", "x".repeat(n)),
+        Some((n, key, true)) => format!("{{name: '{}', {key}: 1}}\n{text}", "x".repeat(n)),
+        None => text,
+    })
 }
 
 /// How long the fuzz target below runs: `RAGD_FUZZ_SECONDS`, else 4 s, so CI stays bounded.
