@@ -634,6 +634,37 @@ mod tests {
         assert_eq!(epochs, [0, 0, 0, 1, 1, 1, 2, 2, 2]);
     }
 
+    /// Same seed, same run: every weight bit for bit, with dropout and GradCache on.
+    #[test]
+    fn r18_12_the_same_seed_trains_the_same_weights() {
+        let pooling = Pooling::new(vec![PoolingMode::Mean], true);
+        let examples = tiny_examples(24, 5);
+        let config = TrainConfig {
+            epochs: 2,
+            ..tiny_config(8, 4)
+        };
+        let train = || {
+            let bert = tiny_bert(DType::F32);
+            let model = TrainModel {
+                bert: &bert,
+                pooling: &pooling,
+            };
+            let mut trainer = Trainer::new(model, config.clone()).expect("trainer");
+            trainer
+                .run(&examples, None, &mut |_| ControlFlow::Continue(()))
+                .expect("run");
+            trainer
+                .params()
+                .iter()
+                .map(|p| values(p.var.as_tensor()))
+                .collect::<Vec<Vec<f64>>>()
+        };
+        let first = train();
+        for _ in 0..2 {
+            assert!(train() == first, "a second run with the same seed differs");
+        }
+    }
+
     #[test]
     fn gradcache_gives_the_plain_gradients() {
         let bert = tiny_bert(DType::F64);
