@@ -105,6 +105,11 @@ pub struct QueryGenParams {
     /// and text) and `{n}` by `queries_per_chunk`.
     #[serde(default = "default_prompt")]
     pub prompt: String,
+    /// A few questions your own users ask (the `llm` strategy shows them to the LLM as examples
+    /// of style; they are never kept as training queries, and a query that copies one is dropped).
+    /// Write them yourself: questions from a benchmark's test set would leak into training.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<String>,
     /// Queries per chunk (for `ict`: sentences taken from it).
     #[serde(default = "default_per_chunk")]
     pub queries_per_chunk: usize,
@@ -214,6 +219,11 @@ impl StageDef for QueryGen {
                 );
             }
         }
+        for (i, example) in params.examples.iter().enumerate() {
+            if example.trim().is_empty() {
+                invalid.push(Invalid::new(&["examples", &i.to_string()], "is empty"));
+            }
+        }
         if params.max_chunks == Some(0) {
             invalid.push(Invalid::new(
                 &["max_chunks"],
@@ -237,7 +247,7 @@ impl Stage for QueryGen {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -307,7 +317,70 @@ impl Stage for QueryGen {
     }
 }
 
+/// How LLM answers open when the model talks about the question instead of asking it.
+const PREAMBLES: &[&str] = &[
+    "here is",
+    "here are",
+    "here's",
+    "sure",
+    "certainly",
+    "question:",
+    "query:",
+    "q:",
+    "a question",
+    "the question",
+    "as an ai",
+];
+
+/// Words of a query copied in a row from the chunk that make it a copy, not a question.
+const COPIED_WORDS: usize = 8;
+
+/// Lowercased words, punctuation stripped, for comparing texts.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
 impl QueryGen {
+    /// Why an LLM query is no use, if it is none: a preamble instead of a question, a copy of
+    /// the chunk's own sentence (it teaches exact lookup, as ICT does, not how users ask), or a
+    /// copy of a style example.
+    fn llm_fault(&self, chunk: &Chunk, query: &str) -> Option<&'static str> {
+        let lower = query.to_lowercase();
+        if PREAMBLES.iter().any(|p| lower.starts_with(p)) {
+            return Some("llm: a preamble, not a query");
+        }
+        if self
+            .params
+            .examples
+            .iter()
+            .any(|e| words(e) == words(query))
+        {
+            return Some("llm: copies a style example");
+        }
+        let query_words = words(query);
+        let copies = |text: &str| {
+            let text = words(text);
+            query_words
+                .windows(COPIED_WORDS)
+                .any(|run| text.windows(COPIED_WORDS).any(|w| w == run))
+        };
+        if copies(&chunk.text) {
+            return Some("llm: copies the chunk's text");
+        }
+        let instructions = self
+            .params
+            .prompt
+            .replace("{passage}", " ")
+            .replace("{n}", &self.params.queries_per_chunk.to_string());
+        if copies(&instructions) || copies(&self.params.system) {
+            return Some("llm: copies the instructions");
+        }
+        None
+    }
+
     /// The chunks to make queries for: long enough, and a seeded sample when `max_chunks` is set.
     fn select_chunks<'a>(&self, chunks: &'a [Chunk], stats: &mut QueryGenStats) -> Vec<&'a Chunk> {
         let mut selected: Vec<&Chunk> = chunks
@@ -357,6 +430,8 @@ impl QueryGen {
             .any(|r| r.query.eq_ignore_ascii_case(&query))
         {
             Some("repeated for the same chunk")
+        } else if strategy == Strategy::Llm {
+            self.llm_fault(chunk, &query)
         } else {
             None
         };
@@ -407,10 +482,19 @@ pub fn llm_requests(params: &QueryGenParams, chunks: &[&Chunk], seed: u64) -> Ve
     chunks
         .iter()
         .map(|chunk| {
-            let prompt = params
+            let mut prompt = params
                 .prompt
                 .replace("{passage}", &io::passage(chunk))
                 .replace("{n}", &params.queries_per_chunk.to_string());
+            if !params.examples.is_empty() {
+                prompt.push_str(
+                    "\n\nUsers of these documents ask questions like these (about other passages):",
+                );
+                for example in &params.examples {
+                    prompt.push_str("\n- ");
+                    prompt.push_str(example.trim());
+                }
+            }
             params.llm.request(
                 Some(params.system.clone()),
                 prompt,
@@ -662,6 +746,82 @@ mod tests {
         assert_eq!(
             pairs,
             vec![("Guide: Retention".to_owned(), "Body.".to_owned())]
+        );
+    }
+
+    /// Preambles, copies of the chunk's sentences and copies of style examples are dropped
+    /// from LLM queries and counted by reason; other strategies are left alone.
+    #[test]
+    fn llm_preambles_and_copies_are_dropped_and_counted() {
+        let stage = QueryGen {
+            params: QueryGenParams {
+                examples: vec!["How do I restore a deleted file?".to_owned()],
+                ..QueryGenParams::default()
+            },
+            seed: 1,
+        };
+        let c = chunk(
+            "Snapshots are kept for thirty days before the nightly job removes them from the remote repository.",
+        );
+        let (mut records, mut stats) = (Vec::new(), QueryGenStats::default());
+        for query in [
+            "Here is a question about snapshot retention",
+            "Sure! How long are snapshots kept?",
+            "snapshots are kept for thirty days before the nightly job removes them",
+            "How do I restore a deleted file?",
+            "Write 2 questions a user could ask that the text above answers.",
+            "How long does the remote repository keep snapshots?",
+        ] {
+            stage.keep(
+                &mut records,
+                &mut stats,
+                &c,
+                Strategy::Llm,
+                query.to_owned(),
+                c.text.clone(),
+            );
+        }
+        // The same copied sentence is fine as an ICT query.
+        stage.keep(
+            &mut records,
+            &mut stats,
+            &c,
+            Strategy::Ict,
+            "Snapshots are kept for thirty days before the nightly job removes them.".to_owned(),
+            String::new(),
+        );
+        let kept: Vec<&str> = records.iter().map(|r| r.query.as_str()).collect();
+        assert_eq!(
+            kept,
+            [
+                "How long does the remote repository keep snapshots?",
+                "Snapshots are kept for thirty days before the nightly job removes them."
+            ]
+        );
+        assert_eq!(stats.dropped["llm: a preamble, not a query"], 2);
+        assert_eq!(stats.dropped["llm: copies the chunk's text"], 1);
+        assert_eq!(stats.dropped["llm: copies a style example"], 1);
+        assert_eq!(stats.dropped["llm: copies the instructions"], 1);
+    }
+
+    #[test]
+    fn style_examples_go_into_the_prompt() {
+        let params = QueryGenParams {
+            examples: vec!["Why is my backup slow?".to_owned()],
+            ..QueryGenParams::default()
+        };
+        let c = chunk("Backups run at night.");
+        let requests = llm_requests(&params, &[&c], 3);
+        assert!(
+            requests[0].prompt.contains("- Why is my backup slow?"),
+            "{}",
+            requests[0].prompt
+        );
+        assert!(requests[0].prompt.contains("Backups run at night."));
+        assert!(
+            !llm_requests(&QueryGenParams::default(), &[&c], 3)[0]
+                .prompt
+                .contains("questions like these")
         );
     }
 }

@@ -322,7 +322,8 @@ mod dot_pairs {
                         // `xs` and `out`, columns of `cp`, all within bounds; this task alone
                         // writes them.
                         unsafe {
-                            let (xr, o) = (xs.as_ptr().add(r * k_pad), dst.ptr().add(r * n + 32 * cp));
+                            let (xr, o) =
+                                (xs.as_ptr().add(r * k_pad), dst.ptr().add(r * n + 32 * cp));
                             let step = match left {
                                 ROWS.. => {
                                     block::<ROWS>(xr, k_pad, weights, k_blocks, o, n, cols);
