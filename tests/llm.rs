@@ -220,6 +220,76 @@ fn a_run_interrupted_mid_query_gen_resumes_without_repeating_calls() {
     assert!(server.most_for_one_prompt() <= 2);
 }
 
+/// Complete lines of the response journal (a kill may leave a torn last one, ignored on load).
+fn journaled_answers(project: &Project) -> usize {
+    let journal = project.path(".ragd-pipe/shared-v1/llm/responses.jsonl");
+    std::fs::read_to_string(journal)
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter(|line| {
+            line.ends_with('\n') && serde_json::from_str::<serde_json::Value>(line).is_ok()
+        })
+        .count()
+}
+
+/// The embedded batched LLM (SmolLM2, 4 sequences decoded together) interrupted mid-query-gen
+/// by Ctrl-C and then by a kill: every answer finished before is journaled once, and the final
+/// run asks exactly the prompts no earlier run finished.
+#[test]
+fn an_interrupted_local_batch_keeps_finished_answers_and_repeats_no_call() {
+    const CHUNKS: usize = 12;
+    let project = Project::new();
+    for i in 0..CHUNKS {
+        project.write(
+            &format!("docs/page{i:03}.md"),
+            &format!(
+                "# Page {i}\n\nSnapshots of repository {i} are kept for {i} days and pruned every \
+                 night. Remote copies of repository {i} are verified weekly by the daemon.\n"
+            ),
+        );
+    }
+    project.write(
+        "recipe.yaml",
+        "name: local-llm-test\nchunk:\n  input: docs\nquery_gen:\n  strategies: [llm]\n  \
+         min_chunk_tokens: 1\n  min_words: 1\n  llm:\n    concurrency: 4\n    max_tokens: 40\n",
+    );
+    for signal in [libc::SIGINT, libc::SIGKILL] {
+        let before = journaled_answers(&project);
+        let child = project
+            .command(&["run", "recipe.yaml", "--until", "query-gen"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let started = Instant::now();
+        while journaled_answers(&project) < before + 2
+            && started.elapsed() < Duration::from_secs(600)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait_with_output().expect("wait").status;
+        assert!(!status.success(), "the run was interrupted");
+    }
+    let journaled = journaled_answers(&project);
+    assert!(
+        (4..CHUNKS).contains(&journaled),
+        "{journaled} answers before the last run"
+    );
+    project
+        .run(&["run", "recipe.yaml", "--until", "query-gen"])
+        .success();
+    let stats = query_gen_stats(&project);
+    assert_eq!(stats["llm"]["cached"], journaled, "{stats}");
+    assert_eq!(stats["llm"]["calls"], CHUNKS - journaled, "{stats}");
+    assert_eq!(
+        journaled_answers(&project),
+        CHUNKS,
+        "each answer journaled once"
+    );
+}
+
 #[test]
 fn the_llm_judge_drops_rejected_and_unparseable_verdicts() {
     let server = FakeServer::start(Duration::ZERO);
