@@ -283,7 +283,7 @@ const DEFAULT_DROPOUT_SEED: u64 = 0;
 /// Checkpoint names as this module uses them: without the `bert.` prefix that task heads
 /// (`BertForMaskedLM`, …) add, and with `LayerNorm.weight`/`.bias` for the TensorFlow-era
 /// `LayerNorm.gamma`/`.beta` that the original `bert-base-*` checkpoints still use.
-fn canonical_name(name: &str) -> String {
+pub(crate) fn canonical_name(name: &str) -> String {
     let name = name.strip_prefix("bert.").unwrap_or(name);
     if let Some(stem) = name.strip_suffix("LayerNorm.gamma") {
         format!("{stem}LayerNorm.weight")
@@ -427,26 +427,38 @@ impl Bert {
     /// The last hidden states `[batch, seq, hidden]` of `input_ids` (`[batch, seq]`, u32) under
     /// `attention_mask` (`[batch, seq]`, 1 for tokens and 0 for padding, any dtype), recording
     /// the graph for `backward()`. `train` turns dropout on, with masks from the model's seeded
-    /// stream ([`Bert::reseed_dropout`]).
+    /// stream ([`Bert::reseed_dropout`]). Every token has type 0 (one sentence).
     pub fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor, ModelError> {
-        self.check_inputs(input_ids, attention_mask)?;
+        self.forward_segments(input_ids, None, attention_mask, train)
+    }
+
+    /// [`Bert::forward`] with each token's segment: `token_type_ids` (`[batch, seq]`, u32, each
+    /// below `type_vocab_size`) as a cross-encoder numbers `[CLS] query [SEP]` 0 and
+    /// `passage [SEP]` 1; `None` is all 0.
+    pub fn forward_segments(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor, ModelError> {
+        self.check_inputs(input_ids, token_type_ids, attention_mask)?;
+        let inputs = Inputs {
+            input_ids,
+            token_type_ids,
+            attention_mask,
+        };
         let result = if train {
             let mut rng = self.lock_dropout_rng();
             let mut seeds = || rng.next_u64();
-            run(
-                &self.config,
-                &self.tracked,
-                input_ids,
-                attention_mask,
-                Some(&mut seeds),
-            )
+            run(&self.config, &self.tracked, inputs, Some(&mut seeds))
         } else {
-            run(&self.config, &self.tracked, input_ids, attention_mask, None)
+            run(&self.config, &self.tracked, inputs, None)
         };
         result.during(|| "the bert forward pass".to_owned())
     }
@@ -458,18 +470,38 @@ impl Bert {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        self.check_inputs(input_ids, attention_mask)?;
-        run(
-            &self.config,
-            &self.detached,
-            input_ids,
-            attention_mask,
-            None,
-        )
-        .during(|| "the bert forward pass".to_owned())
+        self.forward_segments_no_grad(input_ids, None, attention_mask)
     }
 
-    fn check_inputs(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(), ModelError> {
+    /// [`Bert::forward_segments`] for inference, as [`Bert::forward_no_grad`].
+    pub fn forward_segments_no_grad(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        self.check_inputs(input_ids, token_type_ids, attention_mask)?;
+        let inputs = Inputs {
+            input_ids,
+            token_type_ids,
+            attention_mask,
+        };
+        run(&self.config, &self.detached, inputs, None)
+            .during(|| "the bert forward pass".to_owned())
+    }
+
+    /// The next seed of the model's dropout stream, for dropout a task head applies after the
+    /// encoder (a cross-encoder's classifier), so one seed replays a whole training step.
+    pub fn next_dropout_seed(&self) -> u64 {
+        self.lock_dropout_rng().next_u64()
+    }
+
+    fn check_inputs(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<(), ModelError> {
         let invalid = |name, why| Err(ModelError::InvalidArgument { name, why });
         let [_, seq] = input_ids.dims() else {
             return invalid(
@@ -489,6 +521,19 @@ impl Bert {
                 format!(
                     "shape {:?} differs from `input_ids` {:?}",
                     attention_mask.dims(),
+                    input_ids.dims()
+                ),
+            );
+        }
+        if let Some(types) = token_type_ids
+            && (types.dims() != input_ids.dims() || types.dtype() != DType::U32)
+        {
+            return invalid(
+                "token_type_ids",
+                format!(
+                    "shape {:?} and dtype `{}` are not `input_ids`' {:?} and `u32`",
+                    types.dims(),
+                    types.dtype().as_str(),
                     input_ids.dims()
                 ),
             );
@@ -517,28 +562,49 @@ fn maybe_dropout(x: Tensor, p: f32, seeds: &mut Seeds<'_>) -> candle_core::Resul
     }
 }
 
+/// One batch of a forward pass.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    input_ids: &'a Tensor,
+    /// `None`: every token has type 0.
+    token_type_ids: Option<&'a Tensor>,
+    attention_mask: &'a Tensor,
+}
+
 fn run(
     config: &BertConfig,
     weights: &Weights,
-    input_ids: &Tensor,
-    attention_mask: &Tensor,
+    inputs: Inputs<'_>,
     mut seeds: Seeds<'_>,
 ) -> candle_core::Result<Tensor> {
+    let Inputs {
+        input_ids,
+        token_type_ids,
+        attention_mask,
+    } = inputs;
     let (batch, seq) = input_ids.dims2()?;
     let hidden = config.hidden_size;
     let dtype = weights.word_embeddings.dtype();
 
-    // Embeddings. Every input is a single sentence, so every token type is 0: one row of the
-    // token-type table, broadcast, instead of an index_select over an all-zero id tensor.
+    // Embeddings. A single sentence has every token type 0: one row of the token-type table,
+    // broadcast, instead of an index_select over an all-zero id tensor.
     let words = weights
         .word_embeddings
         .index_select(&input_ids.flatten_all()?, 0)?
         .reshape((batch, seq, hidden))?;
-    let positions_and_type = weights
-        .position_embeddings
-        .narrow(0, 0, seq)?
-        .broadcast_add(&weights.token_type_embeddings.narrow(0, 0, 1)?)?;
-    let embedded = words.broadcast_add(&positions_and_type)?;
+    let positions = weights.position_embeddings.narrow(0, 0, seq)?;
+    let embedded = match token_type_ids {
+        None => words.broadcast_add(
+            &positions.broadcast_add(&weights.token_type_embeddings.narrow(0, 0, 1)?)?,
+        )?,
+        Some(types) => {
+            let types = weights
+                .token_type_embeddings
+                .index_select(&types.flatten_all()?, 0)?
+                .reshape((batch, seq, hidden))?;
+            (words + types)?.broadcast_add(&positions)?
+        }
+    };
     let norm = &weights.embeddings_norm;
     let embedded = kernels::layer_norm(&embedded, &norm.gamma, &norm.beta, config.layer_norm_eps)?;
     let mut x = maybe_dropout(embedded, config.hidden_dropout_prob, &mut seeds)?;

@@ -1,14 +1,16 @@
 //! The sentence-embedding engine: model references and files (`hub`), the trainable BERT encoder
 //! (`bert`, on the fused-kernel seam `kernels`), its benchmark (`bench`), weights on disk (`checkpoint`), tokenization
-//! (`tokenize`), pooling (`pooling`), the assembled encoder (`encoder`), device choice
-//! (`device`), GGUF export and import (`gguf`) and Ollama as a home of embedding models
-//! (`ollama`). Stages (train, mine, evaluate) call it; it knows nothing about recipes or the
+//! (`tokenize`), pooling (`pooling`), the assembled encoder (`encoder`), the cross-encoder
+//! reranker on the same BERT (`cross_encoder`), device choice (`device`), GGUF export and import
+//! (`gguf`) and Ollama as a home of embedding models (`ollama`). Stages (train, mine, evaluate)
+//! call it; it knows nothing about recipes or the
 //! terminal.
 
 pub mod bench;
 pub mod bert;
 pub mod checkpoint;
 mod config_file;
+pub mod cross_encoder;
 pub mod device;
 pub mod encoder;
 pub mod error;

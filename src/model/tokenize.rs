@@ -51,6 +51,32 @@ pub struct Batch {
     pub attention_mask: Tensor,
 }
 
+/// A (query, passage) pair as one sequence, `[CLS] query [SEP] passage [SEP]`, with each
+/// token's segment (0 for the query part, 1 for the passage part).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PairIds {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+impl PairIds {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A [`Batch`] of pairs, with their segments.
+#[derive(Debug, Clone)]
+pub struct PairBatch {
+    pub batch: Batch,
+    /// `[batch, seq]`, u32; 0 on padding.
+    pub token_type_ids: Tensor,
+}
+
 impl SentenceTokenizer {
     /// Loads `dir/tokenizer.json` and `dir/sentence_bert_config.json` (optional), capping
     /// `max_seq_length` at the model's `max_position_embeddings`. `pad_token_id` (from the model
@@ -148,6 +174,74 @@ impl SentenceTokenizer {
                 Ok(encoding.get_ids().to_vec())
             })
             .collect()
+    }
+
+    /// This tokenizer truncating at `max_seq_length` instead (capped as [`Self::load`] caps it by
+    /// the `max_position_embeddings` the caller passes).
+    pub fn with_max_seq_length(
+        &self,
+        max_seq_length: usize,
+        max_position_embeddings: usize,
+    ) -> Result<Self, ModelError> {
+        let max_seq_length = max_seq_length.min(max_position_embeddings);
+        let mut tokenizer = self.tokenizer.clone();
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length: max_seq_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(|source| ModelError::Tokenize { source })?;
+        Ok(Self {
+            tokenizer,
+            max_seq_length,
+            ..self.clone()
+        })
+    }
+
+    /// Each (query, passage) as one sequence with segments, as transformers' tokenizer encodes a
+    /// pair for `BertForSequenceClassification` and sentence-transformers' `CrossEncoder` calls
+    /// it: both texts stripped, truncated together longest first to [`Self::max_seq_length`].
+    pub fn pair_ids(&self, pairs: &[(&str, &str)]) -> Result<Vec<PairIds>, ModelError> {
+        pairs
+            .par_iter()
+            .map(|(query, passage)| {
+                let (query, passage) = (query.trim(), passage.trim());
+                let encoding = if self.do_lower_case {
+                    self.tokenizer
+                        .encode((query.to_lowercase(), passage.to_lowercase()), true)
+                } else {
+                    self.tokenizer.encode((query, passage), true)
+                }
+                .map_err(|source| ModelError::Tokenize { source })?;
+                Ok(PairIds {
+                    ids: encoding.get_ids().to_vec(),
+                    type_ids: encoding.get_type_ids().to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// Pads `pairs` to the longest and puts them on `device`.
+    pub fn batch_pairs(
+        &self,
+        pairs: &[&PairIds],
+        device: &Device,
+    ) -> Result<PairBatch, ModelError> {
+        let sequences: Vec<&[u32]> = pairs.iter().map(|p| p.ids.as_slice()).collect();
+        let batch = self.batch(&sequences, device)?;
+        let seq = sequences.iter().map(|ids| ids.len()).max().unwrap_or(0);
+        let mut types = vec![0u32; pairs.len() * seq];
+        for (row, pair) in pairs.iter().enumerate() {
+            types[row * seq..row * seq + pair.type_ids.len()].copy_from_slice(&pair.type_ids);
+        }
+        let token_type_ids = Tensor::from_vec(types, (pairs.len(), seq), device)
+            .during(|| "building a batch's token types".to_owned())?;
+        Ok(PairBatch {
+            batch,
+            token_type_ids,
+        })
     }
 
     /// Pads `sequences` to the longest and puts them on `device`.

@@ -1,13 +1,16 @@
 //! Fine-tuning a sentence encoder: the ranking losses (`loss`), AdamW, the learning-rate
 //! schedule and clipping (`optim`), the batch sampler (`sampler`), the training loop with
 //! GradCache and checkpoints (`trainer`, `journal`), and writing the result as a
-//! sentence-transformers folder (`save`). It works on token ids and knows nothing of recipes,
+//! sentence-transformers folder (`save`); and the cross-encoder reranker's losses (`rerank_loss`)
+//! and training loop with early stopping (`rerank`). It works on token ids and knows nothing of recipes,
 //! stages or the terminal: the train stage tokenizes its data and reports progress.
 
 pub mod error;
 pub mod journal;
 pub mod loss;
 pub mod optim;
+pub mod rerank;
+pub mod rerank_loss;
 pub mod sampler;
 pub mod save;
 pub mod trainer;

@@ -2,7 +2,8 @@
 //! the root (`config.json`, `model.safetensors`, tokenizer files), `modules.json`,
 //! `1_Pooling/config.json` (and a `2_Normalize` module when the model normalises),
 //! `sentence_bert_config.json`, `config_sentence_transformers.json`, a `README.md` model card and
-//! `training_metadata.json`.
+//! `training_metadata.json`; and a trained cross-encoder as a folder sentence-transformers'
+//! `CrossEncoder` loads unchanged ([`save_cross_encoder`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +13,7 @@ use serde_json::json;
 
 use super::error::TrainError;
 use crate::model::bert::Bert;
+use crate::model::cross_encoder::CrossEncoder;
 use crate::model::pooling::{Pooling, PoolingMode, SentenceModules};
 
 /// The weights file written.
@@ -115,8 +117,7 @@ pub fn save_model(
     Ok(())
 }
 
-/// Every parameter and every extra tensor of the checkpoint, in their dtypes, with the
-/// `{"format": "pt"}` metadata transformers expects of a PyTorch-saved file.
+/// Every parameter and every extra tensor of the checkpoint, in their dtypes.
 fn write_weights(bert: &Bert, path: &Path) -> Result<(), TrainError> {
     let mut tensors: Vec<(String, candle_core::Tensor)> = bert
         .named_vars()
@@ -128,6 +129,12 @@ fn write_weights(bert: &Bert, path: &Path) -> Result<(), TrainError> {
             .iter()
             .map(|(name, tensor)| (name.clone(), tensor.clone())),
     );
+    write_tensors(&tensors, path)
+}
+
+/// `tensors` as a safetensors file with the `{"format": "pt"}` metadata transformers expects of
+/// a PyTorch-saved file.
+fn write_tensors(tensors: &[(String, candle_core::Tensor)], path: &Path) -> Result<(), TrainError> {
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize_to_file(
         tensors.iter().map(|(name, t)| (name.as_str(), t)),
@@ -138,6 +145,78 @@ fn write_weights(bert: &Bert, path: &Path) -> Result<(), TrainError> {
         path: path.to_owned(),
         message: e.to_string(),
     })
+}
+
+/// Writes `model` into `out` (created if needed) as a `BertForSequenceClassification` folder that
+/// sentence-transformers' `CrossEncoder` (and transformers) load unchanged: `config.json` (the
+/// encoder's, with the architecture, `num_labels` and the label maps), `model.safetensors` (names
+/// in [`crate::model::cross_encoder`]), the tokenizer files with `model_max_length` set to the
+/// model's truncation, a `README.md` model card and `training_metadata.json`.
+pub fn save_cross_encoder(
+    model: &CrossEncoder,
+    out: &Path,
+    metadata: &TrainingMetadata,
+    recipe: Option<&str>,
+) -> Result<(), TrainError> {
+    let base = model.transformer_dir();
+    fs_err::create_dir_all(out)?;
+    let mut config = read_object(&base.join("config.json"))?;
+    config.insert(
+        "architectures".to_owned(),
+        json!(["BertForSequenceClassification"]),
+    );
+    config.insert("num_labels".to_owned(), json!(1));
+    config.insert("id2label".to_owned(), json!({"0": "LABEL_0"}));
+    config.insert("label2id".to_owned(), json!({"LABEL_0": 0}));
+    write_json(&out.join("config.json"), &json!(config))?;
+    for name in TOKENIZER_FILES {
+        let from = base.join(name);
+        if from.is_file() && name != "tokenizer_config.json" {
+            fs_err::copy(&from, out.join(name))?;
+        }
+    }
+    let mut tokenizer_config = read_object(&base.join("tokenizer_config.json"))?;
+    tokenizer_config.insert("model_max_length".to_owned(), json!(model.max_seq_length()));
+    write_json(&out.join("tokenizer_config.json"), &json!(tokenizer_config))?;
+    write_tensors(&model.tensors(), &out.join(WEIGHTS_FILE))?;
+    write_json(&out.join(METADATA_FILE), &serde_json::to_value(metadata)?)?;
+    let mut card = cross_encoder_card(metadata, model.max_seq_length());
+    if let Some(recipe) = recipe {
+        card.push_str(&format!(
+            "\n## Recipe\n\n```yaml\n{}\n```\n",
+            recipe.trim_end()
+        ));
+    }
+    fs_err::write(out.join("README.md"), card)?;
+    Ok(())
+}
+
+fn cross_encoder_card(meta: &TrainingMetadata, max_seq_length: usize) -> String {
+    let hyper = serde_json::to_string_pretty(&meta.hyperparameters).unwrap_or_default();
+    let final_loss = meta
+        .final_loss
+        .map_or_else(|| "n/a".to_owned(), |l| format!("{l:.4}"));
+    format!(
+        "---\nlibrary_name: sentence-transformers\npipeline_tag: text-ranking\nbase_model: {base}\ntags:\n- sentence-transformers\n- cross-encoder\n- reranker\n- ragd-pipe\n---\n\n\
+         # Reranker fine-tuned from {base}\n\n\
+         A cross-encoder (`BertForSequenceClassification`, one relevance logit) trained by ragd-pipe \
+         {version} on {examples} queries with their positive and mined negative passages (data \
+         blake3 `{hash}`). It reads `[CLS] query [SEP] passage [SEP]`, truncated to {max_seq_length} \
+         tokens, and reorders a retriever's top results.\n\n\
+         - Loss: {loss}\n- Steps: {steps}, final loss {final_loss}, {seconds:.0} s on {device}\n\n\
+         ## Usage\n\n```python\nfrom sentence_transformers import CrossEncoder\n\n\
+         model = CrossEncoder(\"path/to/this/folder\")\n\
+         scores = model.predict([(\"How do I restore a snapshot?\", \"Snapshots are restored with ...\")])\n```\n\n\
+         ## Hyperparameters\n\n```json\n{hyper}\n```\n",
+        base = meta.base_model,
+        version = meta.tool_version,
+        examples = meta.examples,
+        hash = meta.data_hash,
+        loss = meta.loss,
+        steps = meta.steps,
+        seconds = meta.train_seconds,
+        device = meta.device,
+    )
 }
 
 pub(crate) fn pooling_config(pooling: &Pooling, hidden_size: usize) -> serde_json::Value {
