@@ -9,4 +9,5 @@ mod llm;
 mod ollama;
 mod pipeline;
 mod regressions;
+mod rerank;
 mod train;

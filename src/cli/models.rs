@@ -30,8 +30,10 @@ pub enum ModelsAction {
     /// Copy a model to a new folder (for sentence-transformers, another machine), or write it as
     /// a GGUF file (for llama.cpp and Ollama), optionally creating it in Ollama.
     Export(ExportArgs),
-    /// Make ragd embed with this model (`embedding.model: custom` in ragd's config.yaml), or with
-    /// the Ollama model made from it (`--ollama NAME`: `embedding.model: NAME`).
+    /// Make ragd use this model: an embedding model sets `embedding.model: custom` in ragd's
+    /// config.yaml, and brings the reranker registered beside it (`retrieval.rerank_model`) unless
+    /// its evaluation found reranking worse; a reranker sets `retrieval.rerank_model` alone. With
+    /// `--ollama NAME`, ragd embeds with the Ollama model made from it (`embedding.model: NAME`).
     Use {
         /// The registered model.
         name: String,
@@ -182,14 +184,22 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
         }
         ModelsAction::Use { name, .. } => {
             let home = registry::default_ragd_home().map_err(registry_failure)?;
-            let update = registry::use_model(&root, name, &home).map_err(registry_failure)?;
-            let verb = if update.created { "created" } else { "updated" };
-            printer.status(&format!(
-                "{verb} {}: ragd now embeds with {} ({})",
-                update.config_path.display(),
-                name,
-                update.model_path.display()
-            ));
+            let outcome = registry::use_registered(&root, name, &home).map_err(registry_failure)?;
+            for update in &outcome.updates {
+                let verb = if update.created { "created" } else { "updated" };
+                let what = match update.role {
+                    registry::ModelRole::Embedding => "embeds with",
+                    registry::ModelRole::Reranker => "reranks with",
+                };
+                printer.status(&format!(
+                    "{verb} {}: ragd now {what} {}",
+                    update.config_path.display(),
+                    update.model_path.display()
+                ));
+            }
+            if let Some(why) = &outcome.reranker_skipped {
+                printer.status(&format!("not changing ragd's reranker: {why}"));
+            }
         }
     }
     Ok(())

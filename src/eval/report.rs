@@ -8,18 +8,26 @@
 //! ├── format: 1, title
 //! ├── regression: bool          true when fine-tuned is worse than base beyond noise anywhere
 //! ├── regressions: [sentence]   each such comparison in plain words, prefixed by its dataset
+//! ├── reranker_regression: bool a retrieve+rerank system is worse than its retriever alone
+//! ├── reranker_regressions: [sentence]
 //! ├── settings                  bootstrap resamples, permutations, confidence, alpha, seed
 //! ├── training?                 {points: [{step, loss, lr}]} from the train log
 //! └── datasets: [Dataset]
 //!     ├── name, documents, query_ids
-//!     ├── systems: [System]     bm25, base, fine-tuned, each at each Matryoshka dimension
-//!     │   ├── label, kind ("bm25" | "base" | "fine-tuned"), model?, dimension?
+//!     ├── systems: [System]     bm25, base, fine-tuned, each at each Matryoshka dimension, and
+//!     │   │                     each full-size dense system reranked by the cross-encoder
+//!     │   ├── label, kind ("bm25" | "base" | "fine-tuned" | "reranked"), model?, dimension?
+//!     │   ├── reranker?         {model, top_k, seconds_per_query} for a reranked system
 //!     │   ├── metrics: {"ndcg@10": {mean, interval: {low, high, level}}, …}
 //!     │   └── per_query: {"ndcg@10": [value per query, aligned with query_ids], …}
 //!     └── comparisons: [Comparison]
 //!         └── metric, baseline, candidate, result (means, difference, interval,
-//!             permutation and sign tests, verdict), sentence, regression
+//!             permutation and sign tests, verdict), sentence, regression,
+//!             reranker_regression
 //! ```
+//!
+//! The reranker fields are absent from reports written before they existed and read as "no
+//! reranker".
 //!
 //! Metric keys are sentence-transformers' (`accuracy@1`, `ndcg@10`, …). Per-query values are
 //! kept so a later run, or a person, can recompute any comparison.
@@ -57,6 +65,8 @@ pub enum SystemKind {
     Base,
     /// The embedding model after fine-tuning.
     FineTuned,
+    /// A dense system's top results reordered by a cross-encoder.
+    Reranked,
 }
 
 impl SystemKind {
@@ -65,6 +75,7 @@ impl SystemKind {
             Self::Bm25 => "BM25",
             Self::Base => "base",
             Self::FineTuned => "fine-tuned",
+            Self::Reranked => "retrieve+rerank",
         }
     }
 }
@@ -79,6 +90,19 @@ pub struct SystemSpec {
     pub model: Option<String>,
     /// Embedding dimension used (a Matryoshka truncation when below the model's own).
     pub dimension: Option<usize>,
+    /// For a reranked system: the cross-encoder and what reranking cost.
+    pub reranker: Option<RerankerRun>,
+}
+
+/// How a retrieve+rerank system reranked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RerankerRun {
+    /// The cross-encoder's path or reference.
+    pub model: String,
+    /// How many of the retriever's top results were reordered.
+    pub top_k: usize,
+    /// Wall time of scoring one query's `top_k` pairs, on this machine.
+    pub seconds_per_query: f64,
 }
 
 /// A metric's mean over queries with its bootstrap interval.
@@ -95,6 +119,8 @@ pub struct System {
     pub kind: SystemKind,
     pub model: Option<String>,
     pub dimension: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reranker: Option<RerankerRun>,
     pub metrics: BTreeMap<Metric, MetricSummary>,
     /// Each metric's value per query, aligned with the dataset's `query_ids`.
     pub per_query: BTreeMap<Metric, Vec<f64>>,
@@ -113,6 +139,9 @@ pub struct Comparison {
     pub sentence: String,
     /// The candidate is fine-tuned, the baseline is base, and it is worse beyond noise.
     pub regression: bool,
+    /// The candidate is reranked and worse beyond noise than its baseline.
+    #[serde(default)]
+    pub reranker_regression: bool,
 }
 
 /// The systems evaluated on one query set and how they compare.
@@ -172,6 +201,7 @@ impl Dataset {
             kind: spec.kind,
             model: spec.model,
             dimension: spec.dimension,
+            reranker: spec.reranker,
             metrics,
             per_query: scores.values,
         });
@@ -211,6 +241,8 @@ impl Dataset {
                 sentence: result.sentence(&cand.label, &base.label, &metric.label()),
                 regression: base.kind == SystemKind::Base
                     && cand.kind == SystemKind::FineTuned
+                    && result.verdict == Verdict::Worse,
+                reranker_regression: cand.kind == SystemKind::Reranked
                     && result.verdict == Verdict::Worse,
                 result,
             });
@@ -270,6 +302,12 @@ pub struct Report {
     pub regression: bool,
     /// Those comparisons, as `dataset: sentence`.
     pub regressions: Vec<String>,
+    /// A retrieve+rerank system is worse than its retriever alone beyond noise somewhere: the
+    /// reranker must not become ragd's default.
+    #[serde(default)]
+    pub reranker_regression: bool,
+    #[serde(default)]
+    pub reranker_regressions: Vec<String>,
     pub settings: PairedTestConfig,
     pub datasets: Vec<Dataset>,
     pub training: Option<TrainingCurve>,
@@ -283,21 +321,27 @@ impl Report {
         datasets: Vec<Dataset>,
         training: Option<TrainingCurve>,
     ) -> Self {
-        let regressions: Vec<String> = datasets
-            .iter()
-            .flat_map(|dataset| {
-                dataset
-                    .comparisons
-                    .iter()
-                    .filter(|comparison| comparison.regression)
-                    .map(|comparison| format!("{}: {}", dataset.name, comparison.sentence))
-            })
-            .collect();
+        let sentences = |flagged: fn(&Comparison) -> bool| -> Vec<String> {
+            datasets
+                .iter()
+                .flat_map(|dataset| {
+                    dataset
+                        .comparisons
+                        .iter()
+                        .filter(move |comparison| flagged(comparison))
+                        .map(|comparison| format!("{}: {}", dataset.name, comparison.sentence))
+                })
+                .collect()
+        };
+        let regressions = sentences(|c| c.regression);
+        let reranker_regressions = sentences(|c| c.reranker_regression);
         Self {
             format: REPORT_FORMAT,
             title: title.into(),
             regression: !regressions.is_empty(),
             regressions,
+            reranker_regression: !reranker_regressions.is_empty(),
+            reranker_regressions,
             settings,
             datasets,
             training,

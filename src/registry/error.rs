@@ -11,7 +11,7 @@ pub enum RegistryError {
     NotFound { name: String, root: PathBuf },
     #[error("model `{name}` is already registered at `{}` (replace it with force)", path.display())]
     Exists { name: String, path: PathBuf },
-    #[error("`{}` is not a sentence-transformers model folder: `{missing}` is missing", path.display())]
+    #[error("`{}` is not a sentence-transformers model or cross-encoder folder: `{missing}` is missing", path.display())]
     NotAModel { path: PathBuf, missing: String },
     #[error("training metadata must be a JSON object, not {found}")]
     MetadataNotObject { found: &'static str },
@@ -27,13 +27,13 @@ pub enum RegistryError {
     ConfigNotAMapping { path: PathBuf },
     #[error("`{}` line {line}: `embedding` is written in flow style (`{{…}}`), which cannot be edited without losing comments; write it as an indented block", path.display())]
     ConfigFlowStyle { path: PathBuf, line: usize },
-    #[error("`{}` line {line}: `embedding` is `{found}`, not a block of settings", path.display())]
+    #[error("`{}` line {line}: the section to edit holds `{found}`, not a block of settings", path.display())]
     ConfigEmbeddingNotABlock {
         path: PathBuf,
         line: usize,
         found: String,
     },
-    #[error("editing `{}` would change more than `embedding.model` and `embedding.custom_model_path`: {message}", path.display())]
+    #[error("editing `{}` would change more than the model settings it sets: {message}", path.display())]
     ConfigEditUnsafe { path: PathBuf, message: String },
     #[error("`{}` is a link to `{}`, outside the model folder: it is not copied (copy the file into the folder, or remove the link)", link.display(), target.display())]
     LinkOutside { link: PathBuf, target: PathBuf },

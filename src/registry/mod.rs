@@ -5,7 +5,8 @@
 //! sentence-transformers model folder per name, each with the `training_metadata.json` the caller
 //! supplied (recipe, lock and data hashes, base model, metrics, tool version). [`register`],
 //! [`list`], [`show`], [`remove`] and [`export`] return data for the CLI to print; writes are
-//! atomic (see `ops`). [`use_model`] points ragd's own config at a registered model with a
+//! atomic (see `ops`). A reranker (a cross-encoder folder) registers beside the embedding model
+//! its recipe trained. [`use_model`] points ragd's own config at a registered model with a
 //! comment-preserving line edit. Nothing here prints or knows about recipes.
 
 mod entry;
@@ -20,7 +21,9 @@ pub use entry::{METADATA_FILE, ModelDetails, ModelEntry, REGISTERED_AT};
 pub use error::RegistryError;
 pub use name::{MAX_NAME_LEN, validate_name};
 pub use ops::{
-    REQUIRED_FILES, WEIGHT_FILES, default_ragd_home, default_root, export, list, register,
-    register_with, remove, show,
+    REGRESSION_KEY, REQUIRED_FILES, RERANKER_KEY, UseOutcome, WEIGHT_FILES, default_ragd_home,
+    default_root, export, list, register, register_with, remove, role_of, show, use_registered,
 };
-pub use ragd_config::{CONFIG_FILE, CUSTOM_MODEL, ConfigUpdate, use_model, use_ollama_model};
+pub use ragd_config::{
+    CONFIG_FILE, CUSTOM_MODEL, ConfigUpdate, ModelRole, use_model, use_ollama_model,
+};

@@ -3,7 +3,8 @@
 //! ```text
 //! <root>/
 //!   .registry.lock         held by a writer (register, remove), shared by export
-//!   <name>/                a sentence-transformers model folder + training_metadata.json
+//!   <name>/                a sentence-transformers model folder + training_metadata.json, or a
+//!                          cross-encoder folder (a reranker, `BertForSequenceClassification`)
 //!   .tmp-<name>-<pid>-<n>/ a model being copied in (renamed to <name> when complete)
 //!   .trash-<name>-<pid>-<n>/ a model being removed, or the old one a forced register replaced
 //! ```
@@ -20,11 +21,17 @@ use super::entry::{METADATA_FILE, ModelDetails, ModelEntry, REGISTERED_AT, read_
 use super::error::RegistryError;
 use super::lock::{RegistryLock, STAGING_PREFIX, TRASH_PREFIX};
 use super::name::validate_name;
+use super::ragd_config::{ConfigUpdate, ModelRole, use_model};
 use super::tree::{copy_tree, replace_folder, sync_dir, unique_path};
 
 /// Files a sentence-transformers model folder must hold to be registered; one of
-/// [`WEIGHT_FILES`] too.
+/// [`WEIGHT_FILES`] too. A cross-encoder folder ([`role_of`]) needs no `modules.json`.
 pub const REQUIRED_FILES: &[&str] = &["modules.json", "config.json"];
+
+/// The metadata key of an embedding model that names the reranker registered beside it.
+pub const RERANKER_KEY: &str = "reranker";
+/// The metadata key that records the evaluation found the model worse than what it replaces.
+pub const REGRESSION_KEY: &str = "evaluation_regression";
 /// Weight files, of which a model folder must hold one.
 pub const WEIGHT_FILES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
 
@@ -63,12 +70,40 @@ pub(crate) fn model_path(root: &Path, name: &str) -> Result<PathBuf, RegistryErr
     }
 }
 
+/// What a model folder is for: a reranker when its `config.json` names a sequence-classification
+/// architecture (how transformers and sentence-transformers' `CrossEncoder` save one), else an
+/// embedding model.
+pub fn role_of(model_dir: &Path) -> ModelRole {
+    let architectures = fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|config| config.get("architectures").cloned());
+    let classifies = architectures
+        .as_ref()
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|names| {
+            names
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .any(|name| name.ends_with("ForSequenceClassification"))
+        });
+    if classifies {
+        ModelRole::Reranker
+    } else {
+        ModelRole::Embedding
+    }
+}
+
 fn check_model_folder(model_dir: &Path) -> Result<(), RegistryError> {
     let missing = |missing: &str| RegistryError::NotAModel {
         path: model_dir.to_path_buf(),
         missing: missing.to_owned(),
     };
-    if let Some(file) = REQUIRED_FILES.iter().find(|f| !model_dir.join(f).is_file()) {
+    let required: &[&str] = match role_of(model_dir) {
+        ModelRole::Embedding => REQUIRED_FILES,
+        ModelRole::Reranker => &["config.json"],
+    };
+    if let Some(file) = required.iter().find(|f| !model_dir.join(f).is_file()) {
         return Err(missing(file));
     }
     if !WEIGHT_FILES.iter().any(|f| model_dir.join(f).is_file()) {
@@ -228,6 +263,55 @@ pub fn export(root: &Path, name: &str, dest: &Path) -> Result<PathBuf, RegistryE
     Ok(dest.to_path_buf())
 }
 
+/// What `models use` changed in ragd's config.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UseOutcome {
+    /// Each setting written: the model's own, then the reranker registered beside it.
+    pub updates: Vec<ConfigUpdate>,
+    /// Why the reranker beside the model was not made ragd's, when there is one.
+    pub reranker_skipped: Option<String>,
+}
+
+/// Makes ragd use the registered model `name` in its role ([`role_of`]). An embedding model
+/// whose metadata names a reranker registered beside it ([`RERANKER_KEY`]) brings that reranker
+/// along, unless the evaluation found reranking worse than retrieval alone
+/// ([`REGRESSION_KEY`] in the reranker's metadata): a reranker never becomes the default then.
+pub fn use_registered(
+    root: &Path,
+    name: &str,
+    ragd_home: &Path,
+) -> Result<UseOutcome, RegistryError> {
+    let path = model_path(root, name)?;
+    let role = role_of(&path);
+    let mut updates = vec![use_model(root, name, role, ragd_home)?];
+    let mut reranker_skipped = None;
+    let details = read_details(name, &path);
+    if role == ModelRole::Embedding
+        && let Some(reranker) = details.metadata[RERANKER_KEY].as_str()
+    {
+        match model_path(root, reranker) {
+            Err(_) => {
+                reranker_skipped =
+                    Some(format!("its reranker `{reranker}` is no longer registered"));
+            }
+            Ok(reranker_path) => {
+                let reranker_details = read_details(reranker, &reranker_path);
+                if reranker_details.metadata[REGRESSION_KEY] == serde_json::Value::Bool(true) {
+                    reranker_skipped = Some(format!(
+                        "the evaluation found reranking with `{reranker}` worse than retrieval alone"
+                    ));
+                } else {
+                    updates.push(use_model(root, reranker, ModelRole::Reranker, ragd_home)?);
+                }
+            }
+        }
+    }
+    Ok(UseOutcome {
+        updates,
+        reranker_skipped,
+    })
+}
+
 fn json_kind(value: &serde_json::Value) -> &'static str {
     match value {
         serde_json::Value::Null => "null",
@@ -243,7 +327,6 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 mod tests {
     use super::*;
     use crate::registry::lock::LOCK_NAME;
-    use crate::registry::use_model;
 
     /// A tiny sentence-transformers folder whose weights are `size` bytes of `fill`.
     fn model_folder(parent: &Path, fill: u8, size: usize) -> PathBuf {
@@ -656,7 +739,7 @@ mod tests {
         std::os::unix::fs::symlink("../dotfiles/ragd.yaml", ragd_home.join("config.yaml"))
             .expect("link");
 
-        let update = use_model(&root, "m", &ragd_home).expect("edits");
+        let update = use_model(&root, "m", ModelRole::Embedding, &ragd_home).expect("edits");
         assert!(
             update.config_path.is_symlink(),
             "the link was replaced by a file"
@@ -685,7 +768,8 @@ mod tests {
         .expect("m");
         let ragd_home = dir.path().join("ragd");
 
-        let update = use_model(&root, "m", &ragd_home).expect("creates the config");
+        let update =
+            use_model(&root, "m", ModelRole::Embedding, &ragd_home).expect("creates the config");
         assert!(update.created);
         assert_eq!(update.model_path, root.join("m"));
         assert!(update.model_path.is_absolute());
@@ -703,7 +787,7 @@ mod tests {
         fs::write(&update.config_path, original).expect("write");
         fs::set_permissions(&update.config_path, std::fs::Permissions::from_mode(0o600))
             .expect("chmod");
-        let update = use_model(&root, "m", &ragd_home).expect("edits");
+        let update = use_model(&root, "m", ModelRole::Embedding, &ragd_home).expect("edits");
         assert!(!update.created);
         let config = fs::read_to_string(&update.config_path).expect("written");
         assert!(
@@ -724,7 +808,8 @@ mod tests {
         assert_eq!(tmp, vec!["config.yaml"]);
 
         fs::write(&update.config_path, "embedding: {model: x}\n").expect("write");
-        let error = use_model(&root, "m", &ragd_home).expect_err("flow style");
+        let error =
+            use_model(&root, "m", ModelRole::Embedding, &ragd_home).expect_err("flow style");
         assert!(
             matches!(error, RegistryError::ConfigFlowStyle { line: 1, .. }),
             "{error}"
@@ -734,8 +819,77 @@ mod tests {
             "embedding: {model: x}\n"
         );
         assert!(matches!(
-            use_model(&root, "missing", &ragd_home),
+            use_model(&root, "missing", ModelRole::Embedding, &ragd_home),
             Err(RegistryError::NotFound { .. })
         ));
+    }
+
+    /// A cross-encoder folder (no `modules.json`) registers as a reranker; `models use` on the
+    /// embedding model that names it writes both settings, and leaves the reranker out once its
+    /// evaluation found reranking worse.
+    #[test]
+    fn a_reranker_beside_a_model_is_used_unless_it_was_found_worse() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("models");
+        let reranker = dir.path().join("ce");
+        fs::create_dir_all(&reranker).expect("mkdir");
+        fs::write(
+            reranker.join("config.json"),
+            r#"{"architectures": ["BertForSequenceClassification"], "num_labels": 1}"#,
+        )
+        .expect("config");
+        fs::write(reranker.join("model.safetensors"), [0u8; 8]).expect("weights");
+        assert_eq!(role_of(&reranker), ModelRole::Reranker);
+        assert_eq!(
+            role_of(&model_folder(dir.path(), 1, 8)),
+            ModelRole::Embedding
+        );
+        let mut reranker_meta = metadata();
+        reranker_meta[REGRESSION_KEY] = false.into();
+        register(&root, "m-reranker", &reranker, &reranker_meta, false).expect("registers");
+        let mut model_meta = metadata();
+        model_meta[RERANKER_KEY] = "m-reranker".into();
+        register(
+            &root,
+            "m",
+            &model_folder(dir.path(), 1, 8),
+            &model_meta,
+            false,
+        )
+        .expect("m");
+
+        let home = dir.path().join("ragd");
+        let outcome = use_registered(&root, "m", &home).expect("uses");
+        assert_eq!(outcome.reranker_skipped, None);
+        let roles: Vec<ModelRole> = outcome.updates.iter().map(|u| u.role).collect();
+        assert_eq!(roles, [ModelRole::Embedding, ModelRole::Reranker]);
+        let config: serde_yaml::Value =
+            serde_yaml::from_str(&fs::read_to_string(home.join("config.yaml")).expect("config"))
+                .expect("yaml");
+        assert_eq!(config["retrieval"]["rerank"], serde_yaml::Value::Bool(true));
+        assert_eq!(
+            config["retrieval"]["rerank_model"].as_str(),
+            root.join("m-reranker").to_str()
+        );
+
+        // Found worse: the embedding model is still used, the reranker is not.
+        reranker_meta[REGRESSION_KEY] = true.into();
+        register(&root, "m-reranker", &reranker, &reranker_meta, true).expect("replaces");
+        let home = dir.path().join("ragd-2");
+        let outcome = use_registered(&root, "m", &home).expect("uses");
+        assert_eq!(outcome.updates.len(), 1);
+        assert!(
+            outcome
+                .reranker_skipped
+                .as_deref()
+                .is_some_and(|why| why.contains("worse")),
+            "{outcome:?}"
+        );
+        let config = fs::read_to_string(home.join("config.yaml")).expect("config");
+        assert!(!config.contains("rerank"), "{config}");
+
+        // Named directly, a reranker fills the reranker setting only.
+        let outcome = use_registered(&root, "m-reranker", &home).expect("uses");
+        assert_eq!(outcome.updates[0].role, ModelRole::Reranker);
     }
 }

@@ -1,20 +1,28 @@
 //! Pointing ragd at a registered model: a targeted, line-level edit of `<ragd_home>/config.yaml`
-//! that sets `embedding.model: custom` and `embedding.custom_model_path: <path>`.
+//! that sets `embedding.model: custom` and `embedding.custom_model_path: <path>` for an embedding
+//! model, and `retrieval.rerank: true` and `retrieval.rerank_model: <path>` for a reranker.
+//!
+//! ragd's names: `retrieval.rerank` is the switch in its `RetrievalConfig`
+//! (`src/ragd/config.py`); `retrieval.rerank_model` is the key its configuration schema (ADR-0013)
+//! gives the cross-encoder, a model name or folder that its `CrossEncoderReranker` hands to
+//! sentence-transformers' `CrossEncoder`.
 //!
 //! The file is the user's: it holds their comments, key order and quoting. Parsing it and
 //! serialising it again would drop every comment and reflow the rest, so the edit touches only the
-//! two lines concerned (or inserts them), and everything else is copied byte for byte, line
-//! endings included. Before the file is replaced, the result is parsed with `serde_yaml` and must
-//! hold the two new values and otherwise exactly the settings the original held.
+//! lines concerned (or inserts them), and everything else is copied byte for byte, line endings
+//! included. Before the file is replaced, the result is parsed with `serde_yaml` and must hold the
+//! new values and otherwise exactly the settings the original held.
+//!
+//! For either block (`embedding:` or `retrieval:`):
 //!
 //! | the file                                   | the edit                                      |
 //! |--------------------------------------------|-----------------------------------------------|
-//! | missing or empty                           | a minimal `embedding:` block                  |
-//! | no top-level `embedding:`                  | the block appended at the end                 |
-//! | `embedding:` with the keys                 | each value replaced in place; an inline `# comment` after it stays |
-//! | `embedding:` without one or both keys      | inserted after the block's last line, at its indentation |
-//! | `embedding: {…}` (flow style)              | refused: no comment-preserving edit exists    |
-//! | `embedding:` holding a scalar or list      | refused                                       |
+//! | missing or empty                           | a minimal block                               |
+//! | no top-level block                         | the block appended at the end                 |
+//! | the block with the keys                    | each value replaced in place; an inline `# comment` after it stays |
+//! | the block without one or both keys         | inserted after the block's last line, at its indentation |
+//! | `block: {…}` (flow style)                  | refused: no comment-preserving edit exists    |
+//! | the block holding a scalar or list         | refused                                       |
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -34,38 +42,56 @@ pub const CUSTOM_MODEL: &str = "custom";
 const EMBEDDING: &str = "embedding";
 const MODEL_KEY: &str = "model";
 const PATH_KEY: &str = "custom_model_path";
+const RETRIEVAL: &str = "retrieval";
+const RERANK_KEY: &str = "rerank";
+const RERANK_MODEL_KEY: &str = "rerank_model";
 
 /// ragd's config file in its home folder.
 pub const CONFIG_FILE: &str = "config.yaml";
+
+/// Which of ragd's settings a model fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelRole {
+    /// `embedding.model` and `embedding.custom_model_path`.
+    Embedding,
+    /// `retrieval.rerank` and `retrieval.rerank_model`.
+    Reranker,
+}
 
 /// What [`use_model`] changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigUpdate {
     /// The config file written.
     pub config_path: PathBuf,
-    /// The absolute model path now in `embedding.custom_model_path`.
+    /// The absolute model path now in the role's setting.
     pub model_path: PathBuf,
+    pub role: ModelRole,
     /// Whether the config file did not exist before.
     pub created: bool,
 }
 
-/// Makes ragd (home folder `ragd_home`) embed with the registered model `name` of the registry at
-/// `root`, by editing `<ragd_home>/config.yaml` in place (see the module doc). The file is
-/// replaced atomically and keeps its permissions: it may hold API keys.
-pub fn use_model(root: &Path, name: &str, ragd_home: &Path) -> Result<ConfigUpdate, RegistryError> {
+/// Makes ragd (home folder `ragd_home`) use the registered model `name` of the registry at
+/// `root` in `role`, by editing `<ragd_home>/config.yaml` in place (see the module doc). The file
+/// is replaced atomically and keeps its permissions: it may hold API keys.
+pub fn use_model(
+    root: &Path,
+    name: &str,
+    role: ModelRole,
+    ragd_home: &Path,
+) -> Result<ConfigUpdate, RegistryError> {
     let model_path = std::path::absolute(model_path(root, name)?)?;
     let path_text = model_path
         .to_str()
         .ok_or_else(|| RegistryError::NonUtf8Path {
             path: model_path.clone(),
         })?;
-    let (config_path, created) = edit_config(
-        ragd_home,
-        &[(MODEL_KEY, CUSTOM_MODEL), (PATH_KEY, path_text)],
-    )?;
+    let (block, settings) = role_settings(role, path_text);
+    let (config_path, created) = edit_config(ragd_home, block, &settings)?;
     Ok(ConfigUpdate {
         config_path,
         model_path,
+        role,
         created,
     })
 }
@@ -78,14 +104,39 @@ pub fn use_ollama_model(
     ollama_name: &str,
     ragd_home: &Path,
 ) -> Result<(PathBuf, bool), RegistryError> {
-    edit_config(ragd_home, &[(MODEL_KEY, ollama_name)])
+    edit_config(
+        ragd_home,
+        EMBEDDING,
+        &[(MODEL_KEY, Value::String(ollama_name.to_owned()))],
+    )
 }
 
-/// Sets `embedding.<key>: <value>` for each pair in `<ragd_home>/config.yaml`, atomically and
-/// keeping the file's permissions.
+/// The block and the settings that make ragd use the model at `model_path` in `role`.
+fn role_settings(role: ModelRole, model_path: &str) -> (&'static str, [(&'static str, Value); 2]) {
+    match role {
+        ModelRole::Embedding => (
+            EMBEDDING,
+            [
+                (MODEL_KEY, Value::String(CUSTOM_MODEL.to_owned())),
+                (PATH_KEY, Value::String(model_path.to_owned())),
+            ],
+        ),
+        ModelRole::Reranker => (
+            RETRIEVAL,
+            [
+                (RERANK_KEY, Value::Bool(true)),
+                (RERANK_MODEL_KEY, Value::String(model_path.to_owned())),
+            ],
+        ),
+    }
+}
+
+/// Sets `<block>.<key>: <value>` for each pair of `settings` in `<ragd_home>/config.yaml`,
+/// atomically and keeping the file's permissions.
 fn edit_config(
     ragd_home: &Path,
-    values: &[(&str, &str)],
+    block: &str,
+    settings: &[(&str, Value)],
 ) -> Result<(PathBuf, bool), RegistryError> {
     let config_path = ragd_home.join(CONFIG_FILE);
     let (original, permissions) = match fs::read_to_string(&config_path) {
@@ -94,7 +145,7 @@ fn edit_config(
         Err(e) => return Err(e.into()),
     };
     let edited =
-        set_embedding(original.as_deref().unwrap_or_default(), values).map_err(|problem| {
+        set_block(original.as_deref().unwrap_or_default(), block, settings).map_err(|problem| {
             let path = config_path.clone();
             match problem {
                 EditProblem::InvalidYaml(message) => {
@@ -315,11 +366,19 @@ fn yaml_scalar(value: &str) -> String {
 /// Sets `embedding.model` and `embedding.custom_model_path` in the YAML `text`.
 #[cfg(test)]
 pub(crate) fn set_custom_model(text: &str, model_path: &str) -> Result<String, EditProblem> {
-    set_embedding(text, &[(MODEL_KEY, CUSTOM_MODEL), (PATH_KEY, model_path)])
+    let (block, settings) = role_settings(ModelRole::Embedding, model_path);
+    set_block(text, block, &settings)
 }
 
-/// Sets each `embedding.<key>` of `values` in the config text (see the module doc).
-fn set_embedding(text: &str, values: &[(&str, &str)]) -> Result<String, EditProblem> {
+/// Sets `retrieval.rerank: true` and `retrieval.rerank_model` in the YAML `text`.
+#[cfg(test)]
+pub(crate) fn set_reranker(text: &str, model_path: &str) -> Result<String, EditProblem> {
+    let (block, settings) = role_settings(ModelRole::Reranker, model_path);
+    set_block(text, block, &settings)
+}
+
+/// Sets each `(key, value)` (strings and booleans) in the top-level block `block` of `text`.
+fn set_block(text: &str, block: &str, settings: &[(&str, Value)]) -> Result<String, EditProblem> {
     let (bom, body) = match text.strip_prefix('\u{FEFF}') {
         Some(body) => ("\u{FEFF}", body),
         None => ("", text),
@@ -335,19 +394,26 @@ fn set_embedding(text: &str, values: &[(&str, &str)]) -> Result<String, EditProb
         .map(|l| l.ending)
         .find(|e| !e.is_empty())
         .unwrap_or("\n");
-    let scalars: Vec<(&str, String)> = values
+    let values: Vec<(&str, String)> = settings
         .iter()
-        .map(|(key, value)| (*key, yaml_scalar(value)))
+        .map(|(key, value)| {
+            let text = match value {
+                Value::Bool(b) => b.to_string(),
+                Value::String(s) => yaml_scalar(s),
+                other => unreachable!("only strings and booleans are set, not {other:?}"),
+            };
+            (*key, text)
+        })
         .collect();
-    let embedding_line = lines.iter().position(|l| {
-        indentation(l.text) == 0 && key_of(l.text).is_some_and(|(k, _)| k == EMBEDDING)
-    });
+    let block_line = lines
+        .iter()
+        .position(|l| indentation(l.text) == 0 && key_of(l.text).is_some_and(|(k, _)| k == block));
 
-    let edited = match embedding_line {
-        None => append_block(body, &lines, newline, &scalars),
-        Some(at) => edit_block(&lines, at, newline, &scalars)?,
+    let edited = match block_line {
+        None => append_block(body, &lines, newline, block, &values),
+        Some(at) => edit_block(&lines, at, newline, &values)?,
     };
-    verify(&original, &edited, values)?;
+    verify(&original, &edited, block, settings)?;
     Ok(format!("{bom}{edited}"))
 }
 
@@ -355,6 +421,7 @@ fn append_block(
     body: &str,
     lines: &[Line<'_>],
     newline: &str,
+    block: &str,
     values: &[(&str, String)],
 ) -> String {
     let mut out = body.to_owned();
@@ -364,7 +431,7 @@ fn append_block(
     if lines.last().is_some_and(|l| !is_blank(l.text)) {
         out.push_str(newline);
     }
-    out.push_str(EMBEDDING);
+    out.push_str(block);
     out.push(':');
     out.push_str(newline);
     for (key, value) in values {
@@ -380,7 +447,7 @@ fn edit_block(
     values: &[(&str, String)],
 ) -> Result<String, EditProblem> {
     let header = lines[at].text;
-    let (_, after_colon) = key_of(header).expect("the embedding line was found by its key");
+    let (_, after_colon) = key_of(header).expect("the block's line was found by its key");
     let rest = &header[after_colon..];
     let span = value_span(rest);
     let value = &rest[span.start..span.end];
@@ -490,44 +557,48 @@ fn replace_value(
     (line, continuation)
 }
 
-/// The edit must have set the two values and changed nothing else that YAML sees.
-fn verify(original: &Value, edited: &str, values: &[(&str, &str)]) -> Result<(), EditProblem> {
+/// The edit must have set the values and changed nothing else that YAML sees.
+fn verify(
+    original: &Value,
+    edited: &str,
+    block: &str,
+    settings: &[(&str, Value)],
+) -> Result<(), EditProblem> {
     let unsafe_edit = |message: String| EditProblem::Unsafe(message);
     let parsed: Value = serde_yaml::from_str(edited)
         .map_err(|e| unsafe_edit(format!("the result does not parse: {e}")))?;
-    let embedding = &parsed[EMBEDDING];
-    if values
-        .iter()
-        .any(|(key, value)| embedding[*key].as_str() != Some(value))
-    {
+    let section = &parsed[block];
+    if settings.iter().any(|(key, value)| &section[*key] != value) {
         return Err(unsafe_edit(format!(
-            "the result reads `{EMBEDDING}` as {}",
-            serde_json::to_string(embedding).unwrap_or_default()
+            "the result reads `{block}` as {}",
+            serde_json::to_string(section).unwrap_or_default()
         )));
     }
-    if without_our_keys(original) != without_our_keys(&parsed) {
+    let keys: Vec<&str> = settings.iter().map(|(key, _)| *key).collect();
+    if without_keys(original, block, &keys) != without_keys(&parsed, block, &keys) {
         return Err(unsafe_edit("other settings would change".to_owned()));
     }
     Ok(())
 }
 
-fn without_our_keys(value: &Value) -> Value {
+fn without_keys(value: &Value, block: &str, keys: &[&str]) -> Value {
     let mut value = match value {
         Value::Null => Value::Mapping(serde_yaml::Mapping::new()),
         other => other.clone(),
     };
     if let Value::Mapping(top) = &mut value {
-        let now_empty = match top.get_mut(EMBEDDING) {
-            Some(Value::Mapping(embedding)) => {
-                embedding.remove(MODEL_KEY);
-                embedding.remove(PATH_KEY);
-                embedding.is_empty()
+        let now_empty = match top.get_mut(block) {
+            Some(Value::Mapping(section)) => {
+                for key in keys {
+                    section.remove(*key);
+                }
+                section.is_empty()
             }
             Some(Value::Null) => true,
             _ => false,
         };
         if now_empty {
-            top.remove(EMBEDDING);
+            top.remove(block);
         }
     }
     value
@@ -547,13 +618,23 @@ mod tests {
     fn an_ollama_model_name_replaces_only_embedding_model() {
         let original =
             "# ragd\nembedding:\n  model: custom  # was\n  custom_model_path: /m\nk: v\n";
-        let edited = set_embedding(original, &[(MODEL_KEY, "my-docs:latest")]).expect("edits");
+        let edited = set_block(
+            original,
+            EMBEDDING,
+            &[(MODEL_KEY, Value::String("my-docs:latest".to_owned()))],
+        )
+        .expect("edits");
         assert_eq!(
             edited,
             "# ragd\nembedding:\n  model: \"my-docs:latest\"  # was\n  custom_model_path: /m\nk: v\n"
         );
         assert_eq!(
-            set_embedding("", &[(MODEL_KEY, "my-docs")]).expect("edits"),
+            set_block(
+                "",
+                EMBEDDING,
+                &[(MODEL_KEY, Value::String("my-docs".to_owned()))]
+            )
+            .expect("edits"),
             "embedding:\n  model: my-docs\n"
         );
     }
@@ -703,6 +784,30 @@ mod tests {
             set_custom_model("a: [unclosed\n", PATH),
             Err(EditProblem::InvalidYaml(_))
         ));
+    }
+
+    /// The reranker's two settings go into `retrieval:` by the same rules, keeping ragd's other
+    /// retrieval settings and the embedding block as they were.
+    #[test]
+    fn the_reranker_setting_is_edited_in_the_retrieval_block() {
+        let text = "embedding:\n  model: custom  # ours\nretrieval:\n  default_limit: 10\n  rerank: false  # off for now\n  min_score: 0.55\n";
+        assert_eq!(
+            set_reranker(text, PATH).expect("edits"),
+            "embedding:\n  model: custom  # ours\nretrieval:\n  default_limit: 10\n  rerank: true  # off for now\n  \
+             min_score: 0.55\n  rerank_model: /home/ana/.ragd/models/legal-v2\n"
+        );
+        assert_eq!(
+            set_reranker("", PATH).expect("edits"),
+            "retrieval:\n  rerank: true\n  rerank_model: /home/ana/.ragd/models/legal-v2\n"
+        );
+        // A string `"true"` would not be the boolean ragd reads.
+        let edited = set_reranker("retrieval:\n  rerank: 'no'\n", PATH).expect("edits");
+        let parsed: Value = serde_yaml::from_str(&edited).expect("valid");
+        assert_eq!(parsed["retrieval"]["rerank"], Value::Bool(true));
+        assert_eq!(
+            set_reranker("retrieval: {rerank: false}\n", PATH),
+            Err(EditProblem::FlowStyle { line: 1 })
+        );
     }
 
     #[test]

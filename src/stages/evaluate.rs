@@ -5,25 +5,35 @@
 //! (bootstrap intervals, permutation and sign tests in `crate::eval`). The report is written as
 //! `report.json`, `report.md` and `report.html`; a fine-tuned model worse than its base beyond
 //! noise raises the report's regression flag, which register reads.
+//!
+//! With a reranker in the recipe (a `train_reranker:` section), each full-size dense system is
+//! scored a second time as `retrieve+rerank`: its top `rerank_top_k` results reordered by the
+//! cross-encoder, the rest left in place, compared pairwise with retrieval alone. A reranked
+//! system worse beyond noise raises the report's `reranker_regression` flag, and register then
+//! never makes the reranker ragd's default.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
 use super::train::{MODEL_DIR, TRAIN_LOG_FILE};
+use super::train_reranker::RERANKER_DIR;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
 };
 use crate::corpus::Chunk;
+use crate::eval::report::RerankerRun;
 use crate::eval::{
     self, BeirDataset, Dataset, HEADLINE_METRICS, Metric, PairedTestConfig, Report, RunScores,
     SystemKind, SystemSpec, TrainingCurve,
 };
 use crate::index::{Bm25Index, DenseIndex, Hit, truncate_and_normalize};
+use crate::model::cross_encoder::CrossEncoder;
 use crate::model::encoder::SentenceEncoder;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
@@ -67,6 +77,9 @@ pub struct EvaluateParams {
     /// Score BM25 too: the floor a dense model should clear.
     #[serde(default = "yes")]
     pub bm25: bool,
+    /// With a reranker in the recipe: how many of each dense system's top results it reorders.
+    #[serde(default = "default_rerank_top_k")]
+    pub rerank_top_k: usize,
     /// Texts per batch when encoding.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -90,6 +103,9 @@ fn yes() -> bool {
 }
 fn default_batch() -> usize {
     64
+}
+fn default_rerank_top_k() -> usize {
+    20
 }
 fn default_resamples() -> usize {
     10_000
@@ -158,6 +174,12 @@ impl StageDef for Evaluate {
         if params.resamples == 0 {
             invalid.push(Invalid::new(&["resamples"], "must be at least 1"));
         }
+        if params.rerank_top_k < 2 {
+            invalid.push(Invalid::new(
+                &["rerank_top_k"],
+                "must be at least 2: reranking one result changes nothing",
+            ));
+        }
         if !(params.confidence > 0.5 && params.confidence < 1.0) {
             invalid.push(Invalid::new(
                 &["confidence"],
@@ -195,13 +217,18 @@ impl Stage for Evaluate {
     }
 
     fn inputs(&self) -> Vec<Input> {
-        [Artifact::Chunks, Artifact::TrainingData, Artifact::Model]
-            .map(|artifact| Input {
-                artifact,
-                required: false,
-                instead: None,
-            })
-            .to_vec()
+        [
+            Artifact::Chunks,
+            Artifact::TrainingData,
+            Artifact::Model,
+            Artifact::Reranker,
+        ]
+        .map(|artifact| Input {
+            artifact,
+            required: false,
+            instead: None,
+        })
+        .to_vec()
     }
 
     fn params(&self) -> serde_json::Value {
@@ -281,6 +308,16 @@ impl Stage for Evaluate {
         } else {
             ctx.info("no fine-tuned model in this recipe: scoring the base model only");
         }
+        let reranker = match ctx.input(Artifact::Reranker) {
+            Ok(artifact) => {
+                let dir = artifact.join(RERANKER_DIR);
+                Some((
+                    dir.display().to_string(),
+                    io::load_cross_encoder_dir(&ctx.env, &dir)?,
+                ))
+            }
+            Err(_) => None,
+        };
 
         let settings = PairedTestConfig {
             resamples: self.params.resamples,
@@ -302,11 +339,14 @@ impl Stage for Evaluate {
                     kind: SystemKind::Bm25,
                     model: None,
                     dimension: None,
+                    reranker: None,
                 };
                 dataset
                     .add_system(spec, scores, &settings)
                     .map_err(eval_error)?;
             }
+            let mut reranked = Vec::new();
+            let mut scored_pairs = HashMap::new();
             for (kind, reference, encoder, digest) in &models {
                 let dims = self.dimensions(encoder.dim(), &trained_dims);
                 let model = (encoder, digest.as_str());
@@ -319,20 +359,56 @@ impl Stage for Evaluate {
                         format!("{}@{dim}", kind.name())
                     };
                     let spec = SystemSpec {
-                        label,
+                        label: label.clone(),
                         kind: *kind,
                         model: Some(reference.clone()),
                         dimension: Some(dim),
+                        reranker: None,
                     };
                     let scores = set.score(&ranked, &metrics);
                     dataset
                         .add_system(spec, scores, &settings)
                         .map_err(eval_error)?;
+                    if let Some((name, cross_encoder)) = &reranker
+                        && dim == encoder.dim()
+                    {
+                        let top_k = self.params.rerank_top_k;
+                        let reader = (cross_encoder, &mut scored_pairs);
+                        let (ranked, seconds_per_query) =
+                            set.rerank(ctx, reader, &ranked, top_k, self.params.batch_size)?;
+                        let spec = SystemSpec {
+                            label: format!("{label}+rerank"),
+                            kind: SystemKind::Reranked,
+                            model: Some(reference.clone()),
+                            dimension: Some(dim),
+                            reranker: Some(RerankerRun {
+                                model: name.clone(),
+                                top_k,
+                                seconds_per_query,
+                            }),
+                        };
+                        reranked.push((label, spec.label.clone(), seconds_per_query));
+                        let scores = set.score(&ranked, &metrics);
+                        dataset
+                            .add_system(spec, scores, &settings)
+                            .map_err(eval_error)?;
+                    }
                 }
             }
             dataset
                 .compare_fine_tuned_with_base(&HEADLINE_METRICS, &settings)
                 .map_err(eval_error)?;
+            for (retriever, label, seconds) in reranked {
+                dataset
+                    .compare(&retriever, &label, &HEADLINE_METRICS, &settings)
+                    .map_err(eval_error)?;
+                ctx.info(format!(
+                    "{}: reranking the top {} of `{retriever}` took {:.0} ms per query",
+                    set.name,
+                    self.params.rerank_top_k,
+                    seconds * 1e3
+                ));
+            }
             datasets.push(dataset);
         }
 
@@ -352,6 +428,12 @@ impl Stage for Evaluate {
             {
                 ctx.info(format!("{}: {}", dataset.name, comparison.sentence));
             }
+        }
+        if report.reranker_regression {
+            ctx.warn(format!(
+                "RERANKING MAKES RETRIEVAL WORSE beyond noise:\n  {}\nregister will not make the reranker ragd's default unless `register.allow_worse: true`",
+                report.reranker_regressions.join("\n  ")
+            ));
         }
         if report.regression {
             ctx.warn(format!(
@@ -534,6 +616,73 @@ impl EvalSet {
         Ok(self.ids(hits))
     }
 
+    /// `ranked` with each query's top `top_k` reordered by the cross-encoder's scores (stable
+    /// on ties), the rest in place; and the seconds scoring took per query. Scores are kept in
+    /// `scored` by (query, document), so a second system's lists reuse the pairs they share
+    /// with the first; the time per query is the time per pair scored times `top_k`.
+    fn rerank(
+        &self,
+        ctx: &StageContext,
+        (reranker, scored): (&CrossEncoder, &mut PairScores),
+        ranked: &Rankings,
+        top_k: usize,
+        batch_size: usize,
+    ) -> Result<(Rankings, f64), StageError> {
+        let position: HashMap<&str, usize> = self
+            .documents
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (id.as_str(), i))
+            .collect();
+        let heads: Vec<Vec<usize>> = ranked
+            .iter()
+            .map(|ids| {
+                ids.iter()
+                    .take(top_k)
+                    .filter_map(|id| position.get(id.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        let mut missing: Vec<(usize, usize)> = heads
+            .iter()
+            .enumerate()
+            .flat_map(|(q, docs)| docs.iter().map(move |&d| (q, d)))
+            .filter(|pair| !scored.contains_key(pair))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let pairs: Vec<(&str, &str)> = missing
+            .iter()
+            .map(|&(q, d)| (self.queries[q].1.as_str(), self.documents[d].1.as_str()))
+            .collect();
+        let bar = ctx.progress(
+            &format!("{}: reranking", self.name),
+            Some(pairs.len() as u64),
+        );
+        let started = Instant::now();
+        let scores = reranker
+            .score(&pairs, batch_size, &mut |n| bar.set(n as u64))
+            .map_err(io::model_error)?;
+        let seconds_per_pair = started.elapsed().as_secs_f64() / pairs.len().max(1) as f64;
+        drop(bar);
+        scored.extend(missing.into_iter().zip(scores));
+        let reranked = heads
+            .iter()
+            .zip(ranked)
+            .enumerate()
+            .map(|(q, (docs, ids))| {
+                let mut order: Vec<usize> = docs.clone();
+                order.sort_by(|a, b| scored[&(q, *b)].total_cmp(&scored[&(q, *a)]));
+                order
+                    .iter()
+                    .map(|&d| self.documents[d].0.clone())
+                    .chain(ids.iter().skip(docs.len()).cloned())
+                    .collect()
+            })
+            .collect();
+        Ok((reranked, seconds_per_pair * top_k as f64))
+    }
+
     /// Rankings at each of `dims` (truncated and renormalised embeddings), from one encoding.
     fn rank_dense(
         &self,
@@ -566,6 +715,9 @@ impl EvalSet {
         Ok(rankings)
     }
 }
+
+/// Reranked candidate lists: a query and a document id, by their positions.
+type PairScores = HashMap<(usize, usize), f32>;
 
 /// The headline metrics of every system, one row per dataset and system.
 fn metrics_table(report: &Report) -> Table {

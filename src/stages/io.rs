@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{StageContext, StageEnv, StageError};
 use crate::cache::embeddings::EmbeddingCache;
 use crate::corpus::Chunk;
+use crate::model::cross_encoder::{CrossEncoder, LoadOptions};
 use crate::model::encoder::{Embeddings, SentenceEncoder};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
@@ -185,6 +186,12 @@ fn cache_error(error: crate::cache::error::CacheError) -> StageError {
 pub fn load_encoder_dir(env: &StageEnv, dir: &Path) -> Result<SentenceEncoder, StageError> {
     let device = crate::model::device::select(env.recipe.accelerator).map_err(model_error)?;
     SentenceEncoder::load(dir, &device.device).map_err(model_error)
+}
+
+/// Loads a cross-encoder folder on the recipe's accelerator, with the limits it was saved with.
+pub fn load_cross_encoder_dir(env: &StageEnv, dir: &Path) -> Result<CrossEncoder, StageError> {
+    let device = crate::model::device::select(env.recipe.accelerator).map_err(model_error)?;
+    CrossEncoder::load(dir, &device.device, LoadOptions::default()).map_err(model_error)
 }
 
 /// A model error with its causes, as a stage failure.

@@ -16,6 +16,7 @@ pub mod mine;
 pub mod query_gen;
 pub mod register;
 pub mod train;
+pub mod train_reranker;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,8 @@ pub enum Artifact {
     TrainingData,
     /// `model/`: a sentence-transformers model folder.
     Model,
+    /// `reranker/`: a cross-encoder folder (sentence-transformers' `CrossEncoder`).
+    Reranker,
     /// `report.json` and friends: base against fine-tuned.
     Evaluation,
     /// `registered.json`: where the model was registered.
@@ -57,6 +60,7 @@ impl Artifact {
             Self::Queries => "queries",
             Self::TrainingData => "training data",
             Self::Model => "model",
+            Self::Reranker => "reranker",
             Self::Evaluation => "evaluation",
             Self::Registration => "registration",
         }
@@ -253,6 +257,7 @@ pub static REGISTRY: &[StageSpec] = &[
     spec::<judge::Judge>(),
     spec::<mine::Mine>(),
     spec::<train::Train>(),
+    spec::<train_reranker::TrainReranker>(),
     spec::<evaluate::Evaluate>(),
     spec::<register::Register>(),
 ];

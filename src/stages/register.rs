@@ -1,11 +1,13 @@
 //! The register stage: copies the fine-tuned model into the model registry (where ragd,
 //! sentence-transformers and `ragd-pipe models` find it) with its provenance, and optionally makes
-//! it ragd's embedding model.
+//! it ragd's embedding model. A reranker the recipe trained is registered beside it as
+//! `<name>-reranker`, named in the model's metadata, and made ragd's reranker with it.
 //!
-//! Its work lies outside the store, so its artifact (`registered.json`) records where the model
-//! went, and [`Stage::effect_missing`] reruns the stage when that folder is gone. The regression
-//! guard lives here: a model the evaluation found worse than its base is registered, but never
-//! made the default unless `allow_worse` says so.
+//! Its work lies outside the store, so its artifact (`registered.json`) records where the models
+//! went, and [`Stage::effect_missing`] reruns the stage when a folder or GGUF file is gone. The
+//! regression guard lives here: a model the evaluation found worse than its base, or a reranker
+//! that made retrieval worse, is registered, but never made the default unless `allow_worse` says
+//! so.
 //!
 //! The registered folder also holds the model as GGUF files (`<name>-f16.gguf`, … for
 //! llama.cpp and Ollama; `register.gguf`). With `register.ollama`, the model is created in an
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::evaluate::REPORT_FILE;
 use super::io;
 use super::train::MODEL_DIR;
+use super::train_reranker::RERANKER_DIR;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome,
@@ -27,7 +30,7 @@ use super::{
 use crate::eval::Report;
 use crate::model::gguf::{self, GgufType};
 use crate::model::ollama::{OllamaServer, ServedCheck};
-use crate::registry::{self, METADATA_FILE, RegistryError};
+use crate::registry::{self, METADATA_FILE, ModelRole, RegistryError};
 
 /// What register leaves in the store.
 const REGISTERED_FILE: &str = "registered.json";
@@ -47,10 +50,12 @@ pub struct RegisterParams {
     #[serde(default)]
     pub force: bool,
     /// Make ragd embed with this model: sets `embedding.model: custom` and
-    /// `embedding.custom_model_path` in ragd's `config.yaml`, keeping everything else.
+    /// `embedding.custom_model_path` in ragd's `config.yaml`, keeping everything else; and, when
+    /// the recipe trains a reranker, `retrieval.rerank: true` and `retrieval.rerank_model`.
     #[serde(default)]
     pub make_default: bool,
-    /// Make it the default even when the evaluation found it worse than the base model.
+    /// Make them the default even when the evaluation found the model worse than the base model,
+    /// or reranking worse than retrieval alone.
     #[serde(default)]
     pub allow_worse: bool,
     /// GGUF files to write beside the model, for llama.cpp and Ollama: `<name>-<type>.gguf` for
@@ -98,6 +103,14 @@ struct Registered {
     gguf: Vec<PathBuf>,
     #[serde(default)]
     ollama: Option<ServedCheck>,
+    /// The reranker registered beside the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reranker: Option<Box<Registered>>,
+}
+
+/// The registry name of the reranker registered beside the model `name`.
+fn reranker_name(name: &str) -> String {
+    format!("{name}-reranker")
 }
 
 pub struct Register {
@@ -117,7 +130,10 @@ impl StageDef for Register {
 
     fn new(params: RegisterParams, env: &RecipeEnv) -> Result<Self, Vec<Invalid>> {
         let name = params.name.clone().unwrap_or_else(|| env.name.clone());
-        if let Err(error) = registry::validate_name(&name) {
+        let reranker = reranker_name(&name);
+        if let Err(error) =
+            registry::validate_name(&name).and_then(|_| registry::validate_name(&reranker))
+        {
             let invalid = if params.name.is_some() {
                 Invalid::new(&["name"], error.to_string())
             } else {
@@ -160,6 +176,11 @@ impl Stage for Register {
                 required: false,
                 instead: None,
             },
+            Input {
+                artifact: Artifact::Reranker,
+                required: false,
+                instead: None,
+            },
         ]
     }
 
@@ -185,62 +206,64 @@ impl Stage for Register {
         };
         let recipe_path = std::path::absolute(&ctx.recipe_path)?;
         let force = self.params.force || self.registered_by(&root, &recipe_path);
-        let metadata = self.metadata(ctx, &model_dir, &recipe_path, report.as_ref())?;
+        let reranker = match ctx.input(Artifact::Reranker) {
+            Ok(artifact) => {
+                let dir = artifact.join(RERANKER_DIR);
+                let name = reranker_name(&self.name);
+                let mut metadata = self.metadata(ctx, &dir, &recipe_path, report.as_ref())?;
+                metadata[registry::REGRESSION_KEY] =
+                    report.as_ref().map(|r| r.reranker_regression).into();
+                let entry = self.register_folder(&root, &name, &dir, &[], &metadata, force)?;
+                ctx.info(format!(
+                    "registered the reranker `{name}` in `{}`",
+                    entry.path.display()
+                ));
+                Some(Registered {
+                    name,
+                    path: std::path::absolute(&entry.path)?,
+                    made_default: false,
+                    gguf: Vec::new(),
+                    ollama: None,
+                    reranker: None,
+                })
+            }
+            Err(_) => None,
+        };
+        let mut metadata = self.metadata(ctx, &model_dir, &recipe_path, report.as_ref())?;
+        if let Some(reranker) = &reranker {
+            metadata[registry::RERANKER_KEY] = reranker.name.clone().into();
+        }
         let staging = ctx.out_dir.join(".gguf");
         let ggufs = self.write_ggufs(ctx, &model_dir, &staging)?;
         let registered =
-            registry::register_with(&root, &self.name, &model_dir, &ggufs, &metadata, force);
+            self.register_folder(&root, &self.name, &model_dir, &ggufs, &metadata, force);
         if staging.exists() {
             fs_err::remove_dir_all(&staging)?;
         }
-        let entry = registered.map_err(
-            |error| match error {
-                RegistryError::Exists { .. } => StageError::Failed(format!(
-                    "{error}; another recipe registered it: set `register.force: true` to replace it, or choose another `register.name`"
-                )),
-                other => registry_error(other),
-            },
-        )?;
+        let entry = registered?;
         ctx.info(format!(
             "registered `{}` in `{}`",
             self.name,
             entry.path.display()
         ));
 
-        let mut made_default = false;
-        if self.params.make_default {
-            let worse = report.as_ref().is_some_and(|r| r.regression);
-            if worse && !self.params.allow_worse {
-                ctx.warn(format!(
-                    "NOT making `{}` ragd's default: the evaluation found it worse than the base model. Set `register.allow_worse: true` to do it anyway.",
-                    self.name
-                ));
-            } else {
-                let home = registry::default_ragd_home().map_err(registry_error)?;
-                let update =
-                    registry::use_model(&root, &self.name, &home).map_err(registry_error)?;
-                made_default = true;
-                ctx.info(format!(
-                    "ragd now embeds with `{}` (`{}`)",
-                    self.name,
-                    update.config_path.display()
-                ));
-            }
-        }
-        let ollama = match &self.params.ollama {
-            Some(params) => Some(self.serve(ctx, params, &entry.path)?),
-            None => None,
-        };
-        let registered = Registered {
+        let mut registered = Registered {
             name: self.name.clone(),
             path: std::path::absolute(&entry.path)?,
-            made_default,
+            made_default: false,
             gguf: ggufs
                 .iter()
                 .filter_map(|g| g.file_name().map(|n| entry.path.join(n)))
                 .collect(),
-            ollama,
+            ollama: None,
+            reranker: reranker.map(Box::new),
         };
+        if self.params.make_default {
+            self.make_default(ctx, &root, &mut registered, report.as_ref())?;
+        }
+        if let Some(params) = &self.params.ollama {
+            registered.ollama = Some(self.serve(ctx, params, &entry.path)?);
+        }
         io::write_json(&ctx.out_dir.join(REGISTERED_FILE), &registered)?;
         Ok(StageOutcome {
             summary: serde_json::to_value(&registered)?,
@@ -250,22 +273,90 @@ impl Stage for Register {
     fn effect_missing(&self, artifact: &Path) -> Option<String> {
         let text = fs_err::read_to_string(artifact.join(REGISTERED_FILE)).ok()?;
         let registered: Registered = serde_json::from_str(&text).ok()?;
-        if !registered.path.join(METADATA_FILE).is_file() {
-            return Some(format!(
-                "the registered model `{}` is no longer in `{}`",
-                registered.name,
-                registered.path.display()
-            ));
-        }
-        registered
-            .gguf
-            .iter()
-            .find(|file| !file.is_file())
-            .map(|file| format!("the GGUF file `{}` is gone", file.display()))
+        std::iter::once(&registered)
+            .chain(registered.reranker.as_deref())
+            .find(|r| !r.path.join(METADATA_FILE).is_file())
+            .map(|missing| {
+                format!(
+                    "the registered model `{}` is no longer in `{}`",
+                    missing.name,
+                    missing.path.display()
+                )
+            })
+            .or_else(|| {
+                registered
+                    .gguf
+                    .iter()
+                    .find(|file| !file.is_file())
+                    .map(|file| format!("the GGUF file `{}` is gone", file.display()))
+            })
     }
 }
 
 impl Register {
+    fn register_folder(
+        &self,
+        root: &Path,
+        name: &str,
+        dir: &Path,
+        extra: &[PathBuf],
+        metadata: &serde_json::Value,
+        force: bool,
+    ) -> Result<registry::ModelEntry, StageError> {
+        registry::register_with(root, name, dir, extra, metadata, force).map_err(|error| match error {
+            RegistryError::Exists { .. } => StageError::Failed(format!(
+                "{error}; another recipe registered it: set `register.force: true` to replace it, or choose another `register.name`"
+            )),
+            other => registry_error(other),
+        })
+    }
+
+    /// Points ragd at the model and its reranker, each unless the evaluation found it worse
+    /// (and `allow_worse` is off).
+    fn make_default(
+        &self,
+        ctx: &StageContext,
+        root: &Path,
+        registered: &mut Registered,
+        report: Option<&Report>,
+    ) -> Result<(), StageError> {
+        let home = registry::default_ragd_home().map_err(registry_error)?;
+        let allow = self.params.allow_worse;
+        if report.is_some_and(|r| r.regression) && !allow {
+            ctx.warn(format!(
+                "NOT making `{}` ragd's default: the evaluation found it worse than the base model. Set `register.allow_worse: true` to do it anyway.",
+                self.name
+            ));
+        } else {
+            let update = registry::use_model(root, &self.name, ModelRole::Embedding, &home)
+                .map_err(registry_error)?;
+            registered.made_default = true;
+            ctx.info(format!(
+                "ragd now embeds with `{}` (`{}`)",
+                self.name,
+                update.config_path.display()
+            ));
+        }
+        if let Some(reranker) = registered.reranker.as_deref_mut() {
+            if report.is_some_and(|r| r.reranker_regression) && !allow {
+                ctx.warn(format!(
+                    "NOT making `{}` ragd's reranker: the evaluation found reranking worse than retrieval alone. Set `register.allow_worse: true` to do it anyway.",
+                    reranker.name
+                ));
+            } else {
+                let update = registry::use_model(root, &reranker.name, ModelRole::Reranker, &home)
+                    .map_err(registry_error)?;
+                reranker.made_default = true;
+                ctx.info(format!(
+                    "ragd now reranks with `{}` (`{}`)",
+                    reranker.name,
+                    update.config_path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn root(&self) -> Result<PathBuf, StageError> {
         match &self.registry {
             Some(dir) => Ok(dir.clone()),

@@ -540,7 +540,7 @@ fn truncate(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
     ids
 }
 
-fn split_file(path: &Path) -> (PathBuf, PathBuf) {
+pub(super) fn split_file(path: &Path) -> (PathBuf, PathBuf) {
     let root = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let file = path
         .file_name()
@@ -549,7 +549,7 @@ fn split_file(path: &Path) -> (PathBuf, PathBuf) {
     (root, file)
 }
 
-fn train_error(error: TrainError) -> StageError {
+pub(super) fn train_error(error: TrainError) -> StageError {
     StageError::Failed(super::error::error_chain(&error))
 }
 

@@ -106,6 +106,7 @@ mod tests {
                     kind: system.kind,
                     model: system.model,
                     dimension: system.dimension,
+                    reranker: None,
                 };
                 (system.label, (spec, system.per_query))
             })
@@ -136,6 +137,64 @@ mod tests {
             vec![dataset],
             Some(training),
         )
+    }
+
+    /// A reranked system worse than its retriever raises the reranker's flag, not the embedding
+    /// model's: the fixture's `fine-tuned@64` values (worse than `base@64` beyond noise) stand
+    /// for `base@64` reranked.
+    #[test]
+    fn a_worse_reranker_raises_its_own_flag_only() {
+        let report = fixture_report();
+        let systems = &report.datasets[0].systems;
+        let find = |label: &str| {
+            systems
+                .iter()
+                .find(|s| s.label == label)
+                .expect("in the fixture")
+                .clone()
+        };
+        let query_ids: Vec<String> = (1..=6).map(|i| format!("q{i}")).collect();
+        let settings = PairedTestConfig::default();
+        let mut dataset = Dataset::new("rerank", 40, query_ids.clone());
+        let retriever = find("base@64");
+        let reranked = find("fine-tuned@64");
+        for (system, kind, label) in [
+            (&retriever, SystemKind::Base, "base"),
+            (&reranked, SystemKind::Reranked, "base+rerank"),
+        ] {
+            let spec = SystemSpec {
+                label: label.to_owned(),
+                kind,
+                model: None,
+                dimension: Some(64),
+                reranker: None,
+            };
+            let scores = RunScores {
+                query_ids: query_ids.clone(),
+                values: system.per_query.clone(),
+            };
+            dataset.add_system(spec, scores, &settings).expect("adds");
+        }
+        dataset
+            .compare("base", "base+rerank", &[Metric::MRR_10], &settings)
+            .expect("compares");
+        let report = Report::new("t", settings, vec![dataset], None);
+        assert!(!report.regression, "{:?}", report.regressions);
+        assert!(report.reranker_regression);
+        assert_eq!(report.reranker_regressions.len(), 1);
+        assert!(
+            report.reranker_regressions[0].starts_with("rerank: base+rerank trails base"),
+            "{:?}",
+            report.reranker_regressions
+        );
+        // A report written before rerankers existed reads as "no reranker".
+        let mut json: serde_json::Value =
+            serde_json::from_str(&fixture_report().to_json().expect("json")).expect("parses");
+        let object = json.as_object_mut().expect("an object");
+        object.remove("reranker_regression");
+        object.remove("reranker_regressions");
+        let old = Report::from_json(&json.to_string()).expect("an old report reads");
+        assert!(!old.reranker_regression);
     }
 
     #[derive(serde::Deserialize)]

@@ -13,10 +13,11 @@
 //! parts adds up to the loss of the whole batch (and so do the parts' gradients).
 
 use candle_core::{Result, Tensor};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Which loss trains the reranker.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RerankLoss {
     /// Binary cross-entropy per (query, passage) pair.
