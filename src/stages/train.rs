@@ -240,52 +240,19 @@ impl Stage for Train {
 
     /// Everything but `data`: the data file's bytes enter the key through the externals.
     fn params(&self) -> serde_json::Value {
-        let mut params = serde_json::to_value(&self.params).unwrap_or_default();
-        if let Some(map) = params.as_object_mut() {
-            map.remove("data");
-            map.insert("model".to_owned(), self.model.clone().into());
-            map.insert("seed".to_owned(), self.seed.into());
-        }
-        params
+        keyed_params(
+            serde_json::to_value(&self.params).unwrap_or_default(),
+            &self.model,
+            self.seed,
+        )
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
-        let path = env.resolve_model(&self.model, SENTENCE_TRANSFORMER_FILES)?;
-        let mut externals = vec![External::Model {
-            label: "model".to_owned(),
-            reference: self.model.clone(),
-            path,
-        }];
-        if let Some(data) = &self.data {
-            let (root, file) = split_file(data);
-            externals.push(External::Files {
-                label: "data".to_owned(),
-                root,
-                files: vec![file],
-            });
-        }
-        Ok(externals)
+        model_and_data_externals(env, &self.model, self.data.as_deref())
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let data_path = match &self.data {
-            Some(path) => path.clone(),
-            None => ctx.input(Artifact::TrainingData)?.join(TRAIN_FILE),
-        };
-        let examples: Vec<TrainingExample> = io::read_jsonl(&data_path)?;
-        let (examples, dropped) = without_unusable_rows(examples);
-        if let Some(warning) = dropped.warning(&data_path) {
-            ctx.warn(warning);
-        }
-        if examples.is_empty() {
-            return Err(StageError::Failed(format!(
-                "`{}` holds no training examples",
-                data_path.display()
-            )));
-        }
-        let data_hash = blake3::hash(&fs_err::read(&data_path)?)
-            .to_hex()
-            .to_string();
+        let (examples, data_hash) = read_training_data(ctx, self.data.as_deref())?;
 
         let model_dir = ctx
             .env
@@ -540,7 +507,72 @@ fn truncate(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
     ids
 }
 
-pub(super) fn split_file(path: &Path) -> (PathBuf, PathBuf) {
+/// A training stage's parameters as hashed: without `data` (the file's bytes enter the key
+/// through [`model_and_data_externals`]), with the resolved model and the seed.
+pub(super) fn keyed_params(
+    mut params: serde_json::Value,
+    model: &str,
+    seed: u64,
+) -> serde_json::Value {
+    if let Some(map) = params.as_object_mut() {
+        map.remove("data");
+        map.insert("model".to_owned(), model.into());
+        map.insert("seed".to_owned(), seed.into());
+    }
+    params
+}
+
+/// The model a training stage starts from and, when given, its `data` file.
+pub(super) fn model_and_data_externals(
+    env: &StageEnv,
+    model: &str,
+    data: Option<&Path>,
+) -> Result<Vec<External>, StageError> {
+    let path = env.resolve_model(model, SENTENCE_TRANSFORMER_FILES)?;
+    let mut externals = vec![External::Model {
+        label: "model".to_owned(),
+        reference: model.to_owned(),
+        path,
+    }];
+    if let Some(data) = data {
+        let (root, file) = split_file(data);
+        externals.push(External::Files {
+            label: "data".to_owned(),
+            root,
+            files: vec![file],
+        });
+    }
+    Ok(externals)
+}
+
+/// The training examples (the `data` file, else mine's `train.jsonl`), never none, and the
+/// blake3 of their file.
+pub(super) fn read_training_data(
+    ctx: &StageContext,
+    data: Option<&Path>,
+) -> Result<(Vec<TrainingExample>, String), StageError> {
+    let data_path = match data {
+        Some(path) => path.to_owned(),
+        None => ctx.input(Artifact::TrainingData)?.join(TRAIN_FILE),
+    };
+    let examples: Vec<TrainingExample> = io::read_jsonl(&data_path)?;
+    let (examples, dropped) = without_unusable_rows(examples);
+    if let Some(warning) = dropped.warning(&data_path) {
+        ctx.warn(warning);
+    }
+    if examples.is_empty() {
+        return Err(StageError::Failed(format!(
+            "`{}` holds no training examples",
+            data_path.display()
+        )));
+    }
+    let data_hash = blake3::hash(&fs_err::read(&data_path)?)
+        .to_hex()
+        .to_string();
+    Ok((examples, data_hash))
+}
+
+fn split_file(path: &Path) -> (PathBuf, PathBuf) {
     let root = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let file = path
         .file_name()

@@ -24,8 +24,8 @@ use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
-use super::train::{split_file, train_error};
+use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TrainingExample};
+use super::train::{keyed_params, model_and_data_externals, read_training_data, train_error};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -263,49 +263,19 @@ impl Stage for TrainReranker {
 
     /// Everything but `data`: the data file's bytes enter the key through the externals.
     fn params(&self) -> serde_json::Value {
-        let mut params = serde_json::to_value(&self.params).unwrap_or_default();
-        if let Some(map) = params.as_object_mut() {
-            map.remove("data");
-            map.insert("model".to_owned(), self.model.clone().into());
-            map.insert("seed".to_owned(), self.seed.into());
-        }
-        params
+        keyed_params(
+            serde_json::to_value(&self.params).unwrap_or_default(),
+            &self.model,
+            self.seed,
+        )
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
-        let path = env.resolve_model(&self.model, SENTENCE_TRANSFORMER_FILES)?;
-        let mut externals = vec![External::Model {
-            label: "model".to_owned(),
-            reference: self.model.clone(),
-            path,
-        }];
-        if let Some(data) = &self.data {
-            let (root, file) = split_file(data);
-            externals.push(External::Files {
-                label: "data".to_owned(),
-                root,
-                files: vec![file],
-            });
-        }
-        Ok(externals)
+        model_and_data_externals(env, &self.model, self.data.as_deref())
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let data_path = match &self.data {
-            Some(path) => path.clone(),
-            None => ctx.input(Artifact::TrainingData)?.join(TRAIN_FILE),
-        };
-        let examples: Vec<TrainingExample> = io::read_jsonl(&data_path)?;
-        if examples.is_empty() {
-            return Err(StageError::Failed(format!(
-                "`{}` holds no training examples",
-                data_path.display()
-            )));
-        }
-        let data_hash = blake3::hash(&fs_err::read(&data_path)?)
-            .to_hex()
-            .to_string();
-
+        let (examples, data_hash) = read_training_data(ctx, self.data.as_deref())?;
         let model_dir = ctx
             .env
             .resolve_model(&self.model, SENTENCE_TRANSFORMER_FILES)?;

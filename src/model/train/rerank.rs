@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::error::TrainError;
 use super::optim::{self, AdamW, AdamWConfig, Param, Schedule};
 use super::rerank_loss::RerankLoss;
-use super::trainer::peak_rss_bytes;
+use super::trainer::{clip_and_step, peak_rss_bytes};
 use crate::model::cross_encoder::CrossEncoder;
 use crate::model::error::{CandleContext, ModelError};
 use crate::model::tokenize::PairIds;
@@ -384,22 +384,12 @@ impl<'a> RerankTrainer<'a> {
     }
 
     fn apply(&mut self, grads: Vec<Tensor>, lr: f64, step: u64) -> Result<f64, TrainError> {
-        let norm = optim::global_norm(&grads).during(|| "the gradient norm".to_owned())?;
-        if !norm.is_finite() {
-            return Err(TrainError::NotFinite {
-                step,
-                what: "gradient norm",
-                value: norm,
-            });
-        }
-        let grads = match self.config.max_grad_norm {
-            Some(max) => optim::clip(grads, norm, max).during(|| "clipping".to_owned())?,
-            None => grads,
-        };
-        self.optimizer
-            .step(&grads, lr)
-            .during(|| "the optimiser step".to_owned())?;
-        Ok(norm)
+        clip_and_step(
+            &mut self.optimizer,
+            grads,
+            (lr, self.config.max_grad_norm),
+            step,
+        )
     }
 
     /// The mean reciprocal rank of each held-out positive among its group (ties count against

@@ -106,14 +106,11 @@ pub fn save_model(
     )?;
 
     write_json(&out.join(METADATA_FILE), &serde_json::to_value(metadata)?)?;
-    let mut card = model_card(metadata, bert, pooling, max_seq_length);
-    if let Some(recipe) = recipe {
-        card.push_str(&format!(
-            "\n## Recipe\n\n```yaml\n{}\n```\n",
-            recipe.trim_end()
-        ));
-    }
-    fs_err::write(out.join("README.md"), card)?;
+    write_card(
+        out,
+        model_card(metadata, bert, pooling, max_seq_length),
+        recipe,
+    )?;
     Ok(())
 }
 
@@ -180,14 +177,11 @@ pub fn save_cross_encoder(
     write_json(&out.join("tokenizer_config.json"), &json!(tokenizer_config))?;
     write_tensors(&model.tensors(), &out.join(WEIGHTS_FILE))?;
     write_json(&out.join(METADATA_FILE), &serde_json::to_value(metadata)?)?;
-    let mut card = cross_encoder_card(metadata, model.max_seq_length());
-    if let Some(recipe) = recipe {
-        card.push_str(&format!(
-            "\n## Recipe\n\n```yaml\n{}\n```\n",
-            recipe.trim_end()
-        ));
-    }
-    fs_err::write(out.join("README.md"), card)?;
+    write_card(
+        out,
+        cross_encoder_card(metadata, model.max_seq_length()),
+        recipe,
+    )?;
     Ok(())
 }
 
@@ -268,6 +262,18 @@ fn model_card(
         seconds = meta.train_seconds,
         device = meta.device,
     )
+}
+
+/// Writes `README.md` into `out`: `card`, then the recipe that trained the model, if given.
+fn write_card(out: &Path, mut card: String, recipe: Option<&str>) -> Result<(), TrainError> {
+    if let Some(recipe) = recipe {
+        card.push_str(&format!(
+            "\n## Recipe\n\n```yaml\n{}\n```\n",
+            recipe.trim_end()
+        ));
+    }
+    fs_err::write(out.join("README.md"), card)?;
+    Ok(())
 }
 
 fn read_object(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, TrainError> {

@@ -25,6 +25,32 @@ use crate::model::bert::Bert;
 use crate::model::error::{CandleContext, ModelError};
 use crate::model::pooling::Pooling;
 
+/// Clips `grads` to `max_grad_norm` (if any), then takes one `optimizer` step at `lr`; returns
+/// the norm before clipping, which must be finite.
+pub(crate) fn clip_and_step(
+    optimizer: &mut AdamW,
+    grads: Vec<Tensor>,
+    (lr, max_grad_norm): (f64, Option<f64>),
+    step: u64,
+) -> Result<f64, TrainError> {
+    let norm = optim::global_norm(&grads).during(|| "the gradient norm".to_owned())?;
+    if !norm.is_finite() {
+        return Err(TrainError::NotFinite {
+            step,
+            what: "gradient norm",
+            value: norm,
+        });
+    }
+    let grads = match max_grad_norm {
+        Some(max) => optim::clip(grads, norm, max).during(|| "clipping".to_owned())?,
+        None => grads,
+    };
+    optimizer
+        .step(&grads, lr)
+        .during(|| "the optimiser step".to_owned())?;
+    Ok(norm)
+}
+
 /// What one optimiser step did; one line of the training log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -305,22 +331,12 @@ impl<'a> Trainer<'a> {
 
     /// Clips `grads`, then takes one AdamW step at `lr`; returns the norm before clipping.
     pub fn apply(&mut self, grads: Vec<Tensor>, lr: f64, step: u64) -> Result<f64, TrainError> {
-        let norm = optim::global_norm(&grads).during(|| "the gradient norm".to_owned())?;
-        if !norm.is_finite() {
-            return Err(TrainError::NotFinite {
-                step,
-                what: "gradient norm",
-                value: norm,
-            });
-        }
-        let grads = match self.config.max_grad_norm {
-            Some(max) => optim::clip(grads, norm, max).during(|| "clipping".to_owned())?,
-            None => grads,
-        };
-        self.optimizer
-            .step(&grads, lr)
-            .during(|| "the optimiser step".to_owned())?;
-        Ok(norm)
+        clip_and_step(
+            &mut self.optimizer,
+            grads,
+            (lr, self.config.max_grad_norm),
+            step,
+        )
     }
 
     /// Sentence embeddings of `rows` with the graph recorded, dropout (if on) seeded by `seed`.
