@@ -183,24 +183,14 @@ impl StageDef for Train {
         if let Err(TrainError::InvalidConfig { name, why }) = config.check() {
             invalid.push(Invalid::new(&[name], why));
         }
-        if !(params.weight_decay.is_finite() && params.weight_decay >= 0.) {
-            invalid.push(Invalid::new(&["weight_decay"], "must be zero or positive"));
-        }
+        check_weight_decay(params.weight_decay, &mut invalid);
         if params.max_seq_length.is_some_and(|n| n < 2) {
             invalid.push(Invalid::new(
                 &["max_seq_length"],
                 "must leave room for the special tokens and a word (at least 2)",
             ));
         }
-        let data = params.data.as_ref().map(|d| env.dir.join(d));
-        if let Some(path) = &data
-            && !path.is_file()
-        {
-            invalid.push(
-                Invalid::new(&["data"], format!("`{}` is not a file", path.display()))
-                    .with_help("paths are relative to the recipe's folder"),
-            );
-        }
+        let data = data_file(params.data.as_deref(), env, &mut invalid);
         if !invalid.is_empty() {
             return Err(invalid);
         }
@@ -505,6 +495,29 @@ fn truncate(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
         ids.push(last);
     }
     ids
+}
+
+/// Refuses a negative or non-finite `weight_decay`.
+pub(super) fn check_weight_decay(weight_decay: f64, invalid: &mut Vec<Invalid>) {
+    if !(weight_decay.is_finite() && weight_decay >= 0.) {
+        invalid.push(Invalid::new(&["weight_decay"], "must be zero or positive"));
+    }
+}
+
+/// A `data` key resolved against the recipe's folder; a path that is no file is refused.
+pub(super) fn data_file(
+    data: Option<&str>,
+    env: &RecipeEnv,
+    invalid: &mut Vec<Invalid>,
+) -> Option<PathBuf> {
+    let path = env.dir.join(data?);
+    if !path.is_file() {
+        invalid.push(
+            Invalid::new(&["data"], format!("`{}` is not a file", path.display()))
+                .with_help("paths are relative to the recipe's folder"),
+        );
+    }
+    Some(path)
 }
 
 /// A training stage's parameters as hashed: without `data` (the file's bytes enter the key

@@ -25,7 +25,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TrainingExample};
-use super::train::{keyed_params, model_and_data_externals, read_training_data, train_error};
+use super::train::{
+    check_weight_decay, data_file, keyed_params, model_and_data_externals, read_training_data,
+    train_error,
+};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -188,9 +191,7 @@ impl StageDef for TrainReranker {
         if let Err(TrainError::InvalidConfig { name, why }) = config.check() {
             invalid.push(Invalid::new(&[name], why));
         }
-        if !(params.weight_decay.is_finite() && params.weight_decay >= 0.) {
-            invalid.push(Invalid::new(&["weight_decay"], "must be zero or positive"));
-        }
+        check_weight_decay(params.weight_decay, &mut invalid);
         if params.max_seq_length.is_some_and(|n| n < 4) {
             invalid.push(Invalid::new(
                 &["max_seq_length"],
@@ -209,15 +210,7 @@ impl StageDef for TrainReranker {
                 "must be at least 1",
             ));
         }
-        let data = params.data.as_ref().map(|d| env.dir.join(d));
-        if let Some(path) = &data
-            && !path.is_file()
-        {
-            invalid.push(
-                Invalid::new(&["data"], format!("`{}` is not a file", path.display()))
-                    .with_help("paths are relative to the recipe's folder"),
-            );
-        }
+        let data = data_file(params.data.as_deref(), env, &mut invalid);
         if !invalid.is_empty() {
             return Err(invalid);
         }
