@@ -67,6 +67,20 @@ fn default_top_k() -> usize {
     20
 }
 
+/// `judge.too_easy`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TooEasy {
+    /// How many times the runner-up's BM25 score the query's own chunk must score to be too
+    /// easy (its words name the chunk outright; a contrastive loss learns nothing from it).
+    #[serde(default = "default_margin")]
+    pub margin: f64,
+}
+
+fn default_margin() -> f64 {
+    3.0
+}
+
 /// `judge.dedupe`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -112,6 +126,10 @@ pub struct JudgeParams {
     /// Keep a query only if its own chunk ranks within `top_k` for it.
     #[serde(default = "default_round_trip")]
     pub round_trip: Option<RoundTrip>,
+    /// Drop queries BM25 finds too easily to teach anything: their own chunk first, scoring at
+    /// least `margin` times the runner-up (off unless given; `too_easy: {}` for the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub too_easy: Option<TooEasy>,
     /// Ask an LLM whether the chunk answers each query (off unless given; `llm_judge: {}` for
     /// the defaults).
     #[serde(default)]
@@ -163,6 +181,11 @@ impl StageDef for Judge {
             && !(d.threshold > 0.0 && d.threshold <= 1.0)
         {
             invalid.push(Invalid::new(&["dedupe", "threshold"], "must be in (0, 1]"));
+        }
+        if let Some(t) = &params.too_easy
+            && (t.margin.is_nan() || t.margin <= 1.0)
+        {
+            invalid.push(Invalid::new(&["too_easy", "margin"], "must be above 1"));
         }
         if let Some(r) = &params.round_trip
             && r.top_k == 0
@@ -255,6 +278,9 @@ impl Stage for Judge {
         }
         if let Some(round_trip) = &self.params.round_trip {
             self.round_trip(ctx, &chunks, &queries, round_trip, &mut verdicts)?;
+        }
+        if let Some(too_easy) = &self.params.too_easy {
+            too_easy_queries(ctx, &chunks, &queries, too_easy.margin, &mut verdicts)?;
         }
         ctx.check_cancelled()?;
         let mut llm_calls = None;
@@ -401,16 +427,7 @@ impl Judge {
             hits.iter().position(|h| Some(h.doc) == own).map(|r| r + 1)
         };
         if settings.method != RoundTripMethod::Dense {
-            let docs: Vec<(&str, &str)> = chunks
-                .iter()
-                .zip(&passages)
-                .map(|(c, p)| (c.id.as_str(), p.as_str()))
-                .collect();
-            let index = Bm25Index::build(&docs, None).map_err(io::index_error)?;
-            let bar = ctx.progress("round trip (BM25)", Some(texts.len() as u64));
-            let hits = index
-                .search_batch(&texts, k, &|n| bar.inc(n as u64))
-                .map_err(io::index_error)?;
+            let hits = bm25_search(ctx, chunks, &passages, &texts, k, "round trip (BM25)")?;
             bm25_rank = Some(
                 hits.iter()
                     .zip(&pending)
@@ -454,6 +471,65 @@ impl Judge {
             }
         }
         Ok(())
+    }
+}
+
+/// The BM25 top `k` over the chunks' passages for each of `texts`, with a progress bar.
+fn bm25_search(
+    ctx: &StageContext,
+    chunks: &[Chunk],
+    passages: &[String],
+    texts: &[&str],
+    k: usize,
+    label: &str,
+) -> Result<Vec<Vec<crate::index::Hit>>, StageError> {
+    let docs: Vec<(&str, &str)> = chunks
+        .iter()
+        .zip(passages)
+        .map(|(c, p)| (c.id.as_str(), p.as_str()))
+        .collect();
+    let index = Bm25Index::build(&docs, None).map_err(io::index_error)?;
+    let bar = ctx.progress(label, Some(texts.len() as u64));
+    index
+        .search_batch(texts, k, &|n| bar.inc(n as u64))
+        .map_err(io::index_error)
+}
+
+/// Drops the queries still kept whose own chunk BM25 ranks first at `margin` times the
+/// runner-up's score or more.
+fn too_easy_queries(
+    ctx: &StageContext,
+    chunks: &[Chunk],
+    queries: &[QueryRecord],
+    margin: f64,
+    verdicts: &mut Verdicts,
+) -> Result<(), StageError> {
+    let pending: Vec<usize> = verdicts.pending().collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let passages: Vec<String> = chunks.iter().map(io::passage).collect();
+    let texts: Vec<&str> = pending.iter().map(|&i| queries[i].query.as_str()).collect();
+    let hits = bm25_search(ctx, chunks, &passages, &texts, 2, "too easy (BM25)")?;
+    for (top, &i) in hits.iter().zip(&pending) {
+        if is_too_easy(top, chunks, &queries[i].chunk_id, margin) {
+            verdicts.drop(
+                i,
+                "too_easy",
+                format!("BM25 ranks its chunk first by {margin}x the runner-up or more"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether `top` (the best two hits) has the chunk `own` first at `margin` times the second.
+fn is_too_easy(top: &[crate::index::Hit], chunks: &[Chunk], own: &str, margin: f64) -> bool {
+    match top {
+        [first, rest @ ..] if chunks[first.doc].id == own => rest
+            .first()
+            .is_none_or(|second| f64::from(first.score) >= margin * f64::from(second.score)),
+        _ => false,
     }
 }
 
@@ -658,5 +734,32 @@ mod tests {
         dedupe_queries(&queries, 0.8, &mut verdicts);
         let dropped: Vec<bool> = verdicts.0.iter().map(Option::is_some).collect();
         assert_eq!(dropped, [false, true, true, true, false]);
+    }
+
+    #[test]
+    fn too_easy_needs_the_own_chunk_first_by_the_margin() {
+        use crate::index::Hit;
+        let chunk = |id: &str| Chunk {
+            id: id.into(),
+            doc_id: "d".into(),
+            source: "d.md".into(),
+            title: String::new(),
+            text: "t".into(),
+            n_tokens: 1,
+        };
+        let chunks = [chunk("a"), chunk("b")];
+        let hits = |a: f32, b: f32| vec![Hit { doc: 0, score: a }, Hit { doc: 1, score: b }];
+        assert!(is_too_easy(&hits(9.0, 3.0), &chunks, "a", 3.0));
+        assert!(!is_too_easy(&hits(8.9, 3.0), &chunks, "a", 3.0));
+        // Another chunk first: not easy, whatever the scores.
+        assert!(!is_too_easy(&hits(9.0, 1.0), &chunks, "b", 3.0));
+        // Alone in the results: nothing competes.
+        assert!(is_too_easy(
+            &[Hit { doc: 0, score: 1.0 }],
+            &chunks,
+            "a",
+            3.0
+        ));
+        assert!(!is_too_easy(&[], &chunks, "a", 3.0));
     }
 }
