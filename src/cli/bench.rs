@@ -387,8 +387,16 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
         |round: usize| crate::stages::query_gen::llm_requests(&params, &picked, round as u64);
     let scratch = tempfile_dir("ragd-bench-llm")?;
     let mut timings: Vec<LlmTiming> = Vec::new();
-    let counter = llm_engine::local::LocalBackend::load(&gguf, 1)
+    let locals = args
+        .batches
+        .iter()
+        .map(|&batch| llm_engine::local::LocalBackend::load(&gguf, batch.max(1)))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+    // Any local backend tokenizes alike: the first counts prompt and answer tokens.
+    let counter = locals
+        .first()
+        .ok_or_else(|| fail("`--batches` names no batch size".to_owned()))?;
     printer.status(&format!(
         "{} requests from {} chunks of `{}`; local LLM on {}",
         args.calls,
@@ -401,28 +409,28 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
         .map(|r| counter.prompt_ids(r).map(|ids| ids.len()))
         .sum::<Result<usize, _>>()
         .map_err(|e| fail(crate::exec::error_chain(&e)))?;
-    let mut backends: Vec<(String, usize, Box<dyn LlmBackend>)> = Vec::new();
-    for &batch in &args.batches {
-        let backend = llm_engine::local::LocalBackend::load(&gguf, batch.max(1))
-            .map_err(|e| fail(crate::exec::error_chain(&e)))?;
-        backends.push(("local".to_owned(), batch.max(1), Box::new(backend)));
-    }
-    if let Some(url) = &args.ollama {
-        let settings = llm_engine::LlmSettings {
-            backend: llm_engine::BackendKind::Ollama,
-            model: Some(args.ollama_model.clone()),
-            url: Some(url.clone()),
-            concurrency: Some(args.ollama_concurrency.max(1)),
-            ..llm_engine::LlmSettings::default()
-        };
-        let pool = settings
-            .connect_http()
-            .map_err(|e| fail(crate::exec::error_chain(&e)))?;
-        backends.push((
-            format!("ollama {url}"),
-            args.ollama_concurrency.max(1),
-            Box::new(pool),
-        ));
+    let ollama = match &args.ollama {
+        Some(url) => {
+            let settings = llm_engine::LlmSettings {
+                backend: llm_engine::BackendKind::Ollama,
+                model: Some(args.ollama_model.clone()),
+                url: Some(url.clone()),
+                concurrency: Some(args.ollama_concurrency.max(1)),
+                ..llm_engine::LlmSettings::default()
+            };
+            let pool = settings
+                .connect_http()
+                .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+            Some((format!("ollama {url}"), pool))
+        }
+        None => None,
+    };
+    let mut backends: Vec<(String, usize, &dyn LlmBackend)> = locals
+        .iter()
+        .map(|l| ("local".to_owned(), l.concurrency(), l as &dyn LlmBackend))
+        .collect();
+    if let Some((name, pool)) = &ollama {
+        backends.push((name.clone(), args.ollama_concurrency.max(1), pool));
     }
     let cancel = std::sync::atomic::AtomicBool::new(false);
     for round in 0..args.rounds.max(1) {
@@ -433,7 +441,7 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
             let requests = requests_for(round + 1);
             let started = Instant::now();
             let (answers, _) =
-                llm_engine::complete_all(backend.as_ref(), &cache, &requests, &cancel, &|_| {})
+                llm_engine::complete_all(*backend, &cache, &requests, &cancel, &|_| {})
                     .map_err(|e| fail(crate::exec::error_chain(&e)))?;
             let seconds = started.elapsed().as_secs_f64();
             let answer_tokens = answers.iter().map(|a| counter.count_tokens(a)).sum();

@@ -164,7 +164,7 @@ impl LocalBackend {
     }
 
     /// The engine's queue, starting the engine thread on first use.
-    fn queue(&self) -> Result<mpsc::Sender<Job>, LlmError> {
+    fn queue(&self) -> mpsc::Sender<Job> {
         let queue = self.queue.get_or_init(|| {
             let (sender, jobs) = mpsc::channel();
             let model = self
@@ -186,7 +186,7 @@ impl LocalBackend {
             }
             Mutex::new(sender)
         });
-        Ok(queue.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        queue.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -462,7 +462,7 @@ impl LlmBackend for LocalBackend {
             reply,
         };
         let stopped = || LlmError::Unsupported("the local LLM engine stopped".to_owned());
-        self.queue()?.send(job).map_err(|_| stopped())?;
+        self.queue().send(job).map_err(|_| stopped())?;
         answer.recv().map_err(|_| stopped())?
     }
 }

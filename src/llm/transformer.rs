@@ -364,8 +364,8 @@ impl Transformer {
                 .par_chunks_mut(q_width)
                 .zip(qkv.par_chunks(qkv_width))
                 .zip(&rows)
-                .for_each(|((out, row), &(s, pos))| {
-                    self.attend(&row[..q_width], caches[s], l, pos, out);
+                .for_each_init(Vec::new, |scores, ((out, row), &(s, pos))| {
+                    self.attend(&row[..q_width], caches[s], l, pos, scores, out);
                 });
             add(&mut h, &layer.attn_output.forward(&attended, total));
 
@@ -438,7 +438,16 @@ impl Transformer {
 
     /// Causal attention of one row's query heads at `pos` over `cache`'s layer `l`, up to and
     /// including `pos`, into `out` (`heads · head_dim`).
-    fn attend(&self, queries: &[f32], cache: &KvCache, l: usize, pos: usize, out: &mut [f32]) {
+    /// `scores` is scratch, reused across the rows a thread attends.
+    fn attend(
+        &self,
+        queries: &[f32],
+        cache: &KvCache,
+        l: usize,
+        pos: usize,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
         let c = &self.config;
         let shape = HeadShape {
             head_dim: c.head_dim,
@@ -447,13 +456,13 @@ impl Transformer {
             len: pos + 1,
             capacity: cache.capacity,
         };
-        let mut scores = vec![0f32; pos + 1];
+        scores.resize(pos + 1, 0.0);
         attend_heads(
             queries,
             &cache.keys[l],
             &cache.values[l],
             shape,
-            &mut scores,
+            scores,
             out,
         );
     }
