@@ -522,6 +522,47 @@ mod tests {
         eprintln!("local answer in {seconds:.2}s: {answer}");
     }
 
+    /// With a budget far below what the model would write, constrained answers still close:
+    /// every one parses, whatever the seed.
+    #[test]
+    fn constrained_answers_close_within_a_tight_budget() {
+        let backend = LocalBackend::load(&crate::testutil::smollm2_gguf(), 8).expect("loads");
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"queries": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 8, "maxLength": 200},
+                "minItems": 1, "maxItems": 3
+            }},
+            "required": ["queries"]
+        });
+        let answers: Vec<String> = std::thread::scope(|scope| {
+            let calls: Vec<_> = (0..8)
+                .map(|seed| {
+                    let request = Request {
+                        seed,
+                        max_tokens: 24,
+                        ..request(Some(schema.clone()))
+                    };
+                    let backend = &backend;
+                    scope.spawn(move || backend.complete(&request).expect("answers"))
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("no panic"))
+                .collect()
+        });
+        for answer in answers {
+            let parsed: serde_json::Value =
+                serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+            assert!(
+                parsed["queries"].as_array().is_some_and(|q| !q.is_empty()),
+                "{answer}"
+            );
+        }
+    }
+
     /// Six different requests (temperature 0 and sampled, with and without a schema) answered
     /// one at a time and all together in one batch: the same answers, bit for bit.
     #[test]
