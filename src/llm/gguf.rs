@@ -9,7 +9,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use super::LlmError;
 
@@ -51,6 +52,10 @@ fn strings(content: &Content, path: &Path, key: &str) -> Result<Vec<String>, Llm
 }
 
 /// GPT-2's map from bytes to the printable characters byte-level BPE vocabularies are written in.
+/// Qwen2's pre-tokenizer split (its `tokenizer.json`'s, as llama.cpp's `qwen2` pre-tokenizer
+/// runs it: no NFC normalisation first).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 fn byte_level_chars() -> [char; 256] {
     let mut chars = ['\0'; 256];
     let mut next = 256u32;
@@ -90,10 +95,22 @@ impl GgufText {
             "default" | "gpt2" => byte_level.into(),
             // SmolLM: every digit on its own, then GPT-2's split.
             "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            // Qwen2: GPT-4's split with single digits.
+            "qwen2" => {
+                let split = Split::new(
+                    SplitPattern::Regex(QWEN2_SPLIT.to_owned()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+                // Bytes to characters only: GPT-2's own split would undo the one above.
+                let to_chars = ByteLevel::new(false, false, false);
+                Sequence::new(vec![split.into(), to_chars.into()]).into()
+            }
             other => {
                 return Err(bad(
                     path,
-                    format!("pre-tokenizer `{other}` is not supported (gpt2, smollm)"),
+                    format!("pre-tokenizer `{other}` is not supported (gpt2, smollm, qwen2)"),
                 ));
             }
         };
@@ -241,11 +258,66 @@ pub fn render_chat(
 mod tests {
     use super::*;
 
-    fn smollm2() -> GgufText {
-        let path = crate::testutil::smollm2_gguf();
-        let mut file = std::fs::File::open(&path).expect("open the GGUF");
+    fn text_of(path: &Path) -> GgufText {
+        let mut file = std::fs::File::open(path).expect("open the GGUF");
         let content = Content::read(&mut file).expect("read the GGUF");
-        GgufText::from_gguf(&content, &path).expect("a byte-level BPE tokenizer")
+        GgufText::from_gguf(&content, path).expect("a byte-level BPE tokenizer")
+    }
+
+    fn smollm2() -> GgufText {
+        text_of(&crate::testutil::smollm2_gguf())
+    }
+
+    /// Qwen2's pre-tokenizer (GPT-4's split, single digits): the truth is llama.cpp's
+    /// tokenizer (node-llama-cpp 3.22.1, `model.tokenize(text, true)`) for the real file.
+    #[test]
+    fn qwen2_token_ids_match_llama_cpp() {
+        let Some(path) = crate::testutil::qwen2_gguf() else {
+            return;
+        };
+        let text = text_of(&path);
+        let cases: &[(&str, &[u32])] = &[
+            ("Hello world", &[9707, 1879]),
+            (
+                "Snapshots are kept for 30 days, aren't they?",
+                &[
+                    61871, 27634, 525, 8604, 369, 220, 18, 15, 2849, 11, 7629, 944, 807, 30,
+                ],
+            ),
+            (
+                "Größe café — naïve 東京 🙂",
+                &[
+                    6464, 78940, 51950, 1959, 94880, 586, 60596, 109, 46553, 27484,
+                ],
+            ),
+            (
+                r#"{"queries": ["How do I restore a snapshot?"]}"#,
+                &[
+                    4913, 42835, 788, 4383, 4340, 653, 358, 14952, 264, 16295, 30, 92446,
+                ],
+            ),
+            (
+                "<|im_start|>user\nhi<|im_end|>\n",
+                &[151644, 872, 198, 6023, 151645, 198],
+            ),
+            (
+                "  two  spaces\n\nnewlines\t tab 12345",
+                &[
+                    220, 1378, 220, 12621, 271, 931, 7969, 197, 5651, 220, 16, 17, 18, 19, 20,
+                ],
+            ),
+            (
+                "Ａｍｅｌｉｅ e\u{301} it's IT'S",
+                &[
+                    133054, 138125, 144115, 144433, 144155, 144115, 384, 53839, 432, 594, 8700,
+                    13272,
+                ],
+            ),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(text.encode(input).expect("encodes"), *expected, "{input:?}");
+        }
+        assert_eq!((text.eos_id, text.eos.as_str()), (151645, "<|im_end|>"));
     }
 
     /// The truth is llama.cpp's own tokenizer for this file: the `context` token ids that Ollama

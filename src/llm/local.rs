@@ -522,6 +522,49 @@ mod tests {
         eprintln!("local answer in {seconds:.2}s: {answer}");
     }
 
+    /// The real Qwen2.5 instruct GGUF (qwen2: q/k/v biases, its own pre-tokenizer and chat
+    /// template) loads and writes schema-valid queries, batched as query-gen sends them.
+    #[test]
+    #[allow(clippy::print_stderr, reason = "the answers are the test's figures")]
+    fn qwen2_instruct_answers_schema_valid_json() {
+        let Some(path) = crate::testutil::qwen2_gguf() else {
+            return;
+        };
+        let backend = LocalBackend::load(&path, 4).expect("Qwen2.5 loads");
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"queries": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 8, "maxLength": 120},
+                "minItems": 1, "maxItems": 2
+            }},
+            "required": ["queries"]
+        });
+        let answers: Vec<String> = std::thread::scope(|scope| {
+            let calls: Vec<_> = (0..4)
+                .map(|seed| {
+                    let request = Request {
+                        seed,
+                        ..request(Some(schema.clone()))
+                    };
+                    let backend = &backend;
+                    scope.spawn(move || backend.complete(&request).expect("answers"))
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("no panic"))
+                .collect()
+        });
+        for answer in &answers {
+            let parsed: serde_json::Value =
+                serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+            let queries = parsed["queries"].as_array().expect("an array of queries");
+            assert!(!queries.is_empty(), "{answer}");
+            eprintln!("qwen2: {answer}");
+        }
+    }
+
     /// With a budget far below what the model would write, constrained answers still close:
     /// every one parses, whatever the seed.
     #[test]
