@@ -11,6 +11,13 @@
 //!   but not how users ask, so it trains a weaker model than questions written by an LLM.
 //! - `headings`: the chunk's heading path as the query, for documentation whose headings read
 //!   like what users search for ("Configuring retention > Remote repositories").
+//! - `semantic-pairs`: neighbouring chunks of one section as (anchor, positive): the chunk before
+//!   is the query, the next one its positive. Needs no language model; it helps where long
+//!   sections are split into several chunks, teaching that pieces of one topic belong together,
+//!   but like `ict` it does not teach how users ask, so combine it with `llm` or `headings`.
+//!
+//! The `llm` strategy's `query_types` mixes questions with short keyword searches: each chunk is
+//! asked for one kind or the other by a seeded draw, in the recipe's shares.
 //!
 //! Output: `queries.jsonl` ([`QueryRecord`]) and `stats.json`.
 
@@ -64,6 +71,8 @@ const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
 
 const DEFAULT_PROMPT: &str = "{passage}\n\nWrite {n} questions a user could ask that the text above answers, in the language of the text. Reply in JSON with a list of questions under \"queries\".";
 
+const DEFAULT_KEYWORDS_PROMPT: &str = "{passage}\n\nWrite {n} short keyword searches (a few words, not questions) a user could type to find the text above, in the language of the text. Reply in JSON with a list of searches under \"queries\".";
+
 /// How queries are made.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
@@ -76,6 +85,9 @@ pub enum Strategy {
     Ict,
     /// The chunk's heading path as the query.
     Headings,
+    /// Neighbouring chunks of one section: the chunk before as the query, the next as positive.
+    #[serde(rename = "semantic-pairs", alias = "semantic_pairs")]
+    SemanticPairs,
 }
 
 impl Strategy {
@@ -84,6 +96,7 @@ impl Strategy {
             Self::Llm => "llm",
             Self::Ict => "ict",
             Self::Headings => "headings",
+            Self::SemanticPairs => "semantic-pairs",
         }
     }
 }
@@ -110,6 +123,10 @@ pub struct QueryGenParams {
     /// Write them yourself: questions from a benchmark's test set would leak into training.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub examples: Vec<String>,
+    /// Shares of questions and keyword searches among the chunks the `llm` strategy asks
+    /// about (left out: questions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_types: Option<QueryTypes>,
     /// Queries per chunk (for `ict`: sentences taken from it).
     #[serde(default = "default_per_chunk")]
     pub queries_per_chunk: usize,
@@ -133,6 +150,33 @@ pub struct QueryGenParams {
     pub max_chars: usize,
 }
 
+/// The `query_types:` block: shares of the kinds of query the `llm` strategy writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct QueryTypes {
+    /// Share of questions, as users ask them ("How long are snapshots kept?").
+    #[serde(default)]
+    pub question: f64,
+    /// Share of short keyword searches, as users type them ("snapshot retention days").
+    #[serde(default)]
+    pub keywords: f64,
+    /// The request for keyword searches; `{passage}` and `{n}` as in `prompt`.
+    #[serde(default = "default_keywords_prompt")]
+    pub keywords_prompt: String,
+}
+
+impl QueryTypes {
+    /// Whether the chunk `chunk_id` is asked for keyword searches: a draw seeded by the recipe's
+    /// seed and the chunk's id, so sampling other chunks or reordering them changes no one's kind.
+    fn asks_keywords(&self, seed: u64, chunk_id: &str) -> bool {
+        let share = self.keywords / (self.question + self.keywords);
+        let hash = blake3::hash(format!("{seed}/{chunk_id}").as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash.as_bytes()[..8]);
+        (u64::from_le_bytes(first) as f64 / u64::MAX as f64) < share
+    }
+}
+
 impl Default for QueryGenParams {
     fn default() -> Self {
         serde_json::from_value(serde_json::json!({}))
@@ -148,6 +192,9 @@ fn default_system() -> String {
 }
 fn default_prompt() -> String {
     DEFAULT_PROMPT.to_owned()
+}
+fn default_keywords_prompt() -> String {
+    DEFAULT_KEYWORDS_PROMPT.to_owned()
 }
 fn default_min_chars() -> usize {
     8
@@ -219,6 +266,32 @@ impl StageDef for QueryGen {
                 );
             }
         }
+        if let Some(types) = &params.query_types {
+            let share_ok = |v: f64| v.is_finite() && v >= 0.0;
+            if !share_ok(types.question) || !share_ok(types.keywords) {
+                invalid.push(Invalid::new(
+                    &["query_types"],
+                    "shares must be numbers of at least 0",
+                ));
+            } else if types.question + types.keywords <= 0.0 {
+                invalid.push(
+                    Invalid::new(&["query_types"], "has no share above 0")
+                        .with_help("e.g. `{question: 3, keywords: 1}` for a quarter of keywords"),
+                );
+            }
+            if !types.keywords_prompt.contains("{passage}") {
+                invalid.push(Invalid::new(
+                    &["query_types", "keywords_prompt"],
+                    "does not contain `{passage}`",
+                ));
+            }
+            if !params.strategies.contains(&Strategy::Llm) {
+                invalid.push(
+                    Invalid::new(&["query_types"], "applies to the `llm` strategy only")
+                        .with_help("add `llm` to `strategies`, or leave `query_types` out"),
+                );
+            }
+        }
         for (i, example) in params.examples.iter().enumerate() {
             if example.trim().is_empty() {
                 invalid.push(Invalid::new(&["examples", &i.to_string()], "is empty"));
@@ -282,10 +355,11 @@ impl Stage for QueryGen {
         let selected = self.select_chunks(&chunks, &mut stats);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let mut records = Vec::new();
+        let previous = previous_in_section(&chunks);
         for strategy in &self.params.strategies {
             let llm_answers = match strategy {
                 Strategy::Llm => Some(self.ask_llm(ctx, &selected, &mut stats)?),
-                Strategy::Ict | Strategy::Headings => None,
+                Strategy::Ict | Strategy::Headings | Strategy::SemanticPairs => None,
             };
             for (n, chunk) in selected.iter().enumerate() {
                 let made = match strategy {
@@ -296,6 +370,7 @@ impl Stage for QueryGen {
                         .unwrap_or_default(),
                     Strategy::Ict => ict(chunk, self.params.queries_per_chunk, &mut rng),
                     Strategy::Headings => headings(chunk),
+                    Strategy::SemanticPairs => semantic_pair(chunk, &previous),
                 };
                 for (query, positive) in made {
                     self.keep(&mut records, &mut stats, chunk, *strategy, query, positive);
@@ -370,12 +445,16 @@ impl QueryGen {
         if copies(&chunk.text) {
             return Some("llm: copies the chunk's text");
         }
-        let instructions = self
-            .params
-            .prompt
-            .replace("{passage}", " ")
-            .replace("{n}", &self.params.queries_per_chunk.to_string());
-        if copies(&instructions) || copies(&self.params.system) {
+        let instructions = |prompt: &str| {
+            prompt
+                .replace("{passage}", " ")
+                .replace("{n}", &self.params.queries_per_chunk.to_string())
+        };
+        let keywords_prompt = self.params.query_types.as_ref().map(|t| &t.keywords_prompt);
+        if copies(&instructions(&self.params.prompt))
+            || keywords_prompt.is_some_and(|p| copies(&instructions(p)))
+            || copies(&self.params.system)
+        {
             return Some("llm: copies the instructions");
         }
         None
@@ -419,9 +498,11 @@ impl QueryGen {
         let query = query.split_whitespace().collect::<Vec<_>>().join(" ");
         let words = query.split_whitespace().count();
         let chars = query.chars().count();
+        // A semantic pair's anchor is a whole chunk: only the query bounds below apply.
+        let bounded = strategy != Strategy::SemanticPairs;
         let reason = if words < self.params.min_words || chars < self.params.min_chars {
             Some("too short")
-        } else if words > self.params.max_words || chars > self.params.max_chars {
+        } else if bounded && (words > self.params.max_words || chars > self.params.max_chars) {
             Some("too long")
         } else if records
             .iter()
@@ -482,8 +563,11 @@ pub fn llm_requests(params: &QueryGenParams, chunks: &[&Chunk], seed: u64) -> Ve
     chunks
         .iter()
         .map(|chunk| {
-            let mut prompt = params
-                .prompt
+            let template = match &params.query_types {
+                Some(types) if types.asks_keywords(seed, &chunk.id) => &types.keywords_prompt,
+                _ => &params.prompt,
+            };
+            let mut prompt = template
                 .replace("{passage}", &io::passage(chunk))
                 .replace("{n}", &params.queries_per_chunk.to_string());
             if !params.examples.is_empty() {
@@ -527,6 +611,12 @@ impl QueryGen {
         let (answers, calls) =
             complete_with_progress(ctx, "writing queries (llm)", backend.as_ref(), &requests)?;
         let mut llm_stats = LlmStats {
+            keyword_chunks: self.params.query_types.as_ref().map_or(0, |types| {
+                chunks
+                    .iter()
+                    .filter(|c| types.asks_keywords(self.seed, &c.id))
+                    .count()
+            }),
             model: backend.identity(),
             calls: calls.calls,
             cached: calls.cached,
@@ -615,6 +705,24 @@ fn headings(chunk: &Chunk) -> Vec<(String, String)> {
     vec![(query, chunk.text.clone())]
 }
 
+/// For each chunk id, the chunk just before it in the same document and section (heading path):
+/// the anchors of `semantic-pairs`.
+fn previous_in_section(chunks: &[Chunk]) -> BTreeMap<&str, &Chunk> {
+    chunks
+        .windows(2)
+        .filter(|w| w[0].doc_id == w[1].doc_id && w[0].title == w[1].title)
+        .map(|w| (w[1].id.as_str(), &w[0]))
+        .collect()
+}
+
+/// The chunk before `chunk` in its section as the query, `chunk` as the positive.
+fn semantic_pair(chunk: &Chunk, previous: &BTreeMap<&str, &Chunk>) -> Vec<(String, String)> {
+    previous
+        .get(chunk.id.as_str())
+        .map(|anchor| vec![(anchor.text.clone(), io::passage(chunk))])
+        .unwrap_or_default()
+}
+
 /// What query generation did, for `stats.json` and the table.
 #[derive(Debug, Default, Serialize)]
 struct QueryGenStats {
@@ -642,6 +750,8 @@ struct LlmStats {
     unparseable_examples: Vec<String>,
     /// Queries past `queries_per_chunk` in an answer, cut off.
     beyond_queries_per_chunk: usize,
+    /// Chunks asked for keyword searches instead of questions (`query_types`).
+    keyword_chunks: usize,
 }
 
 impl QueryGenStats {
@@ -667,6 +777,12 @@ impl QueryGenStats {
                 "llm answers unparseable".to_owned(),
                 llm.unparseable.to_string(),
             ]);
+            if llm.keyword_chunks > 0 {
+                rows.push(vec![
+                    "llm chunks asked for keywords".to_owned(),
+                    llm.keyword_chunks.to_string(),
+                ]);
+            }
         }
         for (strategy, n) in &self.by_strategy {
             rows.push(vec![format!("queries: {strategy}"), n.to_string()]);
@@ -822,6 +938,125 @@ mod tests {
             !llm_requests(&QueryGenParams::default(), &[&c], 3)[0]
                 .prompt
                 .contains("questions like these")
+        );
+    }
+
+    #[test]
+    fn semantic_pairs_join_neighbours_of_one_section_only() {
+        let piece = |id: &str, doc: &str, title: &str| Chunk {
+            id: id.into(),
+            doc_id: doc.into(),
+            title: title.into(),
+            text: format!("text of {id}"),
+            ..chunk("")
+        };
+        let chunks = [
+            piece("a1", "d1", "Guide > Retention"),
+            piece("a2", "d1", "Guide > Retention"),
+            piece("b1", "d1", "Guide > Pruning"),
+            piece("c1", "d2", "Guide > Pruning"),
+        ];
+        let previous = previous_in_section(&chunks);
+        assert_eq!(
+            semantic_pair(&chunks[1], &previous),
+            vec![(
+                "text of a1".to_owned(),
+                "Guide > Retention text of a2".to_owned()
+            )]
+        );
+        // A new section or a new document starts without an anchor.
+        for first in [&chunks[0], &chunks[2], &chunks[3]] {
+            assert!(semantic_pair(first, &previous).is_empty(), "{}", first.id);
+        }
+        // The anchor is a whole chunk: `max_words` does not drop it.
+        let stage = QueryGen {
+            params: QueryGenParams {
+                max_words: 3,
+                ..QueryGenParams::default()
+            },
+            seed: 1,
+        };
+        let (mut records, mut stats) = (Vec::new(), QueryGenStats::default());
+        let long = "one two three four five six".to_owned();
+        stage.keep(
+            &mut records,
+            &mut stats,
+            &chunks[1],
+            Strategy::SemanticPairs,
+            long,
+            "positive".to_owned(),
+        );
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].strategy, "semantic-pairs");
+    }
+
+    #[test]
+    fn query_types_ask_a_seeded_share_of_chunks_for_keywords() {
+        let types = QueryTypes {
+            question: 3.0,
+            keywords: 1.0,
+            keywords_prompt: default_keywords_prompt(),
+        };
+        let params = QueryGenParams {
+            query_types: Some(types.clone()),
+            ..QueryGenParams::default()
+        };
+        let chunks: Vec<Chunk> = (0..400)
+            .map(|i| Chunk {
+                id: format!("c{i}"),
+                ..chunk("Backups run at night.")
+            })
+            .collect();
+        let refs: Vec<&Chunk> = chunks.iter().collect();
+        let requests = llm_requests(&params, &refs, 3);
+        let keywords = requests
+            .iter()
+            .filter(|r| r.prompt.contains("short keyword searches"))
+            .count();
+        // A quarter, within what chance allows for 400 draws (sd ~ 8.7).
+        assert!((70..=130).contains(&keywords), "{keywords} of 400");
+        for (chunk, request) in chunks.iter().zip(&requests) {
+            assert_eq!(
+                request.prompt.contains("short keyword searches"),
+                types.asks_keywords(3, &chunk.id)
+            );
+        }
+        // Without `query_types`, every chunk is asked for questions.
+        assert!(
+            llm_requests(&QueryGenParams::default(), &refs, 3)
+                .iter()
+                .all(|r| !r.prompt.contains("short keyword searches"))
+        );
+        // Only keywords when the question share is 0.
+        let all_keywords = QueryTypes {
+            question: 0.0,
+            ..types
+        };
+        assert!(chunks.iter().all(|c| all_keywords.asks_keywords(3, &c.id)));
+    }
+
+    #[test]
+    fn query_types_without_a_share_or_the_llm_strategy_are_invalid() {
+        let env = RecipeEnv {
+            dir: ".".into(),
+            name: "t".into(),
+            base_model: "x/y".into(),
+            seed: 1,
+            accelerator: crate::model::device::Accelerator::Cpu,
+        };
+        let invalid = |yaml: &str| -> Vec<String> {
+            let params: QueryGenParams = serde_yaml::from_str(yaml).expect("parses");
+            match QueryGen::new(params, &env) {
+                Ok(_) => Vec::new(),
+                Err(invalid) => invalid.into_iter().map(|i| i.message).collect(),
+            }
+        };
+        assert!(invalid("query_types: {question: 2, keywords: 1}").is_empty());
+        assert_eq!(invalid("query_types: {question: 0, keywords: 0}").len(), 1);
+        assert_eq!(invalid("query_types: {question: -1, keywords: 1}").len(), 1);
+        assert_eq!(
+            invalid("strategies: [ict]\nquery_types: {keywords: 1}").len(),
+            1
         );
     }
 }
