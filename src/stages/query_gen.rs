@@ -769,10 +769,13 @@ impl QueryGenStats {
                 "llm calls (cached)".to_owned(),
                 format!("{} ({})", llm.calls, llm.cached),
             ]);
-            rows.push(vec![
-                "llm calls/s".to_owned(),
-                format!("{:.2}", llm.calls_per_second),
-            ]);
+            // Answers all from the cache took no calls: no speed to show.
+            if llm.calls > 0 {
+                rows.push(vec![
+                    "llm calls/s".to_owned(),
+                    format!("{:.2}", llm.calls_per_second),
+                ]);
+            }
             rows.push(vec![
                 "llm answers unparseable".to_owned(),
                 llm.unparseable.to_string(),
