@@ -130,8 +130,16 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
 #[test]
 fn a_model_made_worse_is_flagged_and_not_made_the_default() {
     let project = project();
-    // A learning rate a thousand times too high wrecks the encoder in a few steps.
-    let run = project.run(&["run", "recipe.yaml", "--set", "train.learning_rate=0.05"]);
+    // A learning rate a thousand times too high wrecks the encoder in a few steps; no merge
+    // with the base to rescue it.
+    let run = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--set",
+        "train.learning_rate=0.05",
+        "--set",
+        "train.merge=none",
+    ]);
     run.success();
     assert!(
         run.stderr.contains("WORSE THAN THE BASE"),
@@ -150,4 +158,76 @@ fn a_model_made_worse_is_flagged_and_not_made_the_default() {
     // The model is still registered, marked as a regression.
     let metadata = json(&project, ".ragd-home/models/e2e/training_metadata.json");
     assert_eq!(metadata["evaluation_regression"], true, "{metadata}");
+}
+
+/// Issue 12: a deliberately bad recipe (learning rate 1e-3, 5 epochs on about 50 examples) ends
+/// with the verdict `worse`, or is rescued by the merge with the base (α → 0); either way it is
+/// never made ragd's default, and the report says every α's figures.
+#[test]
+fn a_bad_recipe_ends_worse_or_is_rescued_by_the_merge_and_is_never_the_default() {
+    let project = project();
+    project.write(
+        "bad.yaml",
+        &RECIPE.replace("max_chunks: 48", "max_chunks: 60").replace(
+            "  max_steps: 4\n",
+            "  epochs: 5\n  learning_rate: 0.001\n  merge: auto\n",
+        ),
+    );
+    let run = project.run(&["run", "bad.yaml"]);
+    run.success();
+    let report = json(&project, &report_path(&project));
+    let label = report["verdict"]["label"].as_str().expect("a verdict");
+    let alpha = report["merge"]["alpha"].as_f64().expect("a merge");
+    let trials = report["merge"]["trials"].as_array().expect("trials");
+    assert_eq!(trials.len(), 5, "{}", report["merge"]);
+    assert!(
+        label == "worse" || alpha == 0.0,
+        "verdict `{label}` with α = {alpha}: {}",
+        run.stderr
+    );
+    assert_ne!(label, "better", "{}", run.stderr);
+    assert!(run.stderr.contains("verdict: "), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("NOT making `e2e` ragd's default"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !project.path(".ragd-home/config.yaml").exists(),
+        "ragd's config was left alone"
+    );
+    // The general check was scored for both models.
+    let general = report["datasets"]
+        .as_array()
+        .expect("datasets")
+        .iter()
+        .find(|d| d["role"] == "general")
+        .expect("the general check");
+    assert_eq!(general["query_ids"].as_array().map(Vec::len), Some(40));
+}
+
+/// Where the evaluate stage of the run in `project` wrote its report, relative to the project.
+fn report_path(project: &Project) -> String {
+    let found = walk(&project.path(".ragd-pipe"))
+        .into_iter()
+        .find(|p| p.ends_with("report.json"))
+        .expect("a report.json in the store");
+    found
+        .strip_prefix(project.root())
+        .expect("inside the project")
+        .display()
+        .to_string()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
 }

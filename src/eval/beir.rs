@@ -68,7 +68,20 @@ impl BeirDataset {
     /// are kept here; scoring leaves them out, as BEIR does.
     pub fn load(dir: &Path, split: &str) -> Result<Self, EvalError> {
         let [corpus_path, queries_path, qrels_path] = files(dir, split);
-        let documents = read_records(&corpus_path)?
+        Self::parse(
+            (&read(&corpus_path)?, &corpus_path),
+            (&read(&queries_path)?, &queries_path),
+            (&read(&qrels_path)?, &qrels_path),
+        )
+    }
+
+    /// The dataset from the texts of its three files, each with the path its errors name.
+    pub fn parse(
+        (corpus, corpus_path): (&str, &Path),
+        (queries, queries_path): (&str, &Path),
+        (qrels, qrels_path): (&str, &Path),
+    ) -> Result<Self, EvalError> {
+        let documents = read_records(corpus, corpus_path)?
             .into_iter()
             .map(|(_, record)| BeirDocument {
                 id: record.id.into_string(),
@@ -76,11 +89,11 @@ impl BeirDataset {
                 text: record.text,
             })
             .collect();
-        let queries = read_records(&queries_path)?
+        let queries = read_records(queries, queries_path)?
             .into_iter()
             .map(|(_, record)| (record.id.into_string(), record.text))
             .collect();
-        let relevant = read_qrels(&qrels_path)?;
+        let relevant = read_qrels(qrels, qrels_path)?;
         Ok(Self {
             documents,
             queries,
@@ -96,8 +109,7 @@ fn read(path: &Path) -> Result<String, EvalError> {
     })
 }
 
-fn read_records(path: &Path) -> Result<Vec<(usize, Record)>, EvalError> {
-    let text = read(path)?;
+fn read_records(text: &str, path: &Path) -> Result<Vec<(usize, Record)>, EvalError> {
     let mut records = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -113,8 +125,7 @@ fn read_records(path: &Path) -> Result<Vec<(usize, Record)>, EvalError> {
     Ok(records)
 }
 
-fn read_qrels(path: &Path) -> Result<HashMap<String, HashSet<String>>, EvalError> {
-    let text = read(path)?;
+fn read_qrels(text: &str, path: &Path) -> Result<HashMap<String, HashSet<String>>, EvalError> {
     let mut relevant: HashMap<String, HashSet<String>> = HashMap::new();
     for (index, line) in text.lines().enumerate() {
         let fields: Vec<&str> = line.split('\t').map(str::trim).collect();

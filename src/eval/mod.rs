@@ -10,6 +10,7 @@
 
 pub mod beir;
 pub mod error;
+pub mod general;
 pub mod metrics;
 pub mod render;
 pub mod report;

@@ -39,7 +39,7 @@ use fs_err as fs;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{Metric, RunScores};
-use super::stats::{Interval, PairedComparison, PairedTestConfig, Verdict};
+use super::stats::{Interval, PairedComparison, PairedTestConfig};
 use super::training::TrainingCurve;
 use super::{EvalError, render, stats};
 
@@ -92,6 +92,8 @@ pub struct SystemSpec {
     pub dimension: Option<usize>,
     /// For a reranked system: the cross-encoder and what reranking cost.
     pub reranker: Option<RerankerRun>,
+    /// Tokens a text was truncated at, for dense systems.
+    pub max_seq_length: Option<usize>,
 }
 
 /// How a retrieve+rerank system reranked.
@@ -121,6 +123,9 @@ pub struct System {
     pub dimension: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reranker: Option<RerankerRun>,
+    /// Tokens a text was truncated at; absent from reports written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seq_length: Option<usize>,
     pub metrics: BTreeMap<Metric, MetricSummary>,
     /// Each metric's value per query, aligned with the dataset's `query_ids`.
     pub per_query: BTreeMap<Metric, Vec<f64>>,
@@ -144,10 +149,27 @@ pub struct Comparison {
     pub reranker_regression: bool,
 }
 
+/// What a query set measures, which decides how it weighs in the [`Verdict`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetRole {
+    /// The user's own labelled questions: real queries, the verdict's first witness.
+    #[default]
+    User,
+    /// Synthetic queries of documents training never saw.
+    HeldOut,
+    /// The general-domain set shipped with the tool: does the fine-tune forget what the base
+    /// knew?
+    General,
+}
+
 /// The systems evaluated on one query set and how they compare.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dataset {
     pub name: String,
+    /// Absent from reports written before roles existed, which read as `user`.
+    #[serde(default)]
+    pub role: DatasetRole,
     /// Documents searched.
     pub documents: usize,
     /// Queries scored (those with a relevant document), in the order of every per-query list.
@@ -160,6 +182,7 @@ impl Dataset {
     pub fn new(name: impl Into<String>, documents: usize, query_ids: Vec<String>) -> Self {
         Self {
             name: name.into(),
+            role: DatasetRole::User,
             documents,
             query_ids,
             systems: Vec::new(),
@@ -202,6 +225,7 @@ impl Dataset {
             model: spec.model,
             dimension: spec.dimension,
             reranker: spec.reranker,
+            max_seq_length: spec.max_seq_length,
             metrics,
             per_query: scores.values,
         });
@@ -241,9 +265,9 @@ impl Dataset {
                 sentence: result.sentence(&cand.label, &base.label, &metric.label()),
                 regression: base.kind == SystemKind::Base
                     && cand.kind == SystemKind::FineTuned
-                    && result.verdict == Verdict::Worse,
+                    && result.verdict == stats::Verdict::Worse,
                 reranker_regression: cand.kind == SystemKind::Reranked
-                    && result.verdict == Verdict::Worse,
+                    && result.verdict == stats::Verdict::Worse,
                 result,
             });
         }
@@ -252,12 +276,20 @@ impl Dataset {
     }
 
     /// Compares every fine-tuned system with the base system of the same dimension, the
-    /// comparison the regression guard watches.
+    /// comparison the regression guard watches. When the base was scored at several lengths,
+    /// the one with the best mean of the first of `metrics` is the baseline: a gain is then the
+    /// fine-tune's, not a truncation's.
     pub fn compare_fine_tuned_with_base(
         &mut self,
         metrics: &[Metric],
         settings: &PairedTestConfig,
     ) -> Result<(), EvalError> {
+        let mean = |system: &System| {
+            metrics
+                .first()
+                .and_then(|metric| system.metrics.get(metric))
+                .map_or(f64::NEG_INFINITY, |summary| summary.mean)
+        };
         let pairs: Vec<(String, String)> = self
             .systems
             .iter()
@@ -265,7 +297,13 @@ impl Dataset {
             .filter_map(|tuned| {
                 self.systems
                     .iter()
-                    .find(|base| base.kind == SystemKind::Base && base.dimension == tuned.dimension)
+                    .filter(|base| {
+                        base.kind == SystemKind::Base && base.dimension == tuned.dimension
+                    })
+                    .fold(None::<&System>, |best, base| match best {
+                        Some(best) if mean(best) >= mean(base) => Some(best),
+                        _ => Some(base),
+                    })
                     .map(|base| (base.label.clone(), tuned.label.clone()))
             })
             .collect();
@@ -273,6 +311,15 @@ impl Dataset {
             self.compare(&base, &tuned, metrics, settings)?;
         }
         Ok(())
+    }
+
+    /// The comparison of the full-size fine-tuned model with its base on nDCG@10: the one the
+    /// verdict reads.
+    pub fn headline_comparison(&self) -> Option<&Comparison> {
+        self.comparisons.iter().find(|comparison| {
+            comparison.metric == Metric::NDCG_10
+                && comparison.candidate == SystemKind::FineTuned.name()
+        })
     }
 }
 
@@ -293,6 +340,216 @@ fn per_query<'a>(
         })
 }
 
+/// How the train stage chose the weight of the fine-tuned model in its merge with the base
+/// (`train.merge`): `merge.json` in the model's artifact, copied into the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeSearch {
+    /// The `α` registered: `α·fine-tuned + (1−α)·base`.
+    pub alpha: f64,
+    /// `auto` (the best of the trials), or `fixed` (the recipe's `α`).
+    pub mode: String,
+    /// What the choice rested on.
+    pub why: String,
+    /// Every `α` tried, in the order tried.
+    pub trials: Vec<MergeTrial>,
+}
+
+/// One `α`'s figures, nDCG@10 on the held-out split and on the general check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeTrial {
+    pub alpha: f64,
+    /// Absent when there was no held-out split to score.
+    pub heldout_ndcg10: Option<f64>,
+    pub general_ndcg10: f64,
+    /// The general check lost no more than allowed against the base (`α = 0`).
+    pub within_general_guard: bool,
+}
+
+/// What the verdict's labels are.
+pub const VERDICT_BETTER: &str = "better";
+pub const VERDICT_NO_CLEAR_DIFFERENCE: &str = "no clear difference";
+pub const VERDICT_WORSE: &str = "worse";
+
+/// Whether the fine-tuned model is worth using, in plain words: the first thing a report says
+/// and the last thing a run prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// [`VERDICT_BETTER`], [`VERDICT_NO_CLEAR_DIFFERENCE`] or [`VERDICT_WORSE`].
+    pub label: String,
+    /// One sentence of evidence.
+    pub why: String,
+    /// What to try next, and at which length to run each model.
+    pub next: String,
+}
+
+/// How much the general check may lose before the verdict calls a fine-tune worse.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VerdictRules {
+    /// Largest drop of nDCG@10 (base minus fine-tuned) on the general check that is tolerated.
+    pub general_max_drop: f64,
+}
+
+impl Verdict {
+    /// The verdict from the datasets' headline comparisons: `worse` when any held-out or user
+    /// set is worse beyond noise, or the general check loses more than allowed; else `better`
+    /// when the sets that decide (the user's own when there are any, since their questions are
+    /// real, else the held-out split) show a gain beyond noise; else `no clear difference`.
+    /// `None` without a fine-tuned model.
+    pub fn judge(datasets: &[Dataset], rules: VerdictRules) -> Option<Self> {
+        let headline = |role: DatasetRole| -> Vec<(&Dataset, &Comparison)> {
+            datasets
+                .iter()
+                .filter(|d| d.role == role)
+                .filter_map(|d| Some((d, d.headline_comparison()?)))
+                .collect()
+        };
+        let (user, heldout, general) = (
+            headline(DatasetRole::User),
+            headline(DatasetRole::HeldOut),
+            headline(DatasetRole::General),
+        );
+        let deciding = if user.is_empty() { &heldout } else { &user };
+        if deciding.is_empty() {
+            return None;
+        }
+        let lost_general = general
+            .iter()
+            .find(|(_, c)| -c.result.mean_difference > rules.general_max_drop);
+        let worse = user
+            .iter()
+            .chain(&heldout)
+            .find(|(_, c)| c.result.verdict == stats::Verdict::Worse);
+        let better = deciding
+            .iter()
+            .filter(|(_, c)| c.result.verdict == stats::Verdict::Better)
+            .max_by(|a, b| {
+                a.1.result
+                    .mean_difference
+                    .total_cmp(&b.1.result.mean_difference)
+            });
+        let evidence = |(dataset, comparison): &(&Dataset, &Comparison)| {
+            format!("on {}, {}", dataset.name, comparison.sentence)
+        };
+        let general_note = match general.first() {
+            Some((dataset, c)) if lost_general.is_none() => format!(
+                "; on the general check ({}) it moves {:+.3}, within the {:.3} allowed",
+                dataset.name, c.result.mean_difference, rules.general_max_drop
+            ),
+            _ => String::new(),
+        };
+        let (label, why, next) = if let Some(worse) = worse {
+            (
+                VERDICT_WORSE,
+                evidence(worse),
+                "lower `train.learning_rate` or `train.epochs`, keep `train.merge: auto` so the \
+                 merge can fall back towards the base, or try another `base_model`",
+            )
+        } else if let Some((dataset, c)) = lost_general {
+            (
+                VERDICT_WORSE,
+                format!(
+                    "it forgets what the base knew: on the general check ({}) nDCG@10 drops by \
+                     {:.3}, more than the {:.3} allowed (`evaluate.general_max_drop`)",
+                    dataset.name, -c.result.mean_difference, rules.general_max_drop
+                ),
+                "keep `train.merge: auto` (or set a smaller `train.merge`), lower \
+                 `train.learning_rate` or `train.epochs`, or try another `base_model`",
+            )
+        } else if let Some(better) = better {
+            (
+                VERDICT_BETTER,
+                format!("{}{general_note}", evidence(better)),
+                "use it; more chunks or LLM-written queries may widen the gain",
+            )
+        } else {
+            let shown = deciding.iter().map(evidence).collect::<Vec<_>>().join("; ");
+            let synthetic_only = !user.is_empty()
+                && heldout
+                    .iter()
+                    .any(|(_, c)| c.result.verdict == stats::Verdict::Better);
+            let why = if synthetic_only {
+                format!(
+                    "the held-out split (synthetic queries) improves, but your own questions do \
+                     not show it beyond noise: {shown}{general_note}"
+                )
+            } else {
+                format!("no difference beyond noise: {shown}{general_note}")
+            };
+            (
+                VERDICT_NO_CLEAR_DIFFERENCE,
+                why,
+                "give it more chunks (more documents), write queries with an LLM \
+                 (`query_gen.backend`), add labelled questions of your own to \
+                 `evaluate.datasets` for a tighter interval, or try another `base_model`",
+            )
+        };
+        let lengths = deciding
+            .first()
+            .and_then(|(dataset, _)| length_advice(dataset))
+            .map(|advice| format!("; {advice}"))
+            .unwrap_or_default();
+        Some(Self {
+            label: label.to_owned(),
+            why: sentence(&why),
+            next: sentence(&format!("{next}{lengths}")),
+        })
+    }
+}
+
+/// At which length to run each model, when the base was scored at more than one: the base at
+/// its best, the fine-tuned model at the length it was trained and scored at.
+fn length_advice(dataset: &Dataset) -> Option<String> {
+    let full = |kind: SystemKind| {
+        let top = dataset
+            .systems
+            .iter()
+            .filter(|s| s.kind == kind)
+            .filter_map(|s| s.dimension)
+            .max();
+        dataset
+            .systems
+            .iter()
+            .filter(move |s| s.kind == kind && s.dimension == top)
+    };
+    let ndcg = |s: &System| s.metrics.get(&Metric::NDCG_10).map_or(0.0, |m| m.mean);
+    let bases: Vec<&System> = full(SystemKind::Base)
+        .filter(|s| s.max_seq_length.is_some())
+        .collect();
+    if bases.len() < 2 {
+        return None;
+    }
+    let best = bases.iter().max_by(|a, b| ndcg(a).total_cmp(&ndcg(b)))?;
+    let others = bases
+        .iter()
+        .filter(|s| s.label != best.label)
+        .map(|s| format!("{:.4} at {}", ndcg(s), s.max_seq_length.unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tuned = full(SystemKind::FineTuned)
+        .find_map(|s| s.max_seq_length)
+        .map(|n| format!(", the fine-tuned model at its {n} tokens"))
+        .unwrap_or_default();
+    Some(format!(
+        "run the base at {} tokens (nDCG@10 {:.4} on {}, against {others}){tuned}",
+        best.max_seq_length.unwrap_or_default(),
+        ndcg(best),
+        dataset.name
+    ))
+}
+
+/// `text` with a capital first letter and a closing full stop.
+fn sentence(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut out: String = chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default();
+    if !out.ends_with('.') {
+        out.push('.');
+    }
+    out
+}
+
 /// The whole evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -311,30 +568,38 @@ pub struct Report {
     pub settings: PairedTestConfig,
     pub datasets: Vec<Dataset>,
     pub training: Option<TrainingCurve>,
+    /// Whether the fine-tune is worth using; absent without a fine-tuned model, and from
+    /// reports written before verdicts existed.
+    #[serde(default)]
+    pub verdict: Option<Verdict>,
+    /// How the fine-tuned model was merged with its base, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeSearch>,
 }
 
 impl Report {
-    /// Assembles the report and raises the regression flag from the datasets' comparisons.
+    /// Assembles the report and raises the regression flag from the datasets' comparisons; the
+    /// general check's flag waits for [`Report::conclude`], which knows the loss it tolerates.
     pub fn new(
         title: impl Into<String>,
         settings: PairedTestConfig,
         datasets: Vec<Dataset>,
         training: Option<TrainingCurve>,
     ) -> Self {
-        let sentences = |flagged: fn(&Comparison) -> bool| -> Vec<String> {
+        let sentences = |flagged: fn(&Dataset, &Comparison) -> bool| -> Vec<String> {
             datasets
                 .iter()
                 .flat_map(|dataset| {
                     dataset
                         .comparisons
                         .iter()
-                        .filter(move |comparison| flagged(comparison))
+                        .filter(move |comparison| flagged(dataset, comparison))
                         .map(|comparison| format!("{}: {}", dataset.name, comparison.sentence))
                 })
                 .collect()
         };
-        let regressions = sentences(|c| c.regression);
-        let reranker_regressions = sentences(|c| c.reranker_regression);
+        let regressions = sentences(|d, c| d.role != DatasetRole::General && c.regression);
+        let reranker_regressions = sentences(|_, c| c.reranker_regression);
         Self {
             format: REPORT_FORMAT,
             title: title.into(),
@@ -345,7 +610,33 @@ impl Report {
             settings,
             datasets,
             training,
+            verdict: None,
+            merge: None,
         }
+    }
+
+    /// Flags a general check that lost more than `rules` allow as a regression, and reaches
+    /// the [`Verdict`].
+    pub fn conclude(&mut self, rules: VerdictRules) {
+        for dataset in self.datasets.iter_mut() {
+            if dataset.role != DatasetRole::General {
+                continue;
+            }
+            for comparison in dataset.comparisons.iter_mut() {
+                let drop = -comparison.result.mean_difference;
+                comparison.regression = comparison.metric == Metric::NDCG_10
+                    && comparison.candidate == SystemKind::FineTuned.name()
+                    && drop > rules.general_max_drop;
+                if comparison.regression {
+                    self.regressions.push(format!(
+                        "{} (general check): {}; the drop {drop:.3} is more than the {:.3} allowed",
+                        dataset.name, comparison.sentence, rules.general_max_drop
+                    ));
+                }
+            }
+        }
+        self.regression = !self.regressions.is_empty();
+        self.verdict = Verdict::judge(&self.datasets, rules);
     }
 
     /// `{dataset: {system: {metric: mean}}}` over [`HEADLINE_METRICS`]: the figures a registry
@@ -393,5 +684,178 @@ impl Report {
             fs::write(&path, contents).map_err(|source| EvalError::Io { path, source })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PairedTestConfig {
+        PairedTestConfig {
+            resamples: 500,
+            ..PairedTestConfig::default()
+        }
+    }
+
+    /// A dataset of 30 queries whose base scores `base` and fine-tuned `base + gain` on each
+    /// (nDCG@10), with a little per-query noise so the tests have something to weigh; extra
+    /// base systems at other lengths come as `(tokens, shift)`.
+    fn dataset(name: &str, role: DatasetRole, gain: f64, other_bases: &[(usize, f64)]) -> Dataset {
+        let ids: Vec<String> = (0..30).map(|i| format!("q{i}")).collect();
+        let base: Vec<f64> = (0..30)
+            .map(|i| 0.4 + 0.3 * ((i % 5) as f64) / 4.0)
+            .collect();
+        let noise = |i: usize| if i.is_multiple_of(2) { 0.01 } else { -0.01 };
+        let mut dataset = Dataset::new(name, 100, ids.clone());
+        dataset.role = role;
+        let mut add = |label: String, kind, values: Vec<f64>, tokens| {
+            let spec = SystemSpec {
+                label,
+                kind,
+                model: None,
+                dimension: Some(384),
+                reranker: None,
+                max_seq_length: Some(tokens),
+            };
+            let scores = RunScores {
+                query_ids: ids.clone(),
+                values: BTreeMap::from([(Metric::NDCG_10, values)]),
+            };
+            dataset.add_system(spec, scores, &settings()).expect("adds");
+        };
+        add("base".to_owned(), SystemKind::Base, base.clone(), 256);
+        for &(tokens, shift) in other_bases {
+            let values = base.iter().map(|v| v + shift).collect();
+            add(
+                format!("base ({tokens} tokens)"),
+                SystemKind::Base,
+                values,
+                tokens,
+            );
+        }
+        let tuned = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + gain + noise(i))
+            .collect();
+        add("fine-tuned".to_owned(), SystemKind::FineTuned, tuned, 128);
+        dataset
+            .compare_fine_tuned_with_base(&[Metric::NDCG_10], &settings())
+            .expect("compares");
+        dataset
+    }
+
+    fn concluded(datasets: Vec<Dataset>) -> Report {
+        let mut report = Report::new("t", settings(), datasets, None);
+        report.conclude(VerdictRules {
+            general_max_drop: 0.02,
+        });
+        report
+    }
+
+    fn label(report: &Report) -> &str {
+        report.verdict.as_ref().map_or("none", |v| v.label.as_str())
+    }
+
+    #[test]
+    fn a_gain_on_the_users_questions_is_better() {
+        let report = concluded(vec![
+            dataset("held-out", DatasetRole::HeldOut, 0.0, &[]),
+            dataset("mine", DatasetRole::User, 0.05, &[]),
+            dataset("general check", DatasetRole::General, -0.01, &[]),
+        ]);
+        assert_eq!(label(&report), VERDICT_BETTER, "{:?}", report.verdict);
+        let verdict = report.verdict.expect("a verdict");
+        assert!(
+            verdict.why.starts_with("On mine, fine-tuned beats base"),
+            "{}",
+            verdict.why
+        );
+        assert!(verdict.why.contains("general check"), "{}", verdict.why);
+        assert!(!report.regression, "{:?}", report.regressions);
+    }
+
+    #[test]
+    fn a_gain_on_synthetic_queries_alone_is_no_clear_difference() {
+        let report = concluded(vec![
+            dataset("held-out", DatasetRole::HeldOut, 0.05, &[]),
+            dataset("mine", DatasetRole::User, 0.0, &[]),
+        ]);
+        assert_eq!(label(&report), VERDICT_NO_CLEAR_DIFFERENCE);
+        let verdict = report.verdict.expect("a verdict");
+        assert!(verdict.why.contains("synthetic"), "{}", verdict.why);
+        assert!(verdict.next.contains("more chunks"), "{}", verdict.next);
+        // Without a user dataset, the held-out split decides.
+        let report = concluded(vec![dataset("held-out", DatasetRole::HeldOut, 0.05, &[])]);
+        assert_eq!(label(&report), VERDICT_BETTER);
+    }
+
+    #[test]
+    fn a_loss_anywhere_or_a_forgetful_general_check_is_worse() {
+        let report = concluded(vec![
+            dataset("held-out", DatasetRole::HeldOut, -0.05, &[]),
+            dataset("mine", DatasetRole::User, 0.05, &[]),
+        ]);
+        assert_eq!(label(&report), VERDICT_WORSE);
+        assert!(report.regression);
+
+        let report = concluded(vec![
+            dataset("mine", DatasetRole::User, 0.05, &[]),
+            dataset("general check", DatasetRole::General, -0.05, &[]),
+        ]);
+        assert_eq!(label(&report), VERDICT_WORSE);
+        let verdict = report.verdict.as_ref().expect("a verdict");
+        assert!(verdict.why.contains("forgets"), "{}", verdict.why);
+        assert!(report.regression);
+        assert!(
+            report
+                .regressions
+                .iter()
+                .any(|r| r.contains("general check")),
+            "{:?}",
+            report.regressions
+        );
+        // A loss within the tolerance is no regression even when beyond noise.
+        let report = concluded(vec![
+            dataset("mine", DatasetRole::User, 0.05, &[]),
+            dataset("general check", DatasetRole::General, -0.015, &[]),
+        ]);
+        assert_eq!(label(&report), VERDICT_BETTER, "{:?}", report.regressions);
+        assert!(!report.regression, "{:?}", report.regressions);
+        // No fine-tuned model, no verdict.
+        let mut base_only = Dataset::new("mine", 1, Vec::new());
+        base_only.role = DatasetRole::User;
+        assert_eq!(label(&concluded(vec![base_only])), "none");
+    }
+
+    #[test]
+    fn the_gain_is_counted_against_the_better_base_and_the_lengths_are_said() {
+        // Base truncated at 128 tokens loses 0.03; the fine-tuned model gains 0.02 over the
+        // base at 256: against the 128-token base it would look like 0.05.
+        let report = concluded(vec![dataset(
+            "mine",
+            DatasetRole::User,
+            0.02,
+            &[(128, -0.03)],
+        )]);
+        let headline = report.datasets[0].headline_comparison().expect("compared");
+        assert_eq!(headline.baseline, "base");
+        assert!((headline.result.mean_difference - 0.02).abs() < 1e-9);
+        let verdict = report.verdict.expect("a verdict");
+        assert!(
+            verdict.next.contains("run the base at 256 tokens")
+                && verdict.next.contains("fine-tuned model at its 128 tokens"),
+            "{}",
+            verdict.next
+        );
+        // Old reports read without a verdict.
+        let mut json: serde_json::Value =
+            serde_json::from_str(&concluded(Vec::new()).to_json().expect("json")).expect("parses");
+        json.as_object_mut().expect("an object").remove("verdict");
+        assert_eq!(
+            Report::from_json(&json.to_string()).expect("reads").verdict,
+            None
+        );
     }
 }

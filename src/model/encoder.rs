@@ -98,6 +98,15 @@ impl SentenceEncoder {
         })
     }
 
+    /// This model truncating texts at `max_seq_length` tokens instead (at most its
+    /// `max_position_embeddings`): to score a model at another model's length.
+    pub fn with_max_seq_length(self, max_seq_length: usize) -> Result<Self, ModelError> {
+        let tokenizer = self
+            .tokenizer
+            .with_max_seq_length(max_seq_length, self.bert.config().max_position_embeddings)?;
+        Ok(Self { tokenizer, ..self })
+    }
+
     /// The number of dimensions of an embedding.
     pub fn dim(&self) -> usize {
         self.pooling.output_dim(self.bert.config().hidden_size)

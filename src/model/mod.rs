@@ -17,6 +17,7 @@ pub mod error;
 pub mod gguf;
 pub mod hub;
 pub mod kernels;
+pub mod merge;
 pub mod ollama;
 pub mod pickle_guard;
 pub mod pooling;

@@ -6,6 +6,12 @@
 //! `report.json`, `report.md` and `report.html`; a fine-tuned model worse than its base beyond
 //! noise raises the report's regression flag, which register reads.
 //!
+//! Every evaluate also scores base and fine-tuned on the general check built into the tool
+//! ([`crate::eval::general`]), and, when the fine-tuned model truncates texts at another length
+//! than its base, the base at that length too: gains are counted against the better base. The
+//! report ends in a [`crate::eval::report::Verdict`] (`better`, `no clear difference`, `worse`),
+//! in the summary as `verdict`, which register reads before making a model the default.
+//!
 //! With a reranker in the recipe (a `train_reranker:` section), each full-size dense system is
 //! scored a second time as `retrieve+rerank`: its top `rerank_top_k` results reordered by the
 //! cross-encoder, the rest left in place, compared pairwise with retrieval alone. A reranked
@@ -20,14 +26,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
-use super::train::{MODEL_DIR, TRAIN_LOG_FILE};
+use super::train::{MERGE_FILE, MODEL_DIR, TRAIN_LOG_FILE};
 use super::train_reranker::RERANKER_DIR;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
 };
 use crate::corpus::Chunk;
-use crate::eval::report::RerankerRun;
+use crate::eval::report::{DatasetRole, MergeSearch, RerankerRun, VERDICT_WORSE, VerdictRules};
 use crate::eval::{
     self, BeirDataset, Dataset, HEADLINE_METRICS, Metric, PairedTestConfig, Report, RunScores,
     SystemKind, SystemSpec, TrainingCurve,
@@ -89,6 +95,14 @@ pub struct EvaluateParams {
     /// Confidence level of the intervals (and 1 − the tests' significance level).
     #[serde(default = "default_confidence")]
     pub confidence: f64,
+    /// Score base and fine-tuned on the general check built into the tool (general-domain
+    /// passages and questions): a fine-tune that forgets what its base knew is caught.
+    #[serde(default = "yes")]
+    pub general: bool,
+    /// The most nDCG@10 the fine-tuned model may lose on the general check before it is
+    /// flagged like a regression and the verdict says `worse`.
+    #[serde(default = "default_general_max_drop")]
+    pub general_max_drop: f64,
 }
 
 impl Default for EvaluateParams {
@@ -112,6 +126,9 @@ fn default_resamples() -> usize {
 }
 fn default_confidence() -> f64 {
     0.95
+}
+fn default_general_max_drop() -> f64 {
+    0.02
 }
 
 pub struct Evaluate {
@@ -186,6 +203,12 @@ impl StageDef for Evaluate {
                 format!("{} is not between 0.5 and 1", params.confidence),
             ));
         }
+        if !(0.0..=1.0).contains(&params.general_max_drop) {
+            invalid.push(Invalid::new(
+                &["general_max_drop"],
+                format!("{} is not between 0 and 1", params.general_max_drop),
+            ));
+        }
         if let Some(index) = params.dimensions.iter().position(|d| *d == 0) {
             invalid.push(Invalid {
                 path: vec!["dimensions".to_owned(), index.to_string()],
@@ -212,8 +235,9 @@ impl Stage for Evaluate {
         Self::KIND
     }
 
+    /// 2: the general check, the base also at the fine-tuned model's length, and the verdict.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -234,6 +258,9 @@ impl Stage for Evaluate {
     fn params(&self) -> serde_json::Value {
         let mut params = serde_json::to_value(&self.params).unwrap_or_default();
         params["seed"] = self.seed.into();
+        if self.params.general {
+            params["general_check"] = eval::general::general_check_digest().into();
+        }
         params
     }
 
@@ -273,7 +300,19 @@ impl Stage for Evaluate {
         }
         for (set, dir) in self.params.datasets.iter().zip(&self.dataset_dirs) {
             let data = BeirDataset::load(dir, &set.split).map_err(eval_error)?;
-            sets.push(EvalSet::from_beir(set_name(set, dir), data));
+            sets.push(EvalSet::from_beir(
+                set_name(set, dir),
+                data,
+                DatasetRole::User,
+            ));
+        }
+        if self.params.general {
+            let data = eval::general::general_check().map_err(eval_error)?;
+            sets.push(EvalSet::from_beir(
+                eval::general::GENERAL_CHECK_NAME.to_owned(),
+                data,
+                DatasetRole::General,
+            ));
         }
         if sets.is_empty() {
             return Err(StageError::Failed(
@@ -284,23 +323,49 @@ impl Stage for Evaluate {
         let base_dir = ctx
             .env
             .resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
+        let base_digest = io::model_digest(&base_dir)?;
         let mut models = vec![(
             SystemKind::Base,
+            SystemKind::Base.name().to_owned(),
             self.base_model.clone(),
             io::load_encoder_dir(&ctx.env, &base_dir)?,
-            io::model_digest(&base_dir)?,
+            base_digest.clone(),
         )];
         let mut trained_dims = Vec::new();
         let mut training = None;
+        let mut merge = None;
         if let Ok(artifact) = ctx.input(Artifact::Model) {
             let dir = artifact.join(MODEL_DIR);
+            let tuned = io::load_encoder_dir(&ctx.env, &dir)?;
+            // Like with like: truncation alone moves a model, so the base is also scored at the
+            // length the fine-tuned model runs at.
+            let length = tuned.max_seq_length();
+            if length != models[0].3.max_seq_length() {
+                let base = io::load_encoder_dir(&ctx.env, &base_dir)?
+                    .with_max_seq_length(length)
+                    .map_err(io::model_error)?;
+                models.push((
+                    SystemKind::Base,
+                    format!("{} ({length} tokens)", SystemKind::Base.name()),
+                    self.base_model.clone(),
+                    base,
+                    base_digest.clone(),
+                ));
+            }
             models.push((
                 SystemKind::FineTuned,
+                SystemKind::FineTuned.name().to_owned(),
                 dir.display().to_string(),
-                io::load_encoder_dir(&ctx.env, &dir)?,
+                tuned,
                 io::model_digest(&dir)?,
             ));
             trained_dims = recorded_dimensions(&dir);
+            let merge_file = artifact.join(MERGE_FILE);
+            if merge_file.is_file() {
+                merge = Some(serde_json::from_str::<MergeSearch>(
+                    &fs_err::read_to_string(&merge_file)?,
+                )?);
+            }
             let log = artifact.join(TRAIN_LOG_FILE);
             if log.is_file() {
                 training = Some(TrainingCurve::from_jsonl(&log).map_err(eval_error)?);
@@ -331,6 +396,7 @@ impl Stage for Evaluate {
         for set in &sets {
             ctx.check_cancelled()?;
             let mut dataset = Dataset::new(&set.name, set.documents.len(), set.query_ids());
+            dataset.role = set.role;
             if self.params.bm25 {
                 let ranked = set.rank_bm25(ctx, eval::max_k(&metrics))?;
                 let scores = set.score(&ranked, &metrics);
@@ -340,6 +406,7 @@ impl Stage for Evaluate {
                     model: None,
                     dimension: None,
                     reranker: None,
+                    max_seq_length: None,
                 };
                 dataset
                     .add_system(spec, scores, &settings)
@@ -347,16 +414,16 @@ impl Stage for Evaluate {
             }
             let mut reranked = Vec::new();
             let mut scored_pairs = HashMap::new();
-            for (kind, reference, encoder, digest) in &models {
+            for (kind, stem, reference, encoder, digest) in &models {
                 let dims = self.dimensions(encoder.dim(), &trained_dims);
                 let model = (encoder, digest.as_str());
                 for (dim, ranked) in
                     set.rank_dense(ctx, model, &dims, self.params.batch_size, &metrics)?
                 {
                     let label = if dim == encoder.dim() {
-                        kind.name().to_owned()
+                        stem.clone()
                     } else {
-                        format!("{}@{dim}", kind.name())
+                        format!("{stem}@{dim}")
                     };
                     let spec = SystemSpec {
                         label: label.clone(),
@@ -364,6 +431,7 @@ impl Stage for Evaluate {
                         model: Some(reference.clone()),
                         dimension: Some(dim),
                         reranker: None,
+                        max_seq_length: Some(encoder.max_seq_length()),
                     };
                     let scores = set.score(&ranked, &metrics);
                     dataset
@@ -386,6 +454,7 @@ impl Stage for Evaluate {
                                 top_k,
                                 seconds_per_query,
                             }),
+                            max_seq_length: Some(encoder.max_seq_length()),
                         };
                         reranked.push((label, spec.label.clone(), seconds_per_query));
                         let scores = set.score(&ranked, &metrics);
@@ -412,12 +481,16 @@ impl Stage for Evaluate {
             datasets.push(dataset);
         }
 
-        let report = Report::new(
+        let mut report = Report::new(
             format!("{}: evaluation", self.recipe_name),
             settings,
             datasets,
             training,
         );
+        report.merge = merge;
+        report.conclude(VerdictRules {
+            general_max_drop: self.params.general_max_drop,
+        });
         report.write(&ctx.out_dir).map_err(eval_error)?;
         ctx.table(&metrics_table(&report));
         for dataset in &report.datasets {
@@ -440,6 +513,17 @@ impl Stage for Evaluate {
                 "THE FINE-TUNED MODEL IS WORSE THAN THE BASE beyond noise:\n  {}\nregister will not make it the default unless `register.allow_worse: true`",
                 report.regressions.join("\n  ")
             ));
+        }
+        if let Some(verdict) = &report.verdict {
+            let text = format!(
+                "verdict: {}. {}\nnext: {}",
+                verdict.label, verdict.why, verdict.next
+            );
+            if verdict.label == VERDICT_WORSE {
+                ctx.warn(text);
+            } else {
+                ctx.info(text);
+            }
         }
         Ok(StageOutcome {
             summary: summary(&report),
@@ -502,6 +586,7 @@ impl Evaluate {
         }
         Ok(Some(EvalSet {
             name: "held-out".to_owned(),
+            role: DatasetRole::HeldOut,
             documents,
             queries,
             relevant,
@@ -536,6 +621,7 @@ fn eval_error(error: eval::EvalError) -> StageError {
 /// One query set: documents `(id, text)`, queries `(id, text)` and the relevant ids per query.
 struct EvalSet {
     name: String,
+    role: DatasetRole,
     documents: Vec<(String, String)>,
     queries: Vec<(String, String)>,
     relevant: HashMap<String, HashSet<String>>,
@@ -547,7 +633,7 @@ type Rankings = Vec<Vec<String>>;
 impl EvalSet {
     /// BEIR joins a document's title and text for the model to read, as sentence-transformers'
     /// evaluation does; queries without a relevant document are not scored.
-    fn from_beir(name: String, data: BeirDataset) -> Self {
+    fn from_beir(name: String, data: BeirDataset, role: DatasetRole) -> Self {
         let queries = data
             .queries
             .into_iter()
@@ -555,6 +641,7 @@ impl EvalSet {
             .collect();
         Self {
             name,
+            role,
             documents: data
                 .documents
                 .into_iter()
@@ -753,7 +840,11 @@ fn metrics_table(report: &Report) -> Table {
 /// The regression flag and headline means: what the lock and `--json` show without opening
 /// the report.
 fn summary(report: &Report) -> serde_json::Value {
-    serde_json::json!({"regression": report.regression, "datasets": report.headline_means()})
+    serde_json::json!({
+        "regression": report.regression,
+        "verdict": report.verdict,
+        "datasets": report.headline_means(),
+    })
 }
 
 #[cfg(test)]
@@ -763,6 +854,7 @@ mod tests {
     fn set() -> EvalSet {
         EvalSet {
             name: "t".to_owned(),
+            role: DatasetRole::User,
             documents: vec![
                 ("a".to_owned(), "the cat sat on the mat".to_owned()),
                 ("b".to_owned(), "dogs bark at night".to_owned()),

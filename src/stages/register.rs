@@ -7,7 +7,8 @@
 //! went, and [`Stage::effect_missing`] reruns the stage when a folder or GGUF file is gone. The
 //! regression guard lives here: a model the evaluation found worse than its base, or a reranker
 //! that made retrieval worse, is registered, but never made the default unless `allow_worse` says
-//! so.
+//! so; and a model is made the default only when the evaluation's verdict is `better` (or, with
+//! `default_when: not_worse`, `no clear difference`).
 //!
 //! The registered folder also holds the model as GGUF files (`<name>-f16.gguf`, … for
 //! llama.cpp and Ollama; `register.gguf`). With `register.ollama`, the model is created in an
@@ -28,6 +29,7 @@ use super::{
     StageError, StageOutcome,
 };
 use crate::eval::Report;
+use crate::eval::report::{VERDICT_BETTER, VERDICT_WORSE};
 use crate::model::gguf::{self, GgufType};
 use crate::model::ollama::{OllamaServer, ServedCheck};
 use crate::registry::{self, METADATA_FILE, ModelRole, RegistryError};
@@ -58,6 +60,11 @@ pub struct RegisterParams {
     /// or reranking worse than retrieval alone.
     #[serde(default)]
     pub allow_worse: bool,
+    /// Which verdict of the evaluation makes the model the default: `better` (only a model
+    /// better than its base beyond noise) or `not_worse` (also on `no clear difference`).
+    /// `allow_worse: true` makes it the default whatever the verdict.
+    #[serde(default)]
+    pub default_when: DefaultWhen,
     /// GGUF files to write beside the model, for llama.cpp and Ollama: `<name>-<type>.gguf` for
     /// each of `f16`, `q8_0`, `f32`; `[]` writes none.
     #[serde(default = "default_gguf")]
@@ -65,6 +72,27 @@ pub struct RegisterParams {
     /// Serve the model from an Ollama server too, and check what it serves.
     #[serde(default)]
     pub ollama: Option<OllamaParams>,
+}
+
+/// The verdicts on which `make_default` makes the model ragd's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultWhen {
+    /// Only `better`.
+    #[default]
+    Better,
+    /// `better` or `no clear difference`.
+    NotWorse,
+}
+
+impl DefaultWhen {
+    /// Whether `verdict`, a [`crate::eval::report::Verdict`] label, allows it.
+    fn allows(self, verdict: &str) -> bool {
+        match self {
+            Self::Better => verdict == VERDICT_BETTER,
+            Self::NotWorse => verdict != VERDICT_WORSE,
+        }
+    }
 }
 
 fn default_gguf() -> Vec<GgufType> {
@@ -160,8 +188,9 @@ impl Stage for Register {
         Self::KIND
     }
 
+    /// 3: the model becomes the default only on the verdict `default_when` names.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -322,10 +351,18 @@ impl Register {
     ) -> Result<(), StageError> {
         let home = registry::default_ragd_home().map_err(registry_error)?;
         let allow = self.params.allow_worse;
+        let verdict = report.and_then(|r| r.verdict.as_ref());
         if report.is_some_and(|r| r.regression) && !allow {
             ctx.warn(format!(
                 "NOT making `{}` ragd's default: the evaluation found it worse than the base model. Set `register.allow_worse: true` to do it anyway.",
                 self.name
+            ));
+        } else if let Some(verdict) =
+            verdict.filter(|v| !allow && !self.params.default_when.allows(&v.label))
+        {
+            ctx.warn(format!(
+                "NOT making `{}` ragd's default: the verdict is `{}`. {} Set `register.default_when: not_worse` or `register.allow_worse: true` to do it anyway.",
+                self.name, verdict.label, verdict.why
             ));
         } else {
             let update = registry::use_model(root, &self.name, ModelRole::Embedding, &home)

@@ -14,14 +14,18 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::io::{self, TRAIN_FILE, TrainingExample};
+use super::io::{self, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
 };
+use crate::eval::report::{MergeSearch, MergeTrial};
+use crate::eval::{self, Metric, RunScores};
+use crate::index::{DenseIndex, truncate_and_normalize};
 use crate::model::device;
 use crate::model::encoder::SentenceEncoder;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+use crate::model::merge::Interpolation;
 use crate::model::train::save::{TrainingMetadata, save_model};
 use crate::model::train::{
     AdamWConfig, LossConfig, TokenizedExample, TokenizedText, TrainConfig, TrainError, TrainModel,
@@ -95,6 +99,41 @@ pub struct TrainParams {
     /// output of a `mine:` section. Relative to the recipe's folder.
     #[serde(default)]
     pub data: Option<String>,
+    /// Merge the trained weights with the base's: the saved model is `α·fine-tuned +
+    /// (1−α)·base`. `auto` tries α in 1, 0.75, 0.5, 0.25 and 0, and keeps the one best on the
+    /// held-out split among those that lose at most `general_max_drop` nDCG@10 on the general
+    /// check; a number between 0 and 1 fixes α; `none` keeps the weights as trained.
+    #[serde(default)]
+    pub merge: MergeSetting,
+    /// The most nDCG@10 a merge may lose on the general check against the base.
+    #[serde(default = "default_general_max_drop")]
+    pub general_max_drop: f64,
+}
+
+/// `train.merge`: how much of the fine-tuned model the saved model keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum MergeSetting {
+    /// `auto` or `none`.
+    Named(MergeMode),
+    /// A fixed α, between 0 (the base) and 1 (the fine-tuned model).
+    Alpha(f64),
+}
+
+impl Default for MergeSetting {
+    fn default() -> Self {
+        Self::Named(MergeMode::Auto)
+    }
+}
+
+/// The named `train.merge` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMode {
+    /// Choose α on the held-out split, guarded by the general check.
+    Auto,
+    /// Keep the trained weights.
+    None,
 }
 
 impl Default for TrainParams {
@@ -134,6 +173,19 @@ fn default_scale() -> f64 {
 fn default_checkpoint_every() -> u64 {
     50
 }
+fn default_general_max_drop() -> f64 {
+    0.02
+}
+
+/// The α `merge: auto` tries, in this order: the fine-tuned model first, the base last.
+const MERGE_ALPHAS: [f64; 5] = [1.0, 0.75, 0.5, 0.25, 0.0];
+/// At most this many passages make the corpus α is scored on: the held-out examples' own,
+/// then training positives as distractors.
+const MERGE_CORPUS_LIMIT: usize = 2000;
+/// Texts per batch when scoring a merge.
+const MERGE_ENCODE_BATCH: usize = 64;
+/// The file in the artifact that records the merge ([`MergeSearch`]).
+pub const MERGE_FILE: &str = "merge.json";
 
 /// Pools of this many batches are sorted by length when `group_by_length` is on: large enough
 /// to find similar lengths, small enough that the order stays random.
@@ -190,6 +242,20 @@ impl StageDef for Train {
                 "must leave room for the special tokens and a word (at least 2)",
             ));
         }
+        if let MergeSetting::Alpha(alpha) = params.merge
+            && !(0.0..=1.0).contains(&alpha)
+        {
+            invalid.push(Invalid::new(
+                &["merge"],
+                format!("{alpha} is not between 0 and 1 (or `auto`, or `none`)"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&params.general_max_drop) {
+            invalid.push(Invalid::new(
+                &["general_max_drop"],
+                format!("{} is not between 0 and 1", params.general_max_drop),
+            ));
+        }
         let data = data_file(params.data.as_deref(), env, &mut invalid);
         if !invalid.is_empty() {
             return Err(invalid);
@@ -212,9 +278,10 @@ impl Stage for Train {
         Self::KIND
     }
 
-    /// 2: empty and repeated rows of the training data are skipped.
+    /// 2: empty and repeated rows of the training data are skipped. 3: merged with the base
+    /// (`merge`).
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -230,11 +297,15 @@ impl Stage for Train {
 
     /// Everything but `data`: the data file's bytes enter the key through the externals.
     fn params(&self) -> serde_json::Value {
-        keyed_params(
+        let mut params = keyed_params(
             serde_json::to_value(&self.params).unwrap_or_default(),
             &self.model,
             self.seed,
-        )
+        );
+        if self.params.merge != MergeSetting::Named(MergeMode::None) {
+            params["general_check"] = eval::general::general_check_digest().into();
+        }
+        params
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
@@ -307,11 +378,19 @@ impl Stage for Train {
             }
         });
         drop(bar);
+        drop(trainer);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(TrainError::Stopped { .. }) => return Err(StageError::Cancelled),
             Err(error) => return Err(train_error(error)),
         };
+        let encoder = encoder
+            .with_max_seq_length(max_seq_length)
+            .map_err(io::model_error)?;
+        let merge = self.merge(ctx, &encoder, &model_dir, &selected.device)?;
+        if let Some(merge) = &merge {
+            io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
+        }
         if let Some(step) = outcome.resumed_from {
             ctx.info(format!("resumed from the checkpoint at step {step}"));
         }
@@ -330,6 +409,9 @@ impl Stage for Train {
         );
         extra.insert("cache_key".to_owned(), ctx.key.clone().into());
         extra.insert("resumed_from".to_owned(), outcome.resumed_from.into());
+        if let Some(merge) = &merge {
+            extra.insert("merge".to_owned(), serde_json::to_value(merge)?);
+        }
         let metadata = TrainingMetadata {
             base_model: self.model.clone(),
             data_hash,
@@ -366,6 +448,7 @@ impl Stage for Train {
             "peak_rss_bytes": outcome.peak_rss_bytes,
             "device": selected.description,
             "resumed_from": outcome.resumed_from,
+            "merge_alpha": merge.as_ref().map(|m| m.alpha),
         });
         let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
         ctx.table(&Table {
@@ -394,6 +477,81 @@ impl Stage for Train {
 }
 
 impl Train {
+    /// Merges the trained weights of `encoder` with the base in `base_dir` as `merge` says,
+    /// leaving the chosen mix in `encoder`; what was tried and why, or `None` for `merge: none`.
+    fn merge(
+        &self,
+        ctx: &StageContext,
+        encoder: &SentenceEncoder,
+        base_dir: &Path,
+        device: &candle_core::Device,
+    ) -> Result<Option<MergeSearch>, StageError> {
+        let (alphas, mode): (Vec<f64>, &str) = match self.params.merge {
+            MergeSetting::Named(MergeMode::None) => return Ok(None),
+            MergeSetting::Named(MergeMode::Auto) => (MERGE_ALPHAS.to_vec(), "auto"),
+            MergeSetting::Alpha(alpha) => (vec![alpha], "fixed"),
+        };
+        let heldout = match self.data {
+            Some(_) => None,
+            None => heldout_set(ctx.input(Artifact::TrainingData)?)?,
+        };
+        let general = RetrievalSet::general()?;
+        let base = SentenceEncoder::load(base_dir, device).map_err(io::model_error)?;
+        let mix = Interpolation::new(&encoder.bert().named_vars(), &base.bert().named_vars())
+            .map_err(io::model_error)?;
+        drop(base);
+        let bar = ctx.progress("merging with the base", Some(alphas.len() as u64));
+        let mut scored = Vec::new();
+        for (done, &alpha) in alphas.iter().enumerate() {
+            ctx.check_cancelled()?;
+            mix.apply(alpha).map_err(io::model_error)?;
+            let heldout_ndcg10 = match &heldout {
+                Some(set) => Some(set.ndcg10(encoder)?),
+                None => None,
+            };
+            scored.push((alpha, heldout_ndcg10, general.ndcg10(encoder)?));
+            bar.set(done as u64 + 1);
+        }
+        drop(bar);
+        let (alpha, why, trials) = choose_alpha(&scored, self.params.general_max_drop);
+        let search = MergeSearch {
+            alpha,
+            mode: mode.to_owned(),
+            why: if mode == "fixed" {
+                "`train.merge` fixes it".to_owned()
+            } else {
+                why
+            },
+            trials,
+        };
+        mix.apply(alpha).map_err(io::model_error)?;
+        let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+        ctx.table(&Table {
+            title: format!("merge with the base: α = {alpha} ({})", search.why),
+            columns: ["α", "held-out nDCG@10", "general nDCG@10", "general guard"]
+                .map(str::to_owned)
+                .to_vec(),
+            rows: search
+                .trials
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.alpha.to_string(),
+                        figure(t.heldout_ndcg10),
+                        format!("{:.4}", t.general_ndcg10),
+                        if t.within_general_guard { "ok" } else { "lost" }.to_owned(),
+                    ]
+                })
+                .collect(),
+        });
+        if heldout.is_none() && mode == "auto" {
+            ctx.warn(
+                "no held-out split to choose the merge on: kept the largest α the general check allows",
+            );
+        }
+        Ok(Some(search))
+    }
+
     /// Token ids of every query, positive and (with `hard_negatives`) negative, truncated at
     /// `max_seq_length` as the tokenizer truncates: the closing special token is kept.
     fn tokenize(
@@ -437,6 +595,151 @@ impl Train {
             })
             .collect())
     }
+}
+
+/// The α to keep from `(α, held-out nDCG@10, general nDCG@10)` triples, why, and the trials
+/// with their guard: among the α that lose at most `max_drop` on the general check against the
+/// base (α = 0, or the smallest α tried), the best on the held-out split, the smaller α on a tie;
+/// without held-out figures, the largest α the guard allows.
+fn choose_alpha(
+    scored: &[(f64, Option<f64>, f64)],
+    max_drop: f64,
+) -> (f64, String, Vec<MergeTrial>) {
+    let base_general = scored
+        .iter()
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map_or(0.0, |t| t.2);
+    let trials: Vec<MergeTrial> = scored
+        .iter()
+        .map(|&(alpha, heldout_ndcg10, general_ndcg10)| MergeTrial {
+            alpha,
+            heldout_ndcg10,
+            general_ndcg10,
+            // A hair of tolerance: the base against itself never fails on rounding.
+            within_general_guard: general_ndcg10 >= base_general - max_drop - 1e-12,
+        })
+        .collect();
+    let allowed = trials.iter().filter(|t| t.within_general_guard);
+    let best = allowed.clone().max_by(|a, b| {
+        let key = |t: &MergeTrial| t.heldout_ndcg10.unwrap_or(t.alpha);
+        key(a).total_cmp(&key(b)).then(b.alpha.total_cmp(&a.alpha))
+    });
+    let Some(best) = best else {
+        return (0.0, "no α passed the general check".to_owned(), trials);
+    };
+    let why = match best.heldout_ndcg10 {
+        Some(ndcg) => format!(
+            "best held-out nDCG@10 ({ndcg:.4}) of the α within {max_drop} of the base on the general check"
+        ),
+        None => format!("the largest α within {max_drop} of the base on the general check"),
+    };
+    (best.alpha, why, trials)
+}
+
+/// Documents, queries and their relevant documents, to score a merge on.
+struct RetrievalSet {
+    documents: Vec<(String, String)>,
+    queries: Vec<(String, String)>,
+    relevant: std::collections::HashMap<String, std::collections::HashSet<String>>,
+}
+
+impl RetrievalSet {
+    /// The general check built into the tool.
+    fn general() -> Result<Self, StageError> {
+        let data = eval::general::general_check()
+            .map_err(|e| StageError::Failed(super::error::error_chain(&e)))?;
+        Ok(Self {
+            documents: data
+                .documents
+                .into_iter()
+                .map(|doc| (doc.id, io::passage_of(&doc.title, &doc.text)))
+                .collect(),
+            queries: data.queries,
+            relevant: data.relevant,
+        })
+    }
+
+    /// Mean nDCG@10 of `encoder` over the queries.
+    fn ndcg10(&self, encoder: &SentenceEncoder) -> Result<f64, StageError> {
+        let texts = |pairs: &[(String, String)]| -> Result<Vec<f32>, StageError> {
+            let texts: Vec<&str> = pairs.iter().map(|(_, t)| t.as_str()).collect();
+            let embeddings = encoder
+                .encode(&texts, MERGE_ENCODE_BATCH, &mut |_| {})
+                .map_err(io::model_error)?;
+            truncate_and_normalize(embeddings.as_slice(), encoder.dim(), encoder.dim())
+                .map_err(io::index_error)
+        };
+        let index =
+            DenseIndex::new(encoder.dim(), texts(&self.documents)?).map_err(io::index_error)?;
+        let hits = index
+            .search_batch(&texts(&self.queries)?, 10, &|_| {})
+            .map_err(io::index_error)?;
+        let ranked: Vec<Vec<String>> = hits
+            .into_iter()
+            .map(|hits| {
+                hits.into_iter()
+                    .map(|hit| self.documents[hit.doc].0.clone())
+                    .collect()
+            })
+            .collect();
+        let empty = std::collections::HashSet::new();
+        let scores = RunScores::evaluate(
+            self.queries.iter().zip(&ranked).map(|((id, _), ranked)| {
+                (
+                    id.as_str(),
+                    ranked.as_slice(),
+                    self.relevant.get(id).unwrap_or(&empty),
+                )
+            }),
+            &[Metric::NDCG_10],
+        );
+        Ok(scores.mean(Metric::NDCG_10).unwrap_or(0.0))
+    }
+}
+
+/// The held-out queries of mine's split in `data`, against their own passages and negatives
+/// and then training positives up to [`MERGE_CORPUS_LIMIT`]; `None` when the split is empty.
+fn heldout_set(data: &Path) -> Result<Option<RetrievalSet>, StageError> {
+    let heldout: Vec<TrainingExample> = io::read_jsonl(&data.join(HELDOUT_FILE))?;
+    if heldout.is_empty() {
+        return Ok(None);
+    }
+    let train: Vec<TrainingExample> = io::read_jsonl(&data.join(TRAIN_FILE))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut documents = Vec::new();
+    // Every positive is in, whatever the limit; negatives, then distractors, fill up to it.
+    for example in &heldout {
+        if seen.insert(example.positive_id.clone()) {
+            documents.push((example.positive_id.clone(), example.positive.clone()));
+        }
+    }
+    let others = heldout
+        .iter()
+        .flat_map(|e| e.negatives.iter().map(|n| (&n.id, &n.text)))
+        .chain(train.iter().map(|e| (&e.positive_id, &e.positive)));
+    for (id, text) in others {
+        if documents.len() >= MERGE_CORPUS_LIMIT {
+            break;
+        }
+        if seen.insert(id.clone()) {
+            documents.push((id.clone(), text.clone()));
+        }
+    }
+    let mut queries = Vec::new();
+    let mut relevant = std::collections::HashMap::new();
+    for (index, example) in heldout.into_iter().enumerate() {
+        let id = format!("heldout-{index}");
+        relevant.insert(
+            id.clone(),
+            std::collections::HashSet::from([example.positive_id]),
+        );
+        queries.push((id, example.query));
+    }
+    Ok(Some(RetrievalSet {
+        documents,
+        queries,
+        relevant,
+    }))
 }
 
 /// Rows of a training file that cannot train anything, counted for a warning.
@@ -699,6 +1002,47 @@ mod tests {
             )
         );
         assert_eq!(DroppedRows::default().warning(Path::new("t.jsonl")), None);
+    }
+
+    #[test]
+    fn merge_reads_auto_none_or_an_alpha_and_refuses_others() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (yaml, merge) in [
+            ("{}", MergeSetting::Named(MergeMode::Auto)),
+            ("merge: none", MergeSetting::Named(MergeMode::None)),
+            ("merge: 0.3", MergeSetting::Alpha(0.3)),
+        ] {
+            let stage = build(yaml, dir.path()).expect("valid");
+            assert_eq!(stage.params.merge, merge, "{yaml}");
+        }
+        for yaml in ["merge: 1.5", "merge: -0.1"] {
+            let problems = build(yaml, dir.path()).err().unwrap_or_default();
+            assert!(problems.iter().any(|p| p.path == ["merge"]), "{yaml}");
+        }
+        assert!(serde_yaml::from_str::<TrainParams>("merge: sometimes").is_err());
+    }
+
+    #[test]
+    fn the_merge_keeps_the_best_held_out_alpha_the_general_check_allows() {
+        let scored = [
+            (1.0, Some(0.50), 0.80),
+            (0.75, Some(0.55), 0.84),
+            (0.5, Some(0.55), 0.86),
+            (0.25, Some(0.52), 0.88),
+            (0.0, Some(0.45), 0.90),
+        ];
+        let (alpha, _, trials) = choose_alpha(&scored, 0.02);
+        assert_eq!(alpha, 0.25);
+        let guarded: Vec<bool> = trials.iter().map(|t| t.within_general_guard).collect();
+        assert_eq!(guarded, [false, false, false, true, true]);
+        // With room on the general check, the best held-out α; a tie goes to the smaller.
+        let (alpha, why, _) = choose_alpha(&scored, 0.1);
+        assert_eq!(alpha, 0.5);
+        assert!(why.contains("0.5500"), "{why}");
+        // Without held-out figures, the largest α the guard allows.
+        let blind = [(1.0, None, 0.80), (0.5, None, 0.87), (0.0, None, 0.90)];
+        assert_eq!(choose_alpha(&blind, 0.2).0, 1.0);
+        assert_eq!(choose_alpha(&blind, 0.05).0, 0.5);
     }
 
     #[test]

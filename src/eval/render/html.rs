@@ -3,7 +3,7 @@
 
 use super::svg::{self, Bar, BarChart, BarGroup, LineChart, Series, XScale};
 use super::{dimension_text, escape, full_size_systems, regression_lines, shown_metrics};
-use crate::eval::report::{Dataset, Report, SystemKind};
+use crate::eval::report::{Dataset, Report, SystemKind, VERDICT_BETTER, VERDICT_WORSE};
 use crate::eval::stats::{Verdict, format_percent};
 use crate::eval::training::TrainingCurve;
 
@@ -16,6 +16,9 @@ th:first-child, td:first-child, td.kind { text-align: left; }
 td .ci { color: #777; font-size: .85em; }
 .regression { background: #fde8e8; border: 2px solid #c0392b; padding: .75rem 1rem; border-radius: 6px; }
 .regression strong { color: #c0392b; }
+.verdict { border: 2px solid #999; padding: .5rem 1rem; border-radius: 6px; margin: 1rem 0; }
+.verdict.better { border-color: #1e7b34; background: #e9f6ec; }
+.verdict.worse { border-color: #c0392b; background: #fde8e8; }
 li.better { color: #1e7b34; } li.worse { color: #c0392b; font-weight: 600; } li.same { color: #555; }
 figure { margin: 1.5rem 0; }
 svg text { font: 12px system-ui, sans-serif; fill: #333; }
@@ -33,6 +36,20 @@ pub fn html(report: &Report) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
     );
+    if let Some(verdict) = &report.verdict {
+        let class = match verdict.label.as_str() {
+            VERDICT_BETTER => "better",
+            VERDICT_WORSE => "worse",
+            _ => "same",
+        };
+        out.push_str(&format!(
+            "<div class=\"verdict {class}\"><p><strong>Verdict: {}.</strong> {}</p>\n\
+             <p><strong>Next:</strong> {}</p></div>\n",
+            escape(&verdict.label),
+            escape(&verdict.why),
+            escape(&verdict.next)
+        ));
+    }
     if report.regression {
         out.push_str(
             "<div class=\"regression\"><strong>REGRESSION:</strong> the fine-tuned model is worse \
@@ -45,6 +62,32 @@ pub fn html(report: &Report) -> String {
     }
     for dataset in &report.datasets {
         dataset_section(&mut out, dataset, report.settings.confidence);
+    }
+    if let Some(merge) = &report.merge {
+        out.push_str(&format!(
+            "<h2>Merge with the base</h2>\n<p>The fine-tuned model is α·fine-tuned + (1−α)·base \
+             with α = {} ({}): nDCG@10 of each α tried. α is chosen on the held-out split, so \
+             the held-out figures of the merged model are optimistic.</p>\n<table>\n<tr><th>α</th>\
+             <th>held-out</th><th>general check</th><th>general guard</th></tr>\n",
+            merge.alpha,
+            escape(&merge.why)
+        ));
+        for trial in &merge.trials {
+            out.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td></tr>\n",
+                trial.alpha,
+                trial
+                    .heldout_ndcg10
+                    .map_or_else(|| "–".to_owned(), |v| format!("{v:.4}")),
+                trial.general_ndcg10,
+                if trial.within_general_guard {
+                    "ok"
+                } else {
+                    "lost"
+                }
+            ));
+        }
+        out.push_str("</table>\n");
     }
     if let Some(training) = &report.training {
         training_section(&mut out, training);

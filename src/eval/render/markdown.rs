@@ -9,6 +9,14 @@ use crate::eval::training::TrainingCurve;
 /// inject HTML into a viewer that renders it.
 pub fn markdown(report: &Report) -> String {
     let mut out = format!("# {}\n\n", inline(&report.title));
+    if let Some(verdict) = &report.verdict {
+        out.push_str(&format!(
+            "**Verdict: {}.** {}\n\n**Next:** {}\n\n",
+            inline(&verdict.label),
+            inline(&verdict.why),
+            inline(&verdict.next)
+        ));
+    }
     if report.regression {
         out.push_str(
             "> **REGRESSION**: the fine-tuned model is worse than the base model beyond noise:\n",
@@ -20,6 +28,33 @@ pub fn markdown(report: &Report) -> String {
     }
     for dataset in &report.datasets {
         dataset_section(&mut out, dataset, report.settings.confidence);
+    }
+    if let Some(merge) = &report.merge {
+        out.push_str(&format!(
+            "## Merge with the base\n\nThe fine-tuned model is `α·fine-tuned + (1−α)·base` with α = {} ({}): nDCG@10 of each α tried.\n\n| α | held-out | general check | general guard |\n|---:|---:|---:|---|\n",
+            merge.alpha,
+            inline(&merge.why)
+        ));
+        for trial in &merge.trials {
+            out.push_str(&format!(
+                "| {} | {} | {:.4} | {} |\n",
+                trial.alpha,
+                trial
+                    .heldout_ndcg10
+                    .map_or_else(|| "–".to_owned(), |v| format!("{v:.4}")),
+                trial.general_ndcg10,
+                if trial.within_general_guard {
+                    "ok"
+                } else {
+                    "lost"
+                }
+            ));
+        }
+        out.push_str(
+            "\nα is chosen on the held-out split, so the held-out figures of the merged model \
+             are optimistic; your own datasets and the general check are not used to choose it \
+             beyond the guard.\n\n",
+        );
     }
     if let Some(training) = &report.training {
         training_section(&mut out, training);

@@ -107,6 +107,7 @@ mod tests {
                     model: system.model,
                     dimension: system.dimension,
                     reranker: None,
+                    max_seq_length: None,
                 };
                 (system.label, (spec, system.per_query))
             })
@@ -168,6 +169,7 @@ mod tests {
                 model: None,
                 dimension: Some(64),
                 reranker: None,
+                max_seq_length: None,
             };
             let scores = RunScores {
                 query_ids: query_ids.clone(),
