@@ -478,8 +478,8 @@ impl Verdict {
             (
                 VERDICT_NO_CLEAR_DIFFERENCE,
                 why,
-                "give it more chunks (more documents), write queries with an LLM \
-                 (`query_gen.backend`), add labelled questions of your own to \
+                "give it more chunks (more documents, a higher `query_gen.max_chunks`), write queries with an LLM \
+                 (`query_gen.strategies: [llm]`), add labelled questions of your own to \
                  `evaluate.datasets` for a tighter interval, or try another `base_model`",
             )
         };

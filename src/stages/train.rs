@@ -108,6 +108,27 @@ pub struct TrainParams {
     /// The most nDCG@10 a merge may lose on the general check against the base.
     #[serde(default = "default_general_max_drop")]
     pub general_max_drop: f64,
+    /// GISTEmbed's guide against false negatives: with `base`, the model trained from (frozen)
+    /// scores every in-batch and mined negative, and those it scores at or above the positive minus
+    /// `guide_margin` are left out of the loss; `none` trains without. Costs one more forward
+    /// pass per step.
+    #[serde(default)]
+    pub guide: GuideSetting,
+    /// How far below the positive the guide's score of a negative may come before it is left
+    /// out; 0 leaves out only negatives the guide scores at or above the positive (duplicates).
+    #[serde(default)]
+    pub guide_margin: f64,
+}
+
+/// `train.guide`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuideSetting {
+    /// The model trained from, frozen.
+    Base,
+    /// No guide.
+    #[default]
+    None,
 }
 
 /// `train.merge`: how much of the fine-tuned model the saved model keeps.
@@ -225,6 +246,7 @@ impl StageDef for Train {
                 scale: params.scale,
                 symmetric: params.symmetric,
                 matryoshka_dims: params.matryoshka_dims.clone(),
+                guide_margin: (params.guide == GuideSetting::Base).then_some(params.guide_margin),
             },
             seed: env.seed,
             dropout: true,
@@ -249,6 +271,9 @@ impl StageDef for Train {
                 &["merge"],
                 format!("{alpha} is not between 0 and 1 (or `auto`, or `none`)"),
             ));
+        }
+        if !(params.guide_margin.is_finite() && params.guide_margin >= 0.0) {
+            invalid.push(Invalid::new(&["guide_margin"], "must be zero or positive"));
         }
         if !(0.0..=1.0).contains(&params.general_max_drop) {
             invalid.push(Invalid::new(
@@ -332,7 +357,21 @@ impl Stage for Train {
             bert: encoder.bert(),
             pooling: encoder.pooling(),
         };
+        let guide = match self.params.guide {
+            GuideSetting::Base => {
+                Some(SentenceEncoder::load(&model_dir, &selected.device).map_err(io::model_error)?)
+            }
+            GuideSetting::None => None,
+        };
         let mut trainer = Trainer::new(model, self.config.clone()).map_err(train_error)?;
+        if let Some(guide) = &guide {
+            trainer = trainer
+                .with_guide(TrainModel {
+                    bert: guide.bert(),
+                    pooling: guide.pooling(),
+                })
+                .map_err(train_error)?;
+        }
         let total = trainer.total_steps(&tokenized).map_err(train_error)?;
         let gradcache = if self.config.batch_size > self.config.mini_batch_size {
             format!(
@@ -379,6 +418,7 @@ impl Stage for Train {
         });
         drop(bar);
         drop(trainer);
+        drop(guide);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(TrainError::Stopped { .. }) => return Err(StageError::Cancelled),

@@ -23,6 +23,11 @@ pub struct LossConfig {
     /// Matryoshka: the loss is summed over embeddings truncated to each of these dimensions
     /// (renormalised by the cosine); `None` trains the full embedding only.
     pub matryoshka_dims: Option<Vec<usize>>,
+    /// GISTEmbed's guide: a frozen model (the base) scores each anchor's candidates, and those
+    /// it scores at or above the anchor's positive minus this margin are left out of the loss as
+    /// likely false negatives. `None` trains without a guide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guide_margin: Option<f64>,
 }
 
 impl Default for LossConfig {
@@ -31,6 +36,7 @@ impl Default for LossConfig {
             scale: 20.,
             symmetric: false,
             matryoshka_dims: None,
+            guide_margin: None,
         }
     }
 }
@@ -43,23 +49,39 @@ impl LossConfig {
         } else {
             "MultipleNegativesRankingLoss"
         };
+        let base = match self.guide_margin {
+            Some(margin) => format!("GISTEmbed-guided {base} (margin {margin})"),
+            None => base.to_owned(),
+        };
         match &self.matryoshka_dims {
             Some(dims) => format!("MatryoshkaLoss({base}, dims {dims:?})"),
-            None => base.to_owned(),
+            None => base,
         }
     }
 
     /// The scalar loss of `anchors` (`[n, dim]`) against `candidates` (`[n + k, dim]`: the `n`
     /// positives, then `k` hard negatives). Differentiable with respect to both.
     pub fn loss(&self, anchors: &Tensor, candidates: &Tensor) -> Result<Tensor> {
+        self.masked_loss(anchors, candidates, None)
+    }
+
+    /// [`Self::loss`] with the candidates `mask` (from [`guide_mask`], `[n, n + k]`) leaves out
+    /// of each anchor's softmax. In the symmetric loss, the positives' side is not masked.
+    pub fn masked_loss(
+        &self,
+        anchors: &Tensor,
+        candidates: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         match &self.matryoshka_dims {
-            None => self.ranking_loss(anchors, candidates),
+            None => self.ranking_loss(anchors, candidates, mask),
             Some(dims) => {
                 let mut total: Option<Tensor> = None;
                 for &dim in dims {
                     let loss = self.ranking_loss(
                         &anchors.narrow(1, 0, dim)?,
                         &candidates.narrow(1, 0, dim)?,
+                        mask,
                     )?;
                     total = Some(match total {
                         Some(sum) => (sum + loss)?,
@@ -74,13 +96,21 @@ impl LossConfig {
         }
     }
 
-    fn ranking_loss(&self, anchors: &Tensor, candidates: &Tensor) -> Result<Tensor> {
+    fn ranking_loss(
+        &self,
+        anchors: &Tensor,
+        candidates: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let n = anchors.dim(0)?;
         let scores = unit_rows(anchors)?
             .matmul(&unit_rows(candidates)?.t()?)?
             .to_dtype(DType::F64)?
             .affine(self.scale, 0.)?;
-        let forward = cross_entropy_on_diagonal(&scores)?;
+        let forward = match mask {
+            Some(mask) => cross_entropy_on_diagonal(&(&scores + mask.to_dtype(DType::F64)?)?)?,
+            None => cross_entropy_on_diagonal(&scores)?,
+        };
         if !self.symmetric {
             return Ok(forward);
         }
@@ -88,6 +118,32 @@ impl LossConfig {
         let backward = cross_entropy_on_diagonal(&scores.narrow(1, 0, n)?.t()?)?;
         (forward + backward)? * 0.5
     }
+}
+
+/// What a masked candidate's score becomes: far enough below any scaled cosine that its
+/// softmax weight is 0, finite so no gradient turns into NaN.
+const MASKED: f64 = -1e4;
+
+/// GISTEmbed's mask from a guide's embeddings of the anchors (`[n, dim]`) and candidates
+/// (`[n + k, dim]`): [`MASKED`] where the guide scores a candidate other than the anchor's own
+/// positive at or above that positive minus `margin` (a duplicate of the positive, a near-paraphrase,
+/// an unlabelled answer), 0 elsewhere; `[n, n + k]`, f64.
+pub fn guide_mask(anchors: &Tensor, candidates: &Tensor, margin: f64) -> Result<Tensor> {
+    let n = anchors.dim(0)?;
+    let sims = unit_rows(&anchors.to_dtype(DType::F64)?)?
+        .matmul(&unit_rows(&candidates.to_dtype(DType::F64)?)?.t()?)?;
+    let rows = sims.to_vec2::<f64>()?;
+    let width = rows.first().map_or(0, Vec::len);
+    let mut mask = vec![0f64; n * width];
+    for (i, row) in rows.iter().enumerate() {
+        let threshold = row[i] - margin;
+        for (j, &sim) in row.iter().enumerate() {
+            if j != i && sim >= threshold {
+                mask[i * width + j] = MASKED;
+            }
+        }
+    }
+    Tensor::from_vec(mask, (n, width), anchors.device())
 }
 
 /// Rows scaled to unit length (the norm floored at 1e-12, as `torch.nn.functional.normalize`).
@@ -196,6 +252,7 @@ mod tests {
             scale: 20.,
             symmetric: false,
             matryoshka_dims: Some(vec![4, 2]),
+            guide_margin: None,
         };
         let loss = config
             .loss(&matrix(&ANCHORS), &matrix(&CANDIDATES))
@@ -210,6 +267,52 @@ mod tests {
             "{} vs {want}",
             value(&loss)
         );
+    }
+
+    #[test]
+    fn the_guide_masks_a_duplicate_positive_and_the_loss_ignores_it() {
+        // Anchor 1's positive repeats anchor 0's: in-batch, each is a "wrong" answer to the
+        // other's anchor though it is the right one.
+        let candidates: [&[f64]; 4] = [CANDIDATES[0], CANDIDATES[0], CANDIDATES[2], CANDIDATES[3]];
+        let anchors: [&[f64]; 3] = [ANCHORS[0], ANCHORS[0], ANCHORS[2]];
+        let mask = guide_mask(&matrix(&anchors), &matrix(&candidates), 0.0).expect("mask");
+        let rows = mask.to_vec2::<f64>().expect("rows");
+        assert_eq!(rows[0][1], MASKED, "{rows:?}");
+        assert_eq!(rows[1][0], MASKED, "{rows:?}");
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(row[i], 0.0, "a positive is never masked: {rows:?}");
+        }
+        // Anchor 2 against its own positive: nothing scores above it, nothing is masked.
+        assert!(rows[2].iter().all(|&m| m == 0.0), "{rows:?}");
+
+        // The masked loss is the loss without the masked candidates.
+        let config = LossConfig {
+            scale: 7.,
+            ..LossConfig::default()
+        };
+        let masked = config
+            .masked_loss(&matrix(&anchors), &matrix(&candidates), Some(&mask))
+            .expect("loss");
+        let without = |i: usize| -> f64 {
+            let kept: Vec<&[f64]> = candidates
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| rows[i][*j] == 0.0)
+                .map(|(_, c)| *c)
+                .collect();
+            let own = kept
+                .iter()
+                .position(|c| std::ptr::eq(*c, candidates[i]))
+                .expect("the positive is kept");
+            let logits: Vec<f64> = kept.iter().map(|c| 7. * cosine(anchors[i], c)).collect();
+            logits.iter().map(|l| l.exp()).sum::<f64>().ln() - logits[own]
+        };
+        let want = (0..3).map(without).sum::<f64>() / 3.;
+        assert!((value(&masked) - want).abs() < 1e-9, "{} vs {want}", value(&masked));
+        let unmasked = config
+            .loss(&matrix(&anchors), &matrix(&candidates))
+            .expect("loss");
+        assert!(value(&unmasked) > value(&masked) + 0.1);
     }
 
     #[test]

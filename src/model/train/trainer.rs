@@ -99,6 +99,8 @@ pub struct Trainer<'a> {
     model: TrainModel<'a>,
     config: TrainConfig,
     optimizer: AdamW,
+    /// GISTEmbed's guide (see [`super::loss::guide_mask`]), when `loss.guide_margin` is set.
+    guide: Option<TrainModel<'a>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -126,7 +128,44 @@ impl<'a> Trainer<'a> {
             model,
             optimizer: AdamW::new(config.adamw, params),
             config,
+            guide: None,
         })
+    }
+
+    /// Trains with `guide`, a frozen model that masks likely false negatives out of the loss;
+    /// the configuration's `loss.guide_margin` must be set.
+    pub fn with_guide(mut self, guide: TrainModel<'a>) -> Result<Self, TrainError> {
+        if self.config.loss.guide_margin.is_none() {
+            return Err(TrainError::InvalidConfig {
+                name: "guide",
+                why: "a guide needs `loss.guide_margin`".to_owned(),
+            });
+        }
+        self.guide = Some(guide);
+        Ok(self)
+    }
+
+    /// The guide's mask of `groups` (anchors, candidates), or `None` without a guide.
+    fn guide_mask(&self, groups: &[Vec<&[u32]>; 2]) -> Result<Option<Tensor>, TrainError> {
+        let (Some(guide), Some(margin)) = (&self.guide, self.config.loss.guide_margin) else {
+            return Ok(None);
+        };
+        let mini = self.config.mini_batch_size;
+        let mut embedded = Vec::with_capacity(2);
+        for rows in groups {
+            let mut parts = Vec::new();
+            for chunk in rows.chunks(mini) {
+                let bert = guide.bert;
+                let (ids, mask) = pad(chunk, bert.config().pad_token_id, bert.device())?;
+                let hidden = bert.forward_no_grad(&ids, &mask)?;
+                parts.push(guide.pooling.forward(&hidden, &mask)?);
+            }
+            embedded.push(Tensor::cat(&parts, 0).during(|| "joining the guide's embeddings".to_owned())?);
+        }
+        let mask = super::loss::guide_mask(&embedded[0], &embedded[1], margin)
+            .and_then(|m| m.to_device(self.model.bert.device()))
+            .during(|| "the guide's mask".to_owned())?;
+        Ok(Some(mask))
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -262,6 +301,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<(f64, Vec<Tensor>), TrainError> {
         let (anchors, candidates) = batch_rows(batch);
         let groups = [anchors, candidates];
+        let guide_mask = self.guide_mask(&groups)?;
         let mini = self.config.mini_batch_size;
         let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let loss = if batch.len() <= mini {
@@ -269,7 +309,7 @@ impl<'a> Trainer<'a> {
             let loss = self
                 .config
                 .loss
-                .loss(&a?, &c?)
+                .masked_loss(&a?, &c?, guide_mask.as_ref())
                 .during(|| "the loss".to_owned())?;
             let store = loss.backward().during(|| "the backward pass".to_owned())?;
             self.accumulate(&store, &mut sums)?;
@@ -288,7 +328,11 @@ impl<'a> Trainer<'a> {
             let loss = self
                 .config
                 .loss
-                .loss(embedded[0].as_tensor(), embedded[1].as_tensor())
+                .masked_loss(
+                    embedded[0].as_tensor(),
+                    embedded[1].as_tensor(),
+                    guide_mask.as_ref(),
+                )
                 .during(|| "the loss".to_owned())?;
             let store = loss
                 .backward()
