@@ -308,7 +308,11 @@ mod tests {
             logits.iter().map(|l| l.exp()).sum::<f64>().ln() - logits[own]
         };
         let want = (0..3).map(without).sum::<f64>() / 3.;
-        assert!((value(&masked) - want).abs() < 1e-9, "{} vs {want}", value(&masked));
+        assert!(
+            (value(&masked) - want).abs() < 1e-9,
+            "{} vs {want}",
+            value(&masked)
+        );
         let unmasked = config
             .loss(&matrix(&anchors), &matrix(&candidates))
             .expect("loss");

@@ -160,7 +160,9 @@ impl<'a> Trainer<'a> {
                 let hidden = bert.forward_no_grad(&ids, &mask)?;
                 parts.push(guide.pooling.forward(&hidden, &mask)?);
             }
-            embedded.push(Tensor::cat(&parts, 0).during(|| "joining the guide's embeddings".to_owned())?);
+            embedded.push(
+                Tensor::cat(&parts, 0).during(|| "joining the guide's embeddings".to_owned())?,
+            );
         }
         let mask = super::loss::guide_mask(&embedded[0], &embedded[1], margin)
             .and_then(|m| m.to_device(self.model.bert.device()))
