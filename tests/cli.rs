@@ -165,7 +165,11 @@ fn completions_are_generated_for_bash() {
     let project = Project::new();
     let run = project.run(&["completions", "bash"]);
     run.success();
-    assert!(run.stdout.contains("_ragd-pipe()"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("complete -F _ragd__pipe"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("init"));
 }
 
@@ -184,20 +188,28 @@ fn every_positional_argument_is_described_in_help() {
     ] {
         let run = project.run(command);
         run.success();
-        let arguments = run
+        let lines: Vec<&str> = run
             .stdout
             .split("Arguments:")
             .nth(1)
-            .and_then(|rest| rest.split("\n\n").next())
-            .unwrap_or_default();
-        for line in arguments
+            .and_then(|rest| rest.split("\nOptions:").next())
+            .unwrap_or_default()
             .lines()
-            .filter(|l| l.trim_start().starts_with('[') || l.trim_start().starts_with('<'))
-        {
+            .collect();
+        for (index, line) in lines.iter().enumerate() {
+            // Arguments are indented by two spaces; their descriptions and defaults by more.
+            if !(line.starts_with("  [") || line.starts_with("  <")) {
+                continue;
+            }
+            let argument = line.trim_start();
+            // The description follows on the same line, or (long help) on the next.
+            let described = argument.split_once("  ").is_some()
+                || lines
+                    .get(index + 1)
+                    .is_some_and(|next| next.trim().len() > 1 && next.starts_with("          "));
             assert!(
-                line.trim().split_once("  ").is_some(),
-                "{command:?}: `{}` has no description\n{}",
-                line.trim(),
+                described,
+                "{command:?}: `{argument}` has no description\n{}",
                 run.stdout
             );
         }
