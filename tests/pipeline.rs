@@ -146,7 +146,7 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
         "Tidewater",
         "tidewater",
         "examples:",
-        "query:",
+        " query:",
         "train_seconds",
         "peak_rss_bytes",
         "device",
