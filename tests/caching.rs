@@ -249,7 +249,8 @@ fn status_on_a_fresh_clone_compares_with_the_lock() {
     // A fresh clone: the recipe, its lock and the documents, but no workdir.
     std::fs::remove_dir_all(project.path(".ragd-pipe")).expect("remove workdir");
     let status = project.run(&["status", "recipe.yaml"]);
-    status.success();
+    // Something would rerun: exit 1, like `git diff --exit-code`.
+    status.failure(1);
     assert!(
         status.stdout.contains("chunk  missing  yes        in sync"),
         "{}",

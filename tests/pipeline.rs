@@ -102,6 +102,95 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
     let metrics = metadata["metrics"].as_object().expect("metrics");
     assert!(!metrics.is_empty(), "{metadata}");
 
+    // The run ends by saying where the report is and what it found.
+    assert!(
+        first.stderr.contains("report: ") && first.stderr.contains("report.html"),
+        "{}",
+        first.stderr
+    );
+    assert!(first.stderr.contains("\nverdict: "), "{}", first.stderr);
+    // The report opens with its header and verdict; the model folder carries it, and every
+    // file of the folder is as readable as the others.
+    let report = project.run(&["report", "recipe.yaml"]);
+    report.success();
+    for expected in [
+        "- **Model**: e2e",
+        "- **Base model**: sentence-transformers/all-MiniLM-L6-v2",
+        "- **Data**: held-out: ",
+        "**Verdict: ",
+        "## What the figures mean",
+    ] {
+        assert!(
+            report.stdout.contains(expected),
+            "`{expected}`:\n{}",
+            report.stdout
+        );
+    }
+    assert!(model.join("report.html").is_file());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |file: &str| {
+            std::fs::metadata(model.join(file))
+                .expect("model file")
+                .permissions()
+                .mode()
+        };
+        assert_eq!(mode("model.safetensors"), mode("config.json"));
+    }
+    // The lock holds no path of this machine, no text of the documents, no timings.
+    let lock = project.read("recipe.lock");
+    let root = project.root().display().to_string();
+    assert!(!lock.contains(&root), "{lock}");
+    assert!(!lock.contains(": /"), "an absolute path:\n{lock}");
+    for private in [
+        "Tidewater",
+        "tidewater",
+        "examples:",
+        " query:",
+        "train_seconds",
+        "peak_rss_bytes",
+        "device",
+    ] {
+        assert!(!lock.contains(private), "`{private}` in the lock:\n{lock}");
+    }
+    let metadata_text = project.read(".ragd-home/models/e2e/training_metadata.json");
+    assert!(!metadata_text.contains(&root), "{metadata_text}");
+    // ragd uses the model (`make_default`): `models rm` refuses to remove it.
+    let rm = project.run(&["models", "rm", "e2e"]);
+    rm.failure(1);
+    assert!(
+        rm.stderr.contains("is ragd's embedding model"),
+        "{}",
+        rm.stderr
+    );
+
+    // Rerunning the stages that write text (queries, drops with examples, timings) leaves the
+    // lock as it was: it holds only what a rerun reproduces.
+    let forced = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--force",
+        "chunk",
+        "--force",
+        "query-gen",
+        "--force",
+        "judge",
+        "--force",
+        "mine",
+    ]);
+    forced.success();
+    assert_eq!(
+        forced.ran(),
+        ["chunk", "query-gen", "judge", "mine"],
+        "{}",
+        forced.stderr
+    );
+    assert_eq!(
+        project.read("recipe.lock"),
+        lock,
+        "the rerun changed the lock"
+    );
+
     // The report scores BM25, the base and the fine-tuned model on both sets.
     let show = project.run(&["models", "show", "e2e", "--json"]);
     show.success();

@@ -5,6 +5,8 @@ mod util;
 mod caching;
 mod cli;
 mod diagnostics;
+mod getting_started;
+mod guide;
 mod llm;
 mod ollama;
 mod pipeline;

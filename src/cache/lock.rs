@@ -25,9 +25,53 @@ pub struct LockedStage {
     /// The digest of the artifact's file listing, and its size.
     pub output: String,
     pub bytes: u64,
-    /// The stage's summary (counts, figures).
+    /// The stage's summary, reduced to what a rerun reproduces ([`reproducible_summary`]).
     #[serde(default)]
     pub summary: serde_json::Value,
+}
+
+/// What of a stage's summary the lock keeps: the counts and figures a rerun on any machine
+/// reproduces. Users commit the lock, so it holds no text (examples of dropped queries, headings
+/// and LLM output come from their documents; paths and device descriptions from their machine)
+/// and nothing that differs run to run (timings, calls made against answers cached, calls/s,
+/// peak memory). The run log's `stage-done` event keeps the whole summary.
+pub fn reproducible_summary(summary: &serde_json::Value) -> serde_json::Value {
+    reproducible(summary).unwrap_or(serde_json::Value::Null)
+}
+
+/// Keys whose figures depend on the run or the machine rather than on the inputs.
+const RUN_DEPENDENT_KEYS: [&str; 6] = [
+    "calls",
+    "cached",
+    "calls_per_second",
+    "peak_rss_bytes",
+    "resumed_from",
+    "seconds",
+];
+
+fn reproducible(value: &serde_json::Value) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    match value {
+        Value::String(_) => None,
+        Value::Array(items) => {
+            let kept: Vec<Value> = items.iter().filter_map(reproducible).collect();
+            (kept.len() == items.len()).then_some(Value::Array(kept))
+        }
+        Value::Object(fields) => {
+            let kept: serde_json::Map<String, Value> = fields
+                .iter()
+                .filter(|(key, _)| {
+                    !(RUN_DEPENDENT_KEYS.contains(&key.as_str())
+                        || key.ends_with("_seconds")
+                        || key.ends_with("examples"))
+                })
+                .filter_map(|(key, child)| Some((key.clone(), reproducible(child)?)))
+                .collect();
+            // An object of text only (a verdict's sentences) goes whole.
+            (!kept.is_empty() || fields.is_empty()).then_some(Value::Object(kept))
+        }
+        other => Some(other.clone()),
+    }
 }
 
 /// The whole lock file.
@@ -75,5 +119,59 @@ impl LockFile {
         })?;
         super::write_atomic(path, format!("{HEADER}{yaml}").as_bytes())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_lock_keeps_no_text_timings_or_machine_figures() {
+        let summary = json!({
+            "queries": 215,
+            "kept": 119,
+            "mean_tokens": 117.5,
+            "regression": false,
+            "path": "/root/.ragd/models/quickstart",
+            "gguf": ["/root/.ragd/models/quickstart/quickstart-f16.gguf"],
+            "device": "cpu (2 threads, avx512f)",
+            "train_seconds": 28.3,
+            "median_step_seconds": 1.2,
+            "peak_rss_bytes": 3_444_363_264_u64,
+            "resumed_from": null,
+            "negatives_histogram": {"0": 14, "3": 79},
+            "skipped": {},
+            "verdict": {"label": "better", "why": "…", "next": "…"},
+            "dropped": {
+                "round_trip": {
+                    "count": 95,
+                    "examples": [{"query": "how does the data get to the server?", "why": "…"}]
+                }
+            },
+            "skipped_examples": {"binary": ["docs/logo.png"]},
+            "llm": {
+                "model": "gguf blake3:5f4f (batched decoder v1, AVX-512 BF16)",
+                "calls": 0,
+                "cached": 226,
+                "calls_per_second": 0.0,
+                "unparseable": 1,
+                "unparseable_examples": ["{\"quer"]
+            }
+        });
+        assert_eq!(
+            reproducible_summary(&summary),
+            json!({
+                "queries": 215,
+                "kept": 119,
+                "mean_tokens": 117.5,
+                "regression": false,
+                "negatives_histogram": {"0": 14, "3": 79},
+                "skipped": {},
+                "dropped": {"round_trip": {"count": 95}},
+                "llm": {"unparseable": 1}
+            })
+        );
     }
 }

@@ -1,12 +1,34 @@
 //! The command line: clap types, one file per subcommand (each parses its options, calls the
 //! library, prints), and the one place errors become miette reports and exit codes
 //! (0 ok, 1 bad input, 2 internal or environment failure, 130 interrupted).
+//!
+//! With `--json` every command writes JSON Lines to stdout, each line an object with a `type`.
+//! `run` writes the events of [`crate::exec::Event`] (`plan`, `stage-start`, `stage-done`,
+//! `summary`, …) and, after an evaluation, a `report` line; the other commands:
+//!
+//! | command             | `type` of each line | fields                                          |
+//! |---------------------|---------------------|-------------------------------------------------|
+//! | `init`              | `init`              | `recipe`, `documents`, `bytes`, `chunks_estimate` |
+//! | `plan`              | `plan`              | as `run`'s                                      |
+//! | `status`            | `status`            | `recipe`, `lock`, `stages[]` (stage, lock, changes, store, would_run) |
+//! | `validate`          | `valid`             | `recipe`, `stages`                              |
+//! | `report`            | `report`            | `html`, `markdown`, `json`, `verdict`           |
+//! | `stages`            | `stage`             | `kind`, `section`, `produces`, `about`          |
+//! | `models list`       | `model`             | `name`, `path`, `created`, `base_model`, `metrics`, `verdict`, `problem` |
+//! | `models show`       | `model-details`     | `entry`, `metadata`                             |
+//! | `models export`     | `gguf-export`, `ollama-check` | the file written; the probe comparison |
+//! | `doctor`            | `doctor`            | backends, devices, `auto`, CPU features and threads, `checks[]` |
+//! | `gc`                | `gc`                | `removed`, `bytes`, `kept`, `dry_run`           |
+//! | any, on failure     | `diagnostic`        | miette's JSON report                            |
 
 mod bench;
+mod completions;
 mod doctor;
 mod gc;
+mod init;
 mod models;
 mod plan;
+mod report;
 mod run;
 mod schema;
 mod stages;
@@ -58,11 +80,16 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a commented recipe for a folder of documents, matched to this machine.
+    Init(init::InitArgs),
     /// Run a recipe: every stage whose inputs, parameters or code changed; the rest is cached.
     Run(run::RunArgs),
+    /// Print the latest evaluation report of a recipe (Markdown), or open it (HTML).
+    Report(report::ReportArgs),
     /// Show the DAG and, per stage, whether it is cached or will run, and why.
     Plan(plan::PlanArgs),
-    /// Compare a recipe and its inputs with its lock file: what changed, what would rerun.
+    /// Compare a recipe and its inputs with its lock file: what changed, what would rerun (exit
+    /// code 1 when a stage would rerun, 0 when everything is up to date).
     Status(status::StatusArgs),
     /// Check a recipe without running anything.
     Validate(validate::ValidateArgs),
@@ -76,8 +103,11 @@ pub enum Command {
     Models(models::ModelsArgs),
     /// Run a benchmark kept in the repository.
     Bench(bench::BenchArgs),
-    /// Show the accelerators this build and machine offer.
+    /// Check this build and machine: accelerators, caches, the registry, ragd's config and a
+    /// configured Ollama server.
     Doctor,
+    /// Print a shell completion script.
+    Completions(completions::CompletionsArgs),
 }
 
 /// A recipe and `--set` overrides, shared by the commands that read one.
@@ -96,9 +126,9 @@ impl RecipeArgs {
     }
 }
 
-/// A failed command: what to report and the exit code.
+/// A failed command: what to report (nothing when the output already said it) and the exit code.
 pub struct Failure {
-    report: miette::Report,
+    report: Option<miette::Report>,
     code: u8,
 }
 
@@ -108,13 +138,21 @@ impl Failure {
         E: miette::Diagnostic + Send + Sync + 'static,
     {
         Self {
-            report: miette::Report::new(error),
+            report: Some(miette::Report::new(error)),
             code,
         }
     }
 
     pub fn report(report: miette::Report, code: u8) -> Self {
-        Self { report, code }
+        Self {
+            report: Some(report),
+            code,
+        }
+    }
+
+    /// An exit code alone, for an answer the output gave (`status`: something would rerun).
+    pub fn code(code: u8) -> Self {
+        Self { report: None, code }
     }
 }
 
@@ -142,8 +180,10 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
     );
     install_miette_hook(&printer);
     let result = match cli.command {
+        Command::Init(args) => init::execute(&args, &printer),
         Command::Run(args) => run::execute(&args, &printer),
         Command::Plan(args) => plan::execute(&args, &printer),
+        Command::Report(args) => report::execute(&args, &printer),
         Command::Status(args) => status::execute(&args, &printer),
         Command::Validate(args) => validate::execute(&args, &printer),
         Command::Schema(args) => schema::execute(&args, &printer),
@@ -152,11 +192,14 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
         Command::Bench(args) => bench::execute(&args, &printer),
         Command::Models(args) => models::execute(&args, &printer),
         Command::Doctor => doctor::execute(&printer),
+        Command::Completions(args) => completions::execute(&args, &printer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            render_failure(&failure.report, &printer);
+            if let Some(report) = &failure.report {
+                render_failure(report, &printer);
+            }
             ExitCode::from(failure.code)
         }
     }
@@ -198,6 +241,20 @@ fn render_failure(report: &miette::Report, printer: &Printer) {
         }
     }
     anstream::eprintln!("{report:?}");
+}
+
+/// `value` as a JSON object with `type` first: the envelope of every `--json` line.
+fn typed(kind: &str, value: &impl serde::Serialize) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    object.insert("type".to_owned(), kind.into());
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(fields)) => object.extend(fields),
+        Ok(other) => {
+            object.insert("value".to_owned(), other);
+        }
+        Err(_) => {}
+    }
+    serde_json::Value::Object(object)
 }
 
 /// A multi-threaded tokio runtime for commands that run stages: async work (LLM calls) runs on its

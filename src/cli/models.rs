@@ -21,12 +21,22 @@ pub struct ModelsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsAction {
-    /// List registered models with their base model and headline metrics.
+    /// List registered models: base model, the fine-tuned model's nDCG@10 and the base's (on the
+    /// labelled queries, else the held-out documents), the gain, and the evaluation's verdict.
     List,
     /// Show a model's folder and full training metadata.
-    Show { name: String },
-    /// Remove a model from the registry.
-    Rm { name: String },
+    Show {
+        /// The registered model.
+        name: String,
+    },
+    /// Remove a model from the registry; refused for a model ragd's config uses.
+    Rm {
+        /// The registered model.
+        name: String,
+        /// Remove it even if ragd's config uses it (ragd then fails to load it).
+        #[arg(long)]
+        force: bool,
+    },
     /// Copy a model to a new folder (for sentence-transformers, another machine), or write it as
     /// a GGUF file (for llama.cpp and Ollama), optionally creating it in Ollama.
     Export(ExportArgs),
@@ -34,6 +44,7 @@ pub enum ModelsAction {
     /// config.yaml, and brings the reranker registered beside it (`retrieval.rerank_model`) unless
     /// its evaluation found reranking worse; a reranker sets `retrieval.rerank_model` alone. With
     /// `--ollama NAME`, ragd embeds with the Ollama model made from it (`embedding.model: NAME`).
+    /// The previous config is kept as `config.yaml.bak`.
     Use {
         /// The registered model.
         name: String,
@@ -107,7 +118,7 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
             let entries = registry::list(&root).map_err(registry_failure)?;
             if printer.json {
                 for entry in &entries {
-                    printer.json_line(entry);
+                    printer.json_line(&super::typed("model", entry));
                 }
                 return Ok(());
             }
@@ -118,16 +129,18 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
             let rows: Vec<Vec<String>> = entries
                 .iter()
                 .map(|e| {
-                    let ndcg = e
-                        .metrics
-                        .iter()
-                        .find(|(k, _)| k.ends_with("ndcg@10"))
-                        .map(|(_, v)| format!("{v:.3}"))
-                        .unwrap_or_else(|| "-".to_owned());
+                    let scores = Scores::of(e);
+                    let figure =
+                        |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
                     vec![
                         e.name.clone(),
                         e.base_model.clone().unwrap_or_else(|| "-".to_owned()),
-                        ndcg,
+                        figure(scores.fine_tuned),
+                        figure(scores.base),
+                        scores
+                            .gain()
+                            .map_or_else(|| "-".to_owned(), |g| format!("{g:+.3}")),
+                        scores.verdict,
                         e.created
                             .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
                             .unwrap_or_else(|| "-".to_owned()),
@@ -135,13 +148,28 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
                     ]
                 })
                 .collect();
-            let columns = ["name", "base model", "nDCG@10", "registered", ""].map(str::to_owned);
+            let columns = [
+                "name",
+                "base model",
+                "nDCG@10",
+                "base",
+                "gain",
+                "verdict",
+                "registered",
+                "",
+            ]
+            .map(str::to_owned);
             printer.result(&table(&columns, &rows, ""));
+            if let Some(set) = entries.iter().find_map(|e| Scores::of(e).dataset) {
+                printer.status(&format!(
+                    "nDCG@10 on your labelled queries where a model has them, else on held-out documents (`{set}` for the first); `models show NAME` has every figure"
+                ));
+            }
         }
         ModelsAction::Show { name } => {
             let details = registry::show(&root, name).map_err(registry_failure)?;
             if printer.json {
-                printer.json_line(&details);
+                printer.json_line(&super::typed("model-details", &details));
             } else {
                 let metadata = serde_json::to_string_pretty(&details.metadata).unwrap_or_default();
                 printer.result(&format!(
@@ -152,7 +180,25 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
                 ));
             }
         }
-        ModelsAction::Rm { name } => {
+        ModelsAction::Rm { name, force } => {
+            let home = registry::default_ragd_home().map_err(registry_failure)?;
+            if !force
+                && let Some(role) =
+                    registry::in_use(&root, name, &home).map_err(registry_failure)?
+            {
+                let what = match role {
+                    registry::ModelRole::Embedding => "embedding model",
+                    registry::ModelRole::Reranker => "reranker",
+                };
+                return Err(Failure::report(
+                    miette::miette!(
+                        help = "make ragd use another model first (`ragd-pipe models use OTHER`), or remove it anyway with `--force`",
+                        "`{name}` is ragd's {what} (in `{}`): removing it would leave ragd without it",
+                        home.join(registry::CONFIG_FILE).display()
+                    ),
+                    1,
+                ));
+            }
             let path = registry::remove(&root, name).map_err(registry_failure)?;
             printer.status(&format!("removed {name} ({})", path.display()));
         }
@@ -173,6 +219,7 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
             .map_err(|e| failure(&e))?;
             server.model_digest(ollama_name).map_err(|e| failure(&e))?;
             let home = registry::default_ragd_home().map_err(registry_failure)?;
+            let backup = registry::backup_config(&home).map_err(registry_failure)?;
             let (config, created) =
                 registry::use_ollama_model(ollama_name, &home).map_err(registry_failure)?;
             let verb = if created { "created" } else { "updated" };
@@ -181,9 +228,11 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
                 config.display(),
                 server.url()
             ));
+            print_after_use(printer, backup.as_deref(), true);
         }
         ModelsAction::Use { name, .. } => {
             let home = registry::default_ragd_home().map_err(registry_failure)?;
+            let backup = registry::backup_config(&home).map_err(registry_failure)?;
             let outcome = registry::use_registered(&root, name, &home).map_err(registry_failure)?;
             for update in &outcome.updates {
                 let verb = if update.created { "created" } else { "updated" };
@@ -200,11 +249,77 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
             if let Some(why) = &outcome.reranker_skipped {
                 printer.status(&format!("not changing ragd's reranker: {why}"));
             }
+            let embedding = outcome
+                .updates
+                .iter()
+                .any(|u| u.role == registry::ModelRole::Embedding);
+            print_after_use(printer, backup.as_deref(), embedding);
         }
     }
     Ok(())
 }
 
+/// Where the previous config is, and that documents embedded with the old model must be embedded
+/// again: vectors of two models do not compare.
+fn print_after_use(printer: &Printer, backup: Option<&Path>, embedding_changed: bool) {
+    if let Some(backup) = backup {
+        printer.status(&format!(
+            "the previous config is kept in {}",
+            backup.display()
+        ));
+    }
+    if embedding_changed {
+        printer.status(
+            "ragd must re-index your documents with the new embedding model: vectors from the old one do not match it",
+        );
+    }
+}
+
+/// The evaluation set evaluate holds out of the training documents.
+const HELD_OUT: &str = "held-out";
+
+/// A registry entry's headline: nDCG@10 of the fine-tuned and base models on one evaluation set
+/// (the user's labelled queries when there are some), and the evaluation's verdict.
+struct Scores {
+    dataset: Option<String>,
+    fine_tuned: Option<f64>,
+    base: Option<f64>,
+    verdict: String,
+}
+
+impl Scores {
+    fn of(entry: &registry::ModelEntry) -> Self {
+        // `metrics` is `{dataset: {system: {metric: mean}}}` flattened to dotted keys. The
+        // user's own labelled queries say more than the held-out synthetic ones: they come first.
+        let scored: Vec<&str> = entry
+            .metrics
+            .keys()
+            .filter_map(|k| k.strip_suffix(".fine-tuned.ndcg@10"))
+            .collect();
+        let dataset = scored
+            .iter()
+            .find(|d| **d != HELD_OUT)
+            .or(scored.first())
+            .map(|d| (*d).to_owned());
+        let score = |system: &str| {
+            let dataset = dataset.as_deref()?;
+            entry
+                .metrics
+                .get(&format!("{dataset}.{system}.ndcg@10"))
+                .copied()
+        };
+        Self {
+            fine_tuned: score("fine-tuned"),
+            base: score("base"),
+            dataset,
+            verdict: entry.verdict.clone().unwrap_or_else(|| "—".to_owned()),
+        }
+    }
+
+    fn gain(&self) -> Option<f64> {
+        Some(self.fine_tuned? - self.base?)
+    }
+}
 fn export(root: &Path, args: &ExportArgs, printer: &Printer) -> Result<(), Failure> {
     let name = &args.name;
     if args.format == ExportFormat::Folder && args.ollama.is_none() {
@@ -238,7 +353,7 @@ fn export(root: &Path, args: &ExportArgs, printer: &Printer) -> Result<(), Failu
     ));
     let Some(ollama_name) = &args.ollama else {
         if printer.json {
-            printer.json_line(&exported);
+            printer.json_line(&super::typed("gguf-export", &exported));
         }
         return Ok(());
     };
@@ -271,7 +386,7 @@ fn export(root: &Path, args: &ExportArgs, printer: &Printer) -> Result<(), Failu
 /// The probe comparison: a table on stdout (or one JSON line), the verdict on stderr.
 fn print_check(printer: &Printer, check: &ServedCheck, min_cosine: f64) {
     if printer.json {
-        printer.json_line(check);
+        printer.json_line(&super::typed("ollama-check", check));
         return;
     }
     let rows: Vec<Vec<String>> = check

@@ -70,7 +70,16 @@ pub(super) fn execute(args: &RunArgs, printer: &Printer) -> Result<(), Failure> 
     }
     // Stages may have left blocking work (HTTP clients) on the runtime; do not wait for it.
     runtime.shutdown_background();
-    result.map(|_| ()).map_err(Failure::from)
+    let report = result.map_err(Failure::from)?;
+    let evaluated = report
+        .ran
+        .iter()
+        .chain(&report.cached)
+        .any(|stage| stage == "evaluate");
+    if evaluated && let Some(files) = super::report::ReportFiles::latest(&recipe) {
+        files.print_end(printer);
+    }
+    Ok(())
 }
 
 /// Discards events, for re-planning quietly.

@@ -8,7 +8,7 @@ pub(super) fn execute(printer: &Printer) -> Result<(), Failure> {
     if printer.json {
         for spec in REGISTRY {
             printer.json_line(&serde_json::json!({
-                "kind": spec.kind, "section": spec.section, "produces": spec.produces, "about": spec.about,
+                "type": "stage", "kind": spec.kind, "section": spec.section, "produces": spec.produces, "about": spec.about,
             }));
         }
         return Ok(());

@@ -1,5 +1,6 @@
 //! `ragd-pipe status`: the recipe and its inputs against the lock file, and what the local store
 //! holds. On a fresh clone (an empty store) it still tells which stages changed since the lock.
+//! Like `git diff --exit-code` and `dvc status`, it exits 1 when a stage would rerun.
 
 use std::sync::Arc;
 
@@ -89,9 +90,14 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
             }
         })
         .collect();
+    let outcome = if statuses.iter().any(|s| s.would_run) {
+        Err(Failure::code(1))
+    } else {
+        Ok(())
+    };
     if printer.json {
         printer.json_line(&serde_json::json!({"type": "status", "recipe": recipe.path, "lock": recipe.lock_path(), "stages": statuses}));
-        return Ok(());
+        return outcome;
     }
     let rows: Vec<Vec<String>> = statuses
         .iter()
@@ -124,5 +130,5 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
     let mut out = format!("lock  {}\n\n", recipe.lock_path().display());
     out.push_str(&table(&columns, &rows, ""));
     printer.result(&out);
-    Ok(())
+    outcome
 }

@@ -188,6 +188,17 @@ pub fn format_p(p: f64) -> String {
     }
 }
 
+/// A setting as a person wrote it: 0.050000000000000044 (1 − 0.95 in floating point) → "0.05".
+pub(crate) fn format_setting(value: f64) -> String {
+    let text = format!("{value:.6}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text.is_empty() || text == "-" {
+        "0".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
 /// 0.95 → "95", 0.975 → "97.5".
 pub(crate) fn format_percent(level: f64) -> String {
     let percent = format!("{:.1}", level * 100.0);

@@ -438,7 +438,7 @@ fn locked(
         record: planned.record.summarized(),
         output: manifest.digest.clone(),
         bytes: manifest.bytes(),
-        summary: manifest.summary.clone(),
+        summary: crate::cache::lock::reproducible_summary(&manifest.summary),
     }
 }
 

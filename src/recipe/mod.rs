@@ -261,13 +261,19 @@ impl Loader {
             }
         };
 
+        // Unknown keys are reported, then dropped, so that the values around them are checked
+        // too and one `validate` reports every problem.
         let schema = schema::recipe_schema();
-        for unknown in schema::unknown_keys(&serde_yaml::Value::Mapping(mapping.clone()), &schema) {
-            self.unknown_key(&unknown);
+        let unknowns = schema::unknown_keys(&serde_yaml::Value::Mapping(mapping.clone()), &schema);
+        for unknown in &unknowns {
+            self.unknown_key(unknown);
+            remove_key(mapping, &unknown.path);
         }
-        if !self.problems.is_empty() {
-            return None;
-        }
+        // A misspelt key is often a required one: "is required" would say the same thing twice.
+        let misspelt_in: Vec<&str> = unknowns
+            .iter()
+            .filter_map(|u| u.path.first().map(String::as_str))
+            .collect();
 
         // Split the header from the stage sections.
         let mut header_map = serde_yaml::Mapping::new();
@@ -327,6 +333,9 @@ impl Loader {
             accelerator: header.accelerator,
         };
         if sections.is_empty() {
+            if !unknowns.is_empty() {
+                return None;
+            }
             self.problems.push(self.locator.problem(
                 ProblemKind::Value,
                 &[],
@@ -360,7 +369,11 @@ impl Loader {
                     self.type_problem(&full, &message);
                 }
                 Err(BuildError::Invalid(invalid)) => {
+                    let misspelt = misspelt_in.contains(&spec.section);
                     for item in invalid {
+                        if misspelt && item.message.starts_with("is required") {
+                            continue;
+                        }
                         let mut full = vec![spec.section.to_owned()];
                         full.extend(item.path);
                         // "`chunk.input` is required" reads as a sentence; other messages follow a colon.
@@ -631,6 +644,37 @@ fn plain_types(message: &str) -> String {
         }
     }
     out
+}
+
+/// Removes the key at `path` (mapping keys, or list indexes as numbers) from `mapping`.
+fn remove_key(mapping: &mut serde_yaml::Mapping, path: &[String]) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        // `swap_remove`: constant time for recipes with thousands of unknown keys.
+        mapping.swap_remove(first.as_str());
+        return;
+    };
+    let Some(mut node) = mapping.get_mut(first.as_str()) else {
+        return;
+    };
+    for key in middle {
+        let next = match node {
+            serde_yaml::Value::Mapping(map) => map.get_mut(key.as_str()),
+            serde_yaml::Value::Sequence(items) => {
+                key.parse::<usize>().ok().and_then(|i| items.get_mut(i))
+            }
+            _ => None,
+        };
+        let Some(next) = next else {
+            return;
+        };
+        node = next;
+    }
+    if let serde_yaml::Value::Mapping(map) = node {
+        map.swap_remove(last.as_str());
+    }
 }
 
 /// Removes serde_yaml's " at line N column M" suffix: the diagnostic shows the place itself.

@@ -98,6 +98,22 @@ fn several_problems_are_reported_together() {
 }
 
 #[test]
+fn unknown_keys_and_bad_values_are_reported_together() {
+    let error = load(
+        "name: demo\nchunk:\n  input: docs\n  max_tokns: 100\ntrain:\n  epochs: -1\n",
+        &[],
+    )
+    .expect_err("invalid");
+    let kinds: Vec<ProblemKind> = error.problems().iter().map(|p| p.kind).collect();
+    assert!(kinds.contains(&ProblemKind::UnknownKey), "{kinds:?}");
+    assert!(
+        kinds.iter().any(|k| *k != ProblemKind::UnknownKey),
+        "{}",
+        render(&error)
+    );
+}
+
+#[test]
 fn r18_1_long_line_diagnostic() {
     // A problem past column 65,535 panicked inside miette's renderer (format widths are u16).
     let long = format!("name: demo\n# {}\nsede: 3\n", "x".repeat(66_000));

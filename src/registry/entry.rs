@@ -24,6 +24,10 @@ pub struct ModelEntry {
     pub created: Option<jiff::Timestamp>,
     pub base_model: Option<String>,
     pub metrics: BTreeMap<String, f64>,
+    /// The evaluation's verdict (`better`, `no clear difference`, `worse`), else what its
+    /// regression flag says (`worse`, `not worse`); `None` when it was not evaluated.
+    #[serde(default)]
+    pub verdict: Option<String>,
     /// Why the metadata could not be read (a folder copied in by hand), if it could not.
     pub problem: Option<String>,
 }
@@ -44,6 +48,7 @@ pub(crate) fn read_details(name: &str, path: &Path) -> ModelDetails {
         created: None,
         base_model: None,
         metrics: BTreeMap::new(),
+        verdict: None,
         problem: None,
     };
     let metadata = match read_metadata(&path.join(METADATA_FILE)) {
@@ -61,6 +66,15 @@ pub(crate) fn read_details(name: &str, path: &Path) -> ModelDetails {
         .and_then(|s| s.parse().ok());
     entry.base_model = metadata["base_model"].as_str().map(str::to_owned);
     flatten_numbers("", &metadata["metrics"], &mut entry.metrics);
+    entry.verdict = match (
+        metadata["verdict"]["label"].as_str(),
+        metadata[super::REGRESSION_KEY].as_bool(),
+    ) {
+        (Some(label), _) => Some(label.to_owned()),
+        (None, Some(true)) => Some("worse".to_owned()),
+        (None, Some(false)) => Some("not worse".to_owned()),
+        (None, None) => None,
+    };
     ModelDetails { entry, metadata }
 }
 

@@ -22,8 +22,10 @@ pub use error::RegistryError;
 pub use name::{MAX_NAME_LEN, validate_name};
 pub use ops::{
     REGRESSION_KEY, REQUIRED_FILES, RERANKER_KEY, UseOutcome, WEIGHT_FILES, default_ragd_home,
-    default_root, export, list, register, register_with, remove, role_of, show, use_registered,
+    default_root, export, in_use, list, register, register_with, remove, role_of, show,
+    use_registered,
 };
 pub use ragd_config::{
-    CONFIG_FILE, CUSTOM_MODEL, ConfigUpdate, ModelRole, use_model, use_ollama_model,
+    BACKUP_FILE, CONFIG_FILE, CUSTOM_MODEL, ConfigUpdate, ModelRole, backup_config,
+    configured_models, use_model, use_ollama_model,
 };

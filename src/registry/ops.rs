@@ -214,6 +214,24 @@ pub fn show(root: &Path, name: &str) -> Result<ModelDetails, RegistryError> {
     Ok(read_details(name, &path))
 }
 
+/// The role in which ragd's config (in `ragd_home`) uses the registered model `name`, if it
+/// does: removing that model would break ragd.
+pub fn in_use(
+    root: &Path,
+    name: &str,
+    ragd_home: &Path,
+) -> Result<Option<ModelRole>, RegistryError> {
+    let path = model_path(root, name)?;
+    let same = |configured: &Path| {
+        let resolved = |p: &Path| fs::canonicalize(p).ok();
+        resolved(configured).is_some_and(|c| Some(c) == resolved(&path))
+    };
+    Ok(super::ragd_config::configured_models(ragd_home)?
+        .into_iter()
+        .find(|(_, configured)| same(configured))
+        .map(|(role, _)| role))
+}
+
 /// Removes a model; returns the path it had. Its name disappears in one rename, then the files go.
 pub fn remove(root: &Path, name: &str) -> Result<PathBuf, RegistryError> {
     let _lock = RegistryLock::acquire(root)?;

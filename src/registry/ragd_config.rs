@@ -111,6 +111,52 @@ pub fn use_ollama_model(
     )
 }
 
+/// Where `models use` keeps the config it replaced, beside it.
+pub const BACKUP_FILE: &str = "config.yaml.bak";
+
+/// Copies ragd's config to [`BACKUP_FILE`] beside it, with its permissions (it may hold API
+/// keys), before `models use` edits it: the previous settings stay one `mv` away. `None` when
+/// there is no config yet.
+pub fn backup_config(ragd_home: &Path) -> Result<Option<PathBuf>, RegistryError> {
+    let config_path = through_links(&ragd_home.join(CONFIG_FILE))?;
+    let text = match fs::read_to_string(&config_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let permissions = fs::metadata(&config_path)?.permissions();
+    let backup = config_path.with_file_name(BACKUP_FILE);
+    write_replacing(&backup, &text, Some(permissions))?;
+    Ok(Some(backup))
+}
+
+/// The models ragd's config points at: `embedding.custom_model_path` when `embedding.model` is
+/// `custom`, and `retrieval.rerank_model`. Empty when there is no config.
+pub fn configured_models(ragd_home: &Path) -> Result<Vec<(ModelRole, PathBuf)>, RegistryError> {
+    let config_path = ragd_home.join(CONFIG_FILE);
+    let text = match fs::read_to_string(&config_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let config: Value =
+        serde_yaml::from_str(&text).map_err(|e| RegistryError::ConfigInvalidYaml {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
+    let mut models = Vec::new();
+    let embedding = &config[EMBEDDING];
+    if embedding[MODEL_KEY].as_str() == Some(CUSTOM_MODEL)
+        && let Some(path) = embedding[PATH_KEY].as_str()
+    {
+        models.push((ModelRole::Embedding, PathBuf::from(path)));
+    }
+    if let Some(path) = config[RETRIEVAL][RERANK_MODEL_KEY].as_str() {
+        models.push((ModelRole::Reranker, PathBuf::from(path)));
+    }
+    Ok(models)
+}
+
 /// The block and the settings that make ragd use the model at `model_path` in `role`.
 fn role_settings(role: ModelRole, model_path: &str) -> (&'static str, [(&'static str, Value); 2]) {
     match role {

@@ -264,8 +264,15 @@ impl Stage for Register {
         }
         let staging = ctx.out_dir.join(".gguf");
         let ggufs = self.write_ggufs(ctx, &model_dir, &staging)?;
+        // The evaluation's report travels with the model, so its verdict is never far from it.
+        let mut extra = ggufs.clone();
+        if let Ok(dir) = ctx.input(Artifact::Evaluation)
+            && dir.join(REPORT_HTML).is_file()
+        {
+            extra.push(dir.join(REPORT_HTML));
+        }
         let registered =
-            self.register_folder(&root, &self.name, &model_dir, &ggufs, &metadata, force);
+            self.register_folder(&root, &self.name, &model_dir, &extra, &metadata, force);
         if staging.exists() {
             fs_err::remove_dir_all(&staging)?;
         }
@@ -492,7 +499,10 @@ impl Register {
     /// Whether the model of this name came from this same recipe file, which may replace it.
     fn registered_by(&self, root: &Path, recipe_path: &Path) -> bool {
         registry::show(root, &self.name).is_ok_and(|details| {
-            details.metadata["recipe"]["path"].as_str() == recipe_path.to_str()
+            let recipe = &details.metadata["recipe"];
+            recipe["origin"].as_str() == Some(recipe_origin(recipe_path).as_str())
+                // Models registered before `origin` kept the path itself.
+                || recipe["path"].as_str() == recipe_path.to_str()
         })
     }
 
@@ -523,7 +533,8 @@ impl Register {
             (
                 "recipe",
                 serde_json::json!({
-                    "path": recipe_path,
+                    "file": recipe_path.file_name().map(|n| n.to_string_lossy()),
+                    "origin": recipe_origin(recipe_path),
                     "text": ctx.recipe_text,
                     "stage_keys": ctx.upstream_keys,
                 }),
@@ -544,6 +555,15 @@ impl Register {
         Ok(metadata)
     }
 }
+
+/// Which recipe file registered a model, without the path: a model folder is copied and shared,
+/// and a path names the user's home and folders.
+fn recipe_origin(recipe_path: &Path) -> String {
+    crate::cache::digest::hash_bytes(recipe_path.to_string_lossy().as_bytes())
+}
+
+/// The evaluation's HTML report, copied into the registered model's folder.
+const REPORT_HTML: &str = "report.html";
 
 fn registry_error(error: RegistryError) -> StageError {
     StageError::Failed(super::error::error_chain(&error))

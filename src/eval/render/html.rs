@@ -2,24 +2,30 @@
 //! so it can be mailed or opened from disk anywhere.
 
 use super::svg::{self, Bar, BarChart, BarGroup, LineChart, Series, XScale};
-use super::{dimension_text, escape, full_size_systems, regression_lines, shown_metrics};
-use crate::eval::report::{Dataset, Report, SystemKind, VERDICT_BETTER, VERDICT_WORSE};
-use crate::eval::stats::{Verdict, format_percent};
+use super::{
+    Header, METRIC_EXPLANATIONS, dimension_text, escape, full_size_systems, regression_lines,
+    shown_metrics, verdict_line,
+};
+use crate::eval::report::{Dataset, Report, SystemKind};
+use crate::eval::stats::{Verdict, format_percent, format_setting};
 use crate::eval::training::TrainingCurve;
 
 const STYLE: &str = "
 body { font: 15px/1.5 system-ui, sans-serif; color: #222; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }
 h1 { font-size: 1.6rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 1rem 0; }
-th, td { padding: .25rem .6rem; border-bottom: 1px solid #eee; text-align: right; }
+th, td { padding: .25rem .6rem; border-bottom: 1px solid #eee; text-align: right; white-space: nowrap; }
+.scroll { overflow-x: auto; }
+dl.header { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; }
+dl.header dt { font-weight: 600; } dl.header dd { margin: 0; }
+p.verdict { font-size: 1.1rem; padding: .6rem 1rem; border-left: 4px solid #0072b2; background: #eef5fb; }
+p.verdict.worse { border-color: #d55e00; background: #fcefe6; }
+@media (max-width: 40rem) { body { font-size: 14px; margin: 1rem auto; } th, td { padding: .2rem .35rem; } }
 th:first-child, td:first-child, td.kind { text-align: left; }
 td .ci { color: #777; font-size: .85em; }
-.regression { background: #fde8e8; border: 2px solid #c0392b; padding: .75rem 1rem; border-radius: 6px; }
-.regression strong { color: #c0392b; }
-.verdict { border: 2px solid #999; padding: .5rem 1rem; border-radius: 6px; margin: 1rem 0; }
-.verdict.better { border-color: #1e7b34; background: #e9f6ec; }
-.verdict.worse { border-color: #c0392b; background: #fde8e8; }
-li.better { color: #1e7b34; } li.worse { color: #c0392b; font-weight: 600; } li.same { color: #555; }
+.regression { background: #fcefe6; border: 2px solid #d55e00; padding: .75rem 1rem; border-radius: 6px; }
+.regression strong { color: #a04000; }
+li.better { color: #005a8c; } li.worse { color: #a04000; font-weight: 600; } li.same { color: #555; }
 figure { margin: 1.5rem 0; }
 svg text { font: 12px system-ui, sans-serif; fill: #333; }
 svg text.title { font-weight: 600; font-size: 13px; }
@@ -36,20 +42,27 @@ pub fn html(report: &Report) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
     );
-    if let Some(verdict) = &report.verdict {
-        let class = match verdict.label.as_str() {
-            VERDICT_BETTER => "better",
-            VERDICT_WORSE => "worse",
-            _ => "same",
-        };
-        out.push_str(&format!(
-            "<div class=\"verdict {class}\"><p><strong>Verdict: {}.</strong> {}</p>\n\
-             <p><strong>Next:</strong> {}</p></div>\n",
-            escape(&verdict.label),
-            escape(&verdict.why),
-            escape(&verdict.next)
-        ));
-    }
+    let header = Header::of(report);
+    out.push_str(&format!(
+        "<dl class=\"header\">\n<dt>Model</dt><dd>{title}</dd>\n<dt>Base model</dt><dd>{}</dd>\n<dt>Data</dt><dd>{}</dd>\n</dl>\n",
+        escape(header.base.as_deref().unwrap_or("–")),
+        header
+            .data
+            .iter()
+            .map(|line| escape(line))
+            .collect::<Vec<_>>()
+            .join("<br>")
+    ));
+    let verdict = verdict_line(report);
+    let worse = if verdict.starts_with("Verdict: worse") {
+        " worse"
+    } else {
+        ""
+    };
+    out.push_str(&format!(
+        "<p class=\"verdict{worse}\"><strong>{}</strong></p>\n",
+        escape(&verdict)
+    ));
     if report.regression {
         out.push_str(
             "<div class=\"regression\"><strong>REGRESSION:</strong> the fine-tuned model is worse \
@@ -92,6 +105,15 @@ pub fn html(report: &Report) -> String {
     if let Some(training) = &report.training {
         training_section(&mut out, training);
     }
+    out.push_str("<h2>What the figures mean</h2>\n<p>Each query was written for one or a few passages (chunks of the documents, or the entries of a labelled corpus): the right passages. Each system ranks all passages for it. Every figure runs from 0 to 1, higher is better, and is averaged over the queries; the interval after it is where the true average lies with the stated confidence. A difference is <em>beyond noise</em> only when it holds across the queries, not on a few of them.</p>\n<dl>\n");
+    for (metric, explanation) in METRIC_EXPLANATIONS {
+        out.push_str(&format!(
+            "<dt>{}</dt><dd>{}</dd>\n",
+            metric.label(),
+            escape(explanation)
+        ));
+    }
+    out.push_str("</dl>\n");
     let settings = &report.settings;
     out.push_str(&format!(
         "<h2>Method</h2>\n<p>Metrics follow sentence-transformers' \
@@ -102,7 +124,7 @@ pub fn html(report: &Report) -> String {
         format_percent(settings.confidence),
         settings.resamples,
         settings.permutations,
-        settings.alpha,
+        format_setting(settings.alpha),
         settings.seed
     ));
     out
@@ -110,13 +132,14 @@ pub fn html(report: &Report) -> String {
 
 fn dataset_section(out: &mut String, dataset: &Dataset, confidence: f64) {
     out.push_str(&format!(
-        "<section>\n<h2>{}</h2>\n<p>{} queries, {} documents.</p>\n",
+        "<section>\n<h2>{}</h2>\n<p>{} queries, searching {} {}.</p>\n",
         escape(&dataset.name),
         dataset.query_ids.len(),
-        dataset.documents
+        dataset.documents,
+        super::searched(dataset)
     ));
     let metrics = shown_metrics(dataset);
-    out.push_str("<table>\n<tr><th>System</th><th>Kind</th><th>Dim</th>");
+    out.push_str("<div class=\"scroll\"><table>\n<tr><th>System</th><th>Kind</th><th>Dim</th>");
     for metric in &metrics {
         out.push_str(&format!("<th>{}</th>", metric.label()));
     }
@@ -140,7 +163,7 @@ fn dataset_section(out: &mut String, dataset: &Dataset, confidence: f64) {
         out.push_str("</tr>\n");
     }
     out.push_str(&format!(
-        "</table>\n<p>In parentheses: {}% bootstrap interval of the mean.</p>\n",
+        "</table></div>\n<p>In parentheses: {}% bootstrap interval of the mean.</p>\n",
         format_percent(confidence)
     ));
 

@@ -1,22 +1,27 @@
 //! `report.md`: tables and plain-words verdicts, readable as text and on any Markdown viewer.
 
-use super::{dimension_text, full_size_systems, regression_lines, shown_metrics};
+use super::{
+    Header, METRIC_EXPLANATIONS, dimension_text, full_size_systems, regression_lines,
+    shown_metrics, verdict_line,
+};
 use crate::eval::report::{Dataset, Report};
-use crate::eval::stats::{Verdict, format_percent};
+use crate::eval::stats::{Verdict, format_percent, format_setting};
 use crate::eval::training::TrainingCurve;
 
 /// Renders the report as Markdown. User text is escaped so it can neither break a table nor
 /// inject HTML into a viewer that renders it.
 pub fn markdown(report: &Report) -> String {
     let mut out = format!("# {}\n\n", inline(&report.title));
-    if let Some(verdict) = &report.verdict {
-        out.push_str(&format!(
-            "**Verdict: {}.** {}\n\n**Next:** {}\n\n",
-            inline(&verdict.label),
-            inline(&verdict.why),
-            inline(&verdict.next)
-        ));
+    let header = Header::of(report);
+    out.push_str(&format!(
+        "- **Model**: {}\n- **Base model**: {}\n",
+        inline(&report.title),
+        inline(header.base.as_deref().unwrap_or("–"))
+    ));
+    for line in &header.data {
+        out.push_str(&format!("- **Data**: {}\n", inline(line)));
     }
+    out.push_str(&format!("\n**{}**\n\n", inline(&verdict_line(report))));
     if report.regression {
         out.push_str(
             "> **REGRESSION**: the fine-tuned model is worse than the base model beyond noise:\n",
@@ -59,6 +64,17 @@ pub fn markdown(report: &Report) -> String {
     if let Some(training) = &report.training {
         training_section(&mut out, training);
     }
+    out.push_str(
+        "## What the figures mean\n\nEach query was written for one or a few chunks of the \
+         documents (the right chunks); each system ranks all chunks for it. Every figure runs \
+         from 0 to 1, higher is better, and is averaged over the queries; the interval after it \
+         is where the true average lies with the stated confidence. A difference is *beyond \
+         noise* only when it holds across the queries, not on a few of them.\n\n",
+    );
+    for (metric, explanation) in METRIC_EXPLANATIONS {
+        out.push_str(&format!("- **{}**: {explanation}\n", metric.label()));
+    }
+    out.push('\n');
     let settings = &report.settings;
     out.push_str(&format!(
         "## Method\n\nMetrics follow sentence-transformers' `InformationRetrievalEvaluator`; \
@@ -69,7 +85,7 @@ pub fn markdown(report: &Report) -> String {
         format_percent(settings.confidence),
         settings.resamples,
         settings.permutations,
-        settings.alpha,
+        format_setting(settings.alpha),
         settings.seed
     ));
     out
@@ -77,10 +93,11 @@ pub fn markdown(report: &Report) -> String {
 
 fn dataset_section(out: &mut String, dataset: &Dataset, confidence: f64) {
     out.push_str(&format!(
-        "## {}\n\n{} queries, {} documents.\n\n",
+        "## {}\n\n{} queries, searching {} {}.\n\n",
         inline(&dataset.name),
         dataset.query_ids.len(),
-        dataset.documents
+        dataset.documents,
+        super::searched(dataset)
     ));
     let metrics = shown_metrics(dataset);
     out.push_str("| System | Kind | Dim |");

@@ -60,6 +60,101 @@ fn regression_lines(report: &Report) -> impl Iterator<Item = &str> {
     report.regressions.iter().map(String::as_str)
 }
 
+/// What the report is about, for its header: the fine-tuned model (the report's title), the base
+/// model, and the data it was scored on.
+struct Header {
+    base: Option<String>,
+    data: Vec<String>,
+}
+
+impl Header {
+    fn of(report: &Report) -> Self {
+        let base = report
+            .datasets
+            .iter()
+            .flat_map(|dataset| &dataset.systems)
+            .find(|system| system.kind == super::report::SystemKind::Base)
+            .and_then(|system| system.model.clone());
+        let data = report
+            .datasets
+            .iter()
+            .map(|dataset| {
+                format!(
+                    "{}: {} queries over {} {}",
+                    dataset.name,
+                    dataset.query_ids.len(),
+                    dataset.documents,
+                    searched(dataset)
+                )
+            })
+            .collect();
+        Self { base, data }
+    }
+}
+
+/// What a dataset's queries search: the held-out split searches the chunks of documents that
+/// training never saw; a labelled dataset, the passages of its own corpus.
+fn searched(dataset: &Dataset) -> &'static str {
+    if dataset.name == "held-out" {
+        "chunks"
+    } else {
+        "passages"
+    }
+}
+
+/// The report's verdict in one sentence: the evaluation's `verdict` (label, why, what next) when
+/// it has one, else what the regression flag says (reports written before the verdict).
+fn verdict_line(report: &Report) -> String {
+    if let Some(verdict) = &report.verdict {
+        let mut line = format!("Verdict: {}", verdict.label);
+        for text in [&verdict.why, &verdict.next] {
+            if !text.is_empty() {
+                line.push_str(". ");
+                line.push_str(text.trim_end_matches('.'));
+            }
+        }
+        line.push('.');
+        return line;
+    }
+    if report.regression {
+        "Verdict: worse. The fine-tuned model is worse than the base model beyond noise; do not \
+         use it as it is."
+            .to_owned()
+    } else {
+        "Verdict: no regression. The fine-tuned model is not worse than the base model beyond \
+         noise; the comparisons below say where it is better."
+            .to_owned()
+    }
+}
+
+/// One plain sentence per headline metric, for readers who are not ML engineers.
+const METRIC_EXPLANATIONS: [(Metric, &str); 6] = [
+    (
+        Metric::NDCG_10,
+        "how high the right passages rank among the first 10 results: 1 when they come first, 0 when none is in the 10. The main figure.",
+    ),
+    (
+        Metric::MRR_10,
+        "where the first right passage comes: 1 in first place, 0.5 in second, 0.33 in third, 0 when not in the first 10; averaged over queries.",
+    ),
+    (
+        Metric::RECALL_10,
+        "the share of the right passages found among the first 10 results.",
+    ),
+    (
+        Metric::RECALL_100,
+        "the share of the right passages found among the first 100 results: what a reranker could still reorder.",
+    ),
+    (
+        Metric::MAP_100,
+        "like nDCG, rewards putting every right passage early, not only the first one (first 100 results).",
+    ),
+    (
+        Metric::ACCURACY_1,
+        "the share of queries whose first result is a right passage.",
+    ),
+];
+
 /// Escapes text for HTML element content and attribute values.
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -275,6 +370,40 @@ mod tests {
         }
         assert!(table.contains("better beyond noise"));
         assert!(table.contains("worse beyond noise"));
+    }
+
+    #[test]
+    fn pages_open_with_a_header_and_the_verdict_and_explain_the_metrics() {
+        let report = fixture_report();
+        for page in [html(&report), markdown(&report)] {
+            assert!(page.contains("Base model"), "{page}");
+            assert!(page.contains("held-out &lt;queries&gt; &amp;"), "{page}");
+            assert!(page.contains("6 queries over 40 passages"), "{page}");
+            assert!(page.contains("Verdict: worse."), "{page}");
+            assert!(page.contains("What the figures mean"), "{page}");
+            assert!(
+                page.contains("where the first right passage comes"),
+                "{page}"
+            );
+            // alpha is 1 − 0.95, which prints as 0.050000000000000044 unrounded.
+            assert!(
+                page.contains("p &lt; 0.05 (") || page.contains("p < 0.05 ("),
+                "{page}"
+            );
+            assert!(!page.contains("00000000"), "{page}");
+        }
+        let mut fine = fixture_report();
+        fine.regression = false;
+        assert!(markdown(&fine).contains("**Verdict: no regression."));
+    }
+
+    #[test]
+    fn settings_print_as_written() {
+        use crate::eval::stats::format_setting;
+        assert_eq!(format_setting(1.0 - 0.95), "0.05");
+        assert_eq!(format_setting(0.01), "0.01");
+        assert_eq!(format_setting(1.0), "1");
+        assert_eq!(format_setting(0.0), "0");
     }
 
     #[test]

@@ -141,7 +141,27 @@ fn write_tensors(tensors: &[(String, candle_core::Tensor)], path: &Path) -> Resu
     .map_err(|e| TrainError::BadFile {
         path: path.to_owned(),
         message: e.to_string(),
-    })
+    })?;
+    give_usual_mode(path)?;
+    Ok(())
+}
+
+/// safetensors writes through a temporary file, which is created 0600 whatever the umask
+/// (safetensors#782): give the weights the mode any new file in their folder gets, so whoever
+/// may read the model folder reads every file of it.
+#[cfg(unix)]
+fn give_usual_mode(path: &Path) -> Result<(), TrainError> {
+    let probe = path.with_extension("mode-probe");
+    fs_err::File::create(&probe)?;
+    let permissions = fs_err::metadata(&probe)?.permissions();
+    fs_err::remove_file(&probe)?;
+    fs_err::set_permissions(path, permissions)?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn give_usual_mode(_path: &Path) -> Result<(), TrainError> {
+    Ok(())
 }
 
 /// Writes `model` into `out` (created if needed) as a `BertForSequenceClassification` folder that

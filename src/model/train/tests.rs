@@ -195,6 +195,21 @@ fn one_step_matches_pytorch_and_the_saved_model_reloads() {
         "the saved file holds exactly the original tensors"
     );
     assert_eq!(format.as_deref(), Some("pt"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |name: &str| {
+            std::fs::metadata(out.path().join(name))
+                .expect("saved file")
+                .permissions()
+                .mode()
+        };
+        assert_eq!(
+            mode("model.safetensors"),
+            mode("config.json"),
+            "the weights are as readable as the rest of the folder"
+        );
+    }
     for name in [
         "config.json",
         "tokenizer.json",
