@@ -11,6 +11,7 @@ mod run;
 mod schema;
 mod stages;
 mod status;
+mod ui;
 mod validate;
 
 use std::path::PathBuf;
@@ -78,6 +79,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Show the accelerators this build and machine offer.
     Doctor,
+    /// Serve the dashboard on 127.0.0.1: datasets, runs with live progress, models.
+    Ui(ui::UiArgs),
 }
 
 /// A recipe and `--set` overrides, shared by the commands that read one.
@@ -152,6 +155,7 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
         Command::Bench(args) => bench::execute(&args, &printer),
         Command::Models(args) => models::execute(&args, &printer),
         Command::Doctor => doctor::execute(&printer),
+        Command::Ui(args) => ui::execute(&args, &printer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
