@@ -11,3 +11,6 @@ mod pipeline;
 mod regressions;
 mod rerank;
 mod train;
+mod ui_api;
+mod ui_browser;
+mod ui_server;
