@@ -3,7 +3,8 @@
 //! A YAML recipe (`recipe`) compiles into a DAG of stages (`plan`), each cached under a content
 //! hash (`cache`) and run by the executor (`exec`). Stages (`stages`) call the engines: the
 //! sentence-embedding model (`model`), LLM backends (`llm`), search indexes (`index`), metrics
-//! (`eval`) and the model registry (`registry`). Only `cli` and `output` touch the terminal.
+//! (`eval`) and the model registry (`registry`). Only `cli` and `output` touch the terminal;
+//! `ui` serves the same recipes, runs and registry to a browser.
 
 pub mod cache;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod recipe;
 pub mod registry;
 pub mod stages;
+pub mod ui;
 
 #[cfg(test)]
 pub(crate) mod testutil;

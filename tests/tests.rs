@@ -13,3 +13,6 @@ mod pipeline;
 mod regressions;
 mod rerank;
 mod train;
+mod ui_api;
+mod ui_browser;
+mod ui_server;

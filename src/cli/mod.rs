@@ -33,6 +33,7 @@ mod run;
 mod schema;
 mod stages;
 mod status;
+mod ui;
 mod validate;
 
 use std::path::PathBuf;
@@ -108,6 +109,8 @@ pub enum Command {
     Doctor,
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
+    /// Serve the dashboard on 127.0.0.1: datasets, runs with live progress, models.
+    Ui(ui::UiArgs),
 }
 
 /// A recipe and `--set` overrides, shared by the commands that read one.
@@ -193,6 +196,7 @@ pub(super) fn execute(cli: Cli) -> ExitCode {
         Command::Models(args) => models::execute(&args, &printer),
         Command::Doctor => doctor::execute(&printer),
         Command::Completions(args) => completions::execute(&args, &printer),
+        Command::Ui(args) => ui::execute(&args, &printer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
