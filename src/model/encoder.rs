@@ -88,7 +88,7 @@ impl SentenceEncoder {
         }
         let tokenizer = SentenceTokenizer::load(
             &transformer_dir,
-            config.max_position_embeddings,
+            config.max_sequence_length(),
             config.pad_token_id,
         )?;
         Ok(Self {
