@@ -22,5 +22,6 @@ pub mod mpnet;
 pub mod ollama;
 pub mod pickle_guard;
 pub mod pooling;
+pub mod prompts;
 pub mod tokenize;
 pub mod train;
