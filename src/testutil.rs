@@ -38,6 +38,19 @@ pub(crate) fn minilm_dir() -> PathBuf {
     .expect("all-MiniLM-L6-v2 resolves through its PyPI mirror")
 }
 
+/// The sentence-transformers all-mpnet-base-v2 folder (joined from its five PyPI parts).
+pub(crate) fn mpnet_dir() -> PathBuf {
+    let reference = ModelRef::parse("sentence-transformers/all-mpnet-base-v2", &test_cache())
+        .expect("a hub id parses");
+    hub::resolve(
+        &reference,
+        hub::SENTENCE_TRANSFORMER_FILES,
+        &config(),
+        &mut |_| {},
+    )
+    .expect("all-mpnet-base-v2 resolves through its PyPI mirror")
+}
+
 /// The SmolLM2-135M-Instruct Q4_1 GGUF file.
 pub(crate) fn smollm2_gguf() -> PathBuf {
     let reference = ModelRef::parse(

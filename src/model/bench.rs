@@ -383,7 +383,14 @@ fn profile(
             layers,
             vec![random(&[sequences, tokens, 3 * hidden], 4)?],
             Box::new(move |t| {
-                kernels::attention(&t[0], &mask_bias, heads, scale, Some(attention_dropout))
+                kernels::attention(
+                    &t[0],
+                    &mask_bias,
+                    None,
+                    heads,
+                    scale,
+                    Some(attention_dropout),
+                )
             }),
         ),
         (

@@ -8,6 +8,10 @@
 //! itself, but a checkpoint's pooler weights are kept (see [`Bert::extra_tensors`]) so a saved
 //! model holds every original key.
 //!
+//! The same code runs MPNet (`model_type: mpnet`, all-mpnet-base-v2), whose layers compute the
+//! same thing under other names, with no token types, shifted positions and a relative-position
+//! bias in attention: see [`crate::model::mpnet`].
+//!
 //! Why not `candle_transformers::models::bert::BertModel`: its LayerNorm and softmax are fused
 //! ops registered without a backward, so `backward()` succeeds with zero gradients for everything
 //! before them. Here the ops go through [`crate::model::kernels`], which are differentiable.
@@ -26,6 +30,7 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config_file::read_json;
 use crate::model::error::{CandleContext, ModelError};
 use crate::model::kernels::{self, Dropout};
+use crate::model::mpnet;
 
 /// The fields of a Hugging Face `config.json` that a BERT needs; other keys are ignored.
 ///
@@ -53,10 +58,13 @@ pub struct BertConfig {
     pub attention_probs_dropout_prob: f32,
     #[serde(default)]
     pub position_embedding_type: PositionEmbeddingType,
-    /// `bert` when given; other architectures (`roberta`, `xlm-roberta`, …) are refused rather
-    /// than silently run as BERT.
+    /// `bert` or `mpnet` when given; other architectures (`roberta`, `xlm-roberta`, …) are
+    /// refused rather than silently run as BERT.
     #[serde(default)]
     pub model_type: Option<ModelType>,
+    /// MPNet's number of relative-position buckets (ignored for BERT).
+    #[serde(default = "default_relative_attention_num_buckets")]
+    pub relative_attention_num_buckets: usize,
 }
 
 /// The activation of the intermediate layer. Only BERT's exact (erf) GELU is implemented.
@@ -80,6 +88,12 @@ pub enum PositionEmbeddingType {
 #[serde(rename_all = "lowercase")]
 pub enum ModelType {
     Bert,
+    /// See [`crate::model::mpnet`].
+    Mpnet,
+}
+
+fn default_relative_attention_num_buckets() -> usize {
+    32
 }
 
 fn default_max_position_embeddings() -> usize {
@@ -134,11 +148,55 @@ impl BertConfig {
         if config.type_vocab_size == 0 {
             return Err(bad("type_vocab_size", "must be at least 1".to_owned()));
         }
+        if config.is_mpnet() && config.relative_attention_num_buckets < 4 {
+            return Err(bad(
+                "relative_attention_num_buckets",
+                format!(
+                    "{} buckets leave none for longer distances",
+                    config.relative_attention_num_buckets
+                ),
+            ));
+        }
+        if config.max_sequence_length() < 2 {
+            return Err(bad(
+                "max_position_embeddings",
+                format!(
+                    "{} positions leave no room for a token",
+                    config.max_position_embeddings
+                ),
+            ));
+        }
         Ok(config)
     }
 
     fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Whether this is an MPNet ([`crate::model::mpnet`]).
+    pub fn is_mpnet(&self) -> bool {
+        self.model_type == Some(ModelType::Mpnet)
+    }
+
+    /// The row of the position table the first token takes: 0 for BERT, `pad_token_id + 1` for
+    /// MPNet.
+    pub(crate) fn position_offset(&self) -> usize {
+        if self.is_mpnet() {
+            self.pad_token_id as usize + 1
+        } else {
+            0
+        }
+    }
+
+    /// The most tokens (special tokens included) one input may have.
+    pub fn max_sequence_length(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
+    }
+
+    /// Whether the model has segment embeddings (BERT does; MPNet does not).
+    pub fn has_token_types(&self) -> bool {
+        !self.is_mpnet()
     }
 }
 
@@ -174,9 +232,12 @@ struct Layer {
 struct Weights {
     word_embeddings: Tensor,
     position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
+    /// `None` for MPNet, which has no segments.
+    token_type_embeddings: Option<Tensor>,
     embeddings_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// MPNet's `[buckets, heads]` relative-position bias table; `None` for BERT.
+    relative_attention_bias: Option<Tensor>,
 }
 
 /// Gets one parameter by checkpoint name and expected shape.
@@ -218,42 +279,85 @@ impl Weights {
             "embeddings.position_embeddings.weight",
             &[config.max_position_embeddings, hidden],
         )?;
-        let token_type_embeddings = fetch(
-            "embeddings.token_type_embeddings.weight",
-            &[config.type_vocab_size, hidden],
-        )?;
+        let token_type_embeddings = if config.has_token_types() {
+            Some(fetch(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, hidden],
+            )?)
+        } else {
+            None
+        };
         let embeddings_norm = LayerNorm::fetch(fetch, "embeddings.LayerNorm", hidden)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let name = |part: &str| format!("encoder.layer.{i}.{part}");
+                let names = if config.is_mpnet() {
+                    mpnet::layer_names(i)
+                } else {
+                    bert_layer_names(i)
+                };
                 Ok(Layer {
-                    query: Linear::fetch(fetch, &name("attention.self.query"), hidden, hidden)?,
-                    key: Linear::fetch(fetch, &name("attention.self.key"), hidden, hidden)?,
-                    value: Linear::fetch(fetch, &name("attention.self.value"), hidden, hidden)?,
+                    query: Linear::fetch(fetch, &names.query, hidden, hidden)?,
+                    key: Linear::fetch(fetch, &names.key, hidden, hidden)?,
+                    value: Linear::fetch(fetch, &names.value, hidden, hidden)?,
                     attention_output: Linear::fetch(
                         fetch,
-                        &name("attention.output.dense"),
+                        &names.attention_output,
                         hidden,
                         hidden,
                     )?,
-                    attention_norm: LayerNorm::fetch(
-                        fetch,
-                        &name("attention.output.LayerNorm"),
-                        hidden,
-                    )?,
-                    intermediate: Linear::fetch(fetch, &name("intermediate.dense"), inter, hidden)?,
-                    output: Linear::fetch(fetch, &name("output.dense"), hidden, inter)?,
-                    output_norm: LayerNorm::fetch(fetch, &name("output.LayerNorm"), hidden)?,
+                    attention_norm: LayerNorm::fetch(fetch, &names.attention_norm, hidden)?,
+                    intermediate: Linear::fetch(fetch, &names.intermediate, inter, hidden)?,
+                    output: Linear::fetch(fetch, &names.output, hidden, inter)?,
+                    output_norm: LayerNorm::fetch(fetch, &names.output_norm, hidden)?,
                 })
             })
             .collect::<Result<_, ModelError>>()?;
+        let relative_attention_bias = if config.is_mpnet() {
+            Some(fetch(
+                mpnet::RELATIVE_ATTENTION_BIAS,
+                &[
+                    config.relative_attention_num_buckets,
+                    config.num_attention_heads,
+                ],
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             word_embeddings,
             position_embeddings,
             token_type_embeddings,
             embeddings_norm,
             layers,
+            relative_attention_bias,
         })
+    }
+}
+
+/// Where one layer's weights live in a checkpoint (each name without `.weight`/`.bias`).
+pub(crate) struct LayerNames {
+    pub(crate) query: String,
+    pub(crate) key: String,
+    pub(crate) value: String,
+    pub(crate) attention_output: String,
+    pub(crate) attention_norm: String,
+    pub(crate) intermediate: String,
+    pub(crate) output: String,
+    pub(crate) output_norm: String,
+}
+
+/// BERT's checkpoint names of layer `i`'s parameters.
+fn bert_layer_names(i: usize) -> LayerNames {
+    let name = |part: &str| format!("encoder.layer.{i}.{part}");
+    LayerNames {
+        query: name("attention.self.query"),
+        key: name("attention.self.key"),
+        value: name("attention.self.value"),
+        attention_output: name("attention.output.dense"),
+        attention_norm: name("attention.output.LayerNorm"),
+        intermediate: name("intermediate.dense"),
+        output: name("output.dense"),
+        output_norm: name("output.LayerNorm"),
     }
 }
 
@@ -280,11 +384,14 @@ impl std::fmt::Debug for Bert {
 /// The dropout seed a model starts with, until [`Bert::reseed_dropout`].
 const DEFAULT_DROPOUT_SEED: u64 = 0;
 
-/// Checkpoint names as this module uses them: without the `bert.` prefix that task heads
-/// (`BertForMaskedLM`, …) add, and with `LayerNorm.weight`/`.bias` for the TensorFlow-era
+/// Checkpoint names as this module uses them: without the `bert.` (`mpnet.`) prefix that task
+/// heads (`BertForMaskedLM`, `MPNetForMaskedLM`, …) add, and with `LayerNorm.weight`/`.bias` for the TensorFlow-era
 /// `LayerNorm.gamma`/`.beta` that the original `bert-base-*` checkpoints still use.
 pub(crate) fn canonical_name(name: &str) -> String {
-    let name = name.strip_prefix("bert.").unwrap_or(name);
+    let name = name
+        .strip_prefix("bert.")
+        .or_else(|| name.strip_prefix("mpnet."))
+        .unwrap_or(name);
     if let Some(stem) = name.strip_suffix("LayerNorm.gamma") {
         format!("{stem}LayerNorm.weight")
     } else if let Some(stem) = name.strip_suffix("LayerNorm.beta") {
@@ -525,6 +632,12 @@ impl Bert {
                 ),
             );
         }
+        if token_type_ids.is_some() && !self.config.has_token_types() {
+            return invalid(
+                "token_type_ids",
+                "this architecture has no token types".to_owned(),
+            );
+        }
         if let Some(types) = token_type_ids
             && (types.dims() != input_ids.dims() || types.dtype() != DType::U32)
         {
@@ -538,11 +651,12 @@ impl Bert {
                 ),
             );
         }
-        if *seq > self.config.max_position_embeddings {
+        if *seq > self.config.max_sequence_length() {
             return invalid(
                 "input_ids",
                 format!(
-                    "{seq} tokens exceed `max_position_embeddings` {}",
+                    "{seq} tokens exceed the {} that `max_position_embeddings` {} allows",
+                    self.config.max_sequence_length(),
                     self.config.max_position_embeddings
                 ),
             );
@@ -592,14 +706,16 @@ fn run(
         .word_embeddings
         .index_select(&input_ids.flatten_all()?, 0)?
         .reshape((batch, seq, hidden))?;
-    let positions = weights.position_embeddings.narrow(0, 0, seq)?;
-    let embedded = match token_type_ids {
-        None => words.broadcast_add(
-            &positions.broadcast_add(&weights.token_type_embeddings.narrow(0, 0, 1)?)?,
-        )?,
-        Some(types) => {
-            let types = weights
-                .token_type_embeddings
+    let positions = weights
+        .position_embeddings
+        .narrow(0, config.position_offset(), seq)?;
+    let embedded = match (&weights.token_type_embeddings, token_type_ids) {
+        (None, _) => words.broadcast_add(&positions)?,
+        (Some(table), None) => {
+            words.broadcast_add(&positions.broadcast_add(&table.narrow(0, 0, 1)?)?)?
+        }
+        (Some(table), Some(types)) => {
+            let types = table
                 .index_select(&types.flatten_all()?, 0)?
                 .reshape((batch, seq, hidden))?;
             (words + types)?.broadcast_add(&positions)?
@@ -617,6 +733,12 @@ fn run(
         .reshape((batch, 1, 1, seq))?;
     let heads = config.num_attention_heads;
     let scale = 1. / (config.head_dim() as f64).sqrt();
+    // MPNet: one `[heads, seq, seq]` bias for every layer and sequence.
+    let position_bias = weights
+        .relative_attention_bias
+        .as_ref()
+        .map(|table| mpnet::position_bias(table, seq))
+        .transpose()?;
     for layer in &weights.layers {
         // One projection for queries, keys and values: their weights side by side (`cat` is
         // differentiable, so each checkpoint weight keeps its own `Var` and name), and the packed
@@ -634,7 +756,14 @@ fn run(
             }),
             _ => None,
         };
-        let context = kernels::attention(&qkv, &mask_bias, heads, scale, probs_dropout)?;
+        let context = kernels::attention(
+            &qkv,
+            &mask_bias,
+            position_bias.as_ref(),
+            heads,
+            scale,
+            probs_dropout,
+        )?;
 
         let out = &layer.attention_output;
         let attended = kernels::linear(&context, &out.weight, &out.bias)?;
@@ -724,7 +853,7 @@ pub(crate) mod tests {
     }
 
     /// Three sequences of lengths 7, 4 and 2 (`[CLS]`-like 1 first), padded with 0 to 7.
-    fn tiny_batch() -> (Tensor, Tensor) {
+    pub(crate) fn tiny_batch() -> (Tensor, Tensor) {
         let rows: [&[u32]; 3] = [&[1, 5, 9, 13, 44, 2, 3], &[1, 7, 30, 3], &[1, 3]];
         let mut ids = vec![0u32; 3 * 7];
         let mut mask = vec![0u32; 3 * 7];
@@ -740,7 +869,7 @@ pub(crate) mod tests {
 
     /// A scalar loss through pooling (mean, normalised): the pooled embeddings dotted with fixed
     /// random directions, so each parameter's gradient is generic (no symmetry zeroes it).
-    fn loss(bert: &Bert, train: bool) -> Tensor {
+    pub(crate) fn loss(bert: &Bert, train: bool) -> Tensor {
         let (ids, mask) = tiny_batch();
         let hidden = bert.forward(&ids, &mask, train).expect("forward");
         let pooled = Pooling::new(vec![PoolingMode::Mean], true)
@@ -758,7 +887,7 @@ pub(crate) mod tests {
             .expect("loss")
     }
 
-    fn var(bert: &Bert, name: &str) -> Var {
+    pub(crate) fn var(bert: &Bert, name: &str) -> Var {
         bert.vars()
             .data()
             .lock()
@@ -960,30 +1089,40 @@ pub(crate) mod tests {
     /// central difference itself is good to ~1e-9 here.
     #[test]
     fn gradients_match_central_differences() {
-        let bert = tiny_bert(DType::F64);
+        let checked = check_gradients(
+            &tiny_bert(DType::F64),
+            &[
+                "embeddings.word_embeddings.weight",
+                "embeddings.position_embeddings.weight",
+                "embeddings.LayerNorm.weight",
+                "encoder.layer.0.attention.self.query.weight",
+                "encoder.layer.0.attention.self.key.weight",
+                "encoder.layer.0.attention.self.value.weight",
+                "encoder.layer.0.attention.output.LayerNorm.weight",
+                "encoder.layer.0.attention.output.LayerNorm.bias",
+                "encoder.layer.0.intermediate.dense.bias",
+                "encoder.layer.1.intermediate.dense.weight",
+                "encoder.layer.1.output.dense.weight",
+                "encoder.layer.1.output.LayerNorm.bias",
+            ],
+        );
+        assert_eq!(checked, 36);
+    }
+
+    /// Checks three random entries of each named parameter of `bert` (an f64 model) against
+    /// central differences of [`loss`] with dropout on; returns how many were checked.
+    pub(crate) fn check_gradients(bert: &Bert, names: &[&str]) -> usize {
         let seeded_loss = || {
             bert.reseed_dropout(9);
-            loss(&bert, true)
+            loss(bert, true)
         };
         let grads = seeded_loss().backward().expect("backward");
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let used_tokens = [1u32, 5, 9, 13, 44, 2, 3, 7, 30];
+        let first_position = bert.config().position_offset();
         let mut checked = 0;
-        for name in [
-            "embeddings.word_embeddings.weight",
-            "embeddings.position_embeddings.weight",
-            "embeddings.LayerNorm.weight",
-            "encoder.layer.0.attention.self.query.weight",
-            "encoder.layer.0.attention.self.key.weight",
-            "encoder.layer.0.attention.self.value.weight",
-            "encoder.layer.0.attention.output.LayerNorm.weight",
-            "encoder.layer.0.attention.output.LayerNorm.bias",
-            "encoder.layer.0.intermediate.dense.bias",
-            "encoder.layer.1.intermediate.dense.weight",
-            "encoder.layer.1.output.dense.weight",
-            "encoder.layer.1.output.LayerNorm.bias",
-        ] {
-            let var = var(&bert, name);
+        for &name in names {
+            let var = var(bert, name);
             let width = var.dims().last().copied().unwrap_or(1);
             let grad = grads
                 .get(var.as_tensor())
@@ -999,7 +1138,13 @@ pub(crate) mod tests {
                     let token = used_tokens[rng.random_range(0..used_tokens.len())] as usize;
                     token * width + rng.random_range(0..width)
                 } else if name.contains("position_embeddings") {
-                    rng.random_range(0..7) * width + rng.random_range(0..width)
+                    (first_position + rng.random_range(0..7)) * width + rng.random_range(0..width)
+                } else if name == mpnet::RELATIVE_ATTENTION_BIAS {
+                    // Only the buckets of distances within 7 tokens get a gradient.
+                    let buckets = var.dims()[0];
+                    let relative = rng.random_range(-6i64..=6);
+                    let bucket = mpnet::relative_position_bucket(relative, buckets) as usize;
+                    bucket * width + rng.random_range(0..width)
                 } else {
                     rng.random_range(0..original.len())
                 };
@@ -1027,6 +1172,6 @@ pub(crate) mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 36);
+        checked
     }
 }

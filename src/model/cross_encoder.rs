@@ -112,6 +112,16 @@ impl CrossEncoder {
         let transformer_dir = SentenceModules::read(dir)?.transformer_dir;
         let config_path = transformer_dir.join("config.json");
         let config = BertConfig::from_file(&config_path)?;
+        // MPNet's classification head (`classifier.dense` + `classifier.out_proj`) is not
+        // BERT's, and its pairs carry no segments: refused rather than built wrong.
+        if config.is_mpnet() {
+            return Err(ModelError::UnsupportedConfig {
+                path: config_path,
+                key: "model_type".to_owned(),
+                value: "mpnet".to_owned(),
+                supported: "`bert` (cross-encoders)".to_owned(),
+            });
+        }
         let head_config: HeadConfig = read_json(&config_path)?;
         let mut checkpoint = Checkpoint::read_dir(&transformer_dir, device)?;
         let mut head_tensors = BTreeMap::new();

@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 use crate::model::bert::Bert;
 use crate::model::error::{CandleContext, ModelError};
 use crate::model::pooling::{Pooling, SentenceModules};
+use crate::model::prompts::{Prompts, TextRole};
 use crate::model::tokenize::{Batch, SentenceTokenizer};
 
 /// Sentence embeddings, one row of `dim` floats per input text, row-major.
@@ -88,9 +89,10 @@ impl SentenceEncoder {
         }
         let tokenizer = SentenceTokenizer::load(
             &transformer_dir,
-            config.max_position_embeddings,
+            config.max_sequence_length(),
             config.pad_token_id,
-        )?;
+        )?
+        .with_prompts(Prompts::read(dir)?);
         Ok(Self {
             tokenizer,
             bert,
@@ -147,8 +149,27 @@ impl SentenceEncoder {
         self.pooling.forward(&hidden, &batch.attention_mask)
     }
 
-    /// Embeds `texts`, `batch_size` at a time, calling `progress` with the number of texts done
-    /// after each batch. Rows come back in input order.
+    /// [`Self::encode`] of texts in `role`, each after that role's prompt
+    /// ([`crate::model::prompts`]).
+    pub fn encode_as(
+        &self,
+        texts: &[&str],
+        role: TextRole,
+        batch_size: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Embeddings, ModelError> {
+        let ids = self.tokenizer.token_ids_as(texts, role)?;
+        self.encode_ids(ids, batch_size, progress)
+    }
+
+    /// The prompt texts in `role` get (empty for most models).
+    pub fn prompt(&self, role: TextRole) -> &str {
+        self.tokenizer.prompts().for_role(role)
+    }
+
+    /// Embeds `texts` (after the model's default prompt, if it has one), `batch_size` at a time,
+    /// calling `progress` with the number of texts done after each batch. Rows come back in
+    /// input order.
     ///
     /// Texts are tokenized first and batched longest first, so each batch holds texts of similar
     /// length and padding (computed, then thrown away) stays small; the longest batch runs first,
@@ -160,6 +181,17 @@ impl SentenceEncoder {
         batch_size: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Embeddings, ModelError> {
+        let ids = self.tokenizer.token_ids(texts)?;
+        self.encode_ids(ids, batch_size, progress)
+    }
+
+    /// Embeds tokenized texts (see [`Self::encode`]).
+    fn encode_ids(
+        &self,
+        ids: Vec<Vec<u32>>,
+        batch_size: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Embeddings, ModelError> {
         if batch_size == 0 {
             return Err(ModelError::InvalidArgument {
                 name: "batch_size",
@@ -167,11 +199,11 @@ impl SentenceEncoder {
             });
         }
         let dim = self.dim();
-        let ids = self.tokenizer.token_ids(texts)?;
-        let mut order: Vec<usize> = (0..texts.len()).collect();
+        let count = ids.len();
+        let mut order: Vec<usize> = (0..count).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
 
-        let mut data = vec![0f32; texts.len() * dim];
+        let mut data = vec![0f32; count * dim];
         let mut done = 0;
         for chunk in order.chunks(batch_size) {
             let sequences: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
@@ -308,6 +340,53 @@ mod tests {
         assert!((norm - 1.).abs() > 0.1, "not normalised: norm {norm}");
         // The same mean-pooled vector as the normalised reference, before normalisation.
         assert!(cosine(embeddings.row(0), &item.embedding) >= 0.9999);
+    }
+
+    /// Prompts from `config_sentence_transformers.json` are prepended by role (e5-style
+    /// `query: ` / `passage: `), the default prompt to texts without one: the same vectors as the
+    /// prefixed texts encoded by a model without prompts.
+    #[cfg(unix)] // links MiniLM's files instead of copying them
+    #[test]
+    fn prompts_are_prepended_by_role() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for entry in std::fs::read_dir(minilm_dir()).expect("MiniLM folder") {
+            let entry = entry.expect("an entry");
+            if entry.file_name() != "config_sentence_transformers.json" {
+                std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name()))
+                    .expect("link a model file");
+            }
+        }
+        let config = dir.path().join("config_sentence_transformers.json");
+        std::fs::write(
+            &config,
+            r#"{"prompts": {"query": "query: ", "passage": "passage: ", "plain": ""},
+                "default_prompt_name": "plain", "similarity_fn_name": "cosine"}"#,
+        )
+        .expect("write prompts");
+        let prompted = SentenceEncoder::load(dir.path(), &Device::Cpu).expect("loads");
+        let plain = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
+        assert_eq!(prompted.prompt(TextRole::Query), "query: ");
+        let text = "How do I restore a snapshot?";
+        // One text per call: the same shapes on both sides, so the same bits.
+        let one = |encoder: &SentenceEncoder, text: &str, role: Option<TextRole>| {
+            match role {
+                Some(role) => encoder.encode_as(&[text], role, 4, &mut |_| {}),
+                None => encoder.encode(&[text], 4, &mut |_| {}),
+            }
+            .expect("encodes")
+            .into_vec()
+        };
+        let as_query = one(&prompted, text, Some(TextRole::Query));
+        let as_passage = one(&prompted, text, Some(TextRole::Passage));
+        assert_eq!(as_query, one(&plain, &format!("query: {text}"), None));
+        assert_eq!(as_passage, one(&plain, &format!("passage: {text}"), None));
+        assert_ne!(as_query, as_passage);
+        let unprompted = one(&prompted, text, None);
+        assert_eq!(
+            unprompted,
+            one(&plain, text, None),
+            "the default prompt is empty"
+        );
     }
 
     #[test]

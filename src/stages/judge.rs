@@ -27,6 +27,7 @@ use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex};
 use crate::llm::{self, LlmSettings};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+use crate::model::prompts::TextRole;
 
 /// Examples of dropped queries kept per filter in `summary.json`.
 const EXAMPLES_PER_FILTER: usize = 5;
@@ -442,7 +443,9 @@ impl Judge {
             ctx.check_cancelled()?;
             let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
             let embedded = encoder
-                .encode(&texts, self.params.batch_size, &mut |n| bar.set(n as u64))
+                .encode_as(&texts, TextRole::Query, self.params.batch_size, &mut |n| {
+                    bar.set(n as u64);
+                })
                 .map_err(io::model_error)?;
             drop(bar);
             let index = DenseIndex::new(encoder.dim(), docs.into_vec()).map_err(io::index_error)?;

@@ -28,6 +28,7 @@ use super::{
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex, Hit};
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
+use crate::model::prompts::TextRole;
 
 /// How negatives are picked from the filtered candidates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -311,7 +312,9 @@ impl Mine {
             ctx.check_cancelled()?;
             let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
             let queries = encoder
-                .encode(&texts, self.params.batch_size, &mut |n| bar.set(n as u64))
+                .encode_as(&texts, TextRole::Query, self.params.batch_size, &mut |n| {
+                    bar.set(n as u64);
+                })
                 .map_err(io::model_error)?;
             drop(bar);
             let dim = encoder.dim();

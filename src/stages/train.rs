@@ -26,6 +26,7 @@ use crate::model::device;
 use crate::model::encoder::SentenceEncoder;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 use crate::model::merge::Interpolation;
+use crate::model::prompts::TextRole;
 use crate::model::train::save::{TrainingMetadata, save_model};
 use crate::model::train::{
     AdamWConfig, LossConfig, TokenizedExample, TokenizedText, TrainConfig, TrainError, TrainModel,
@@ -600,24 +601,29 @@ impl Train {
         examples: &[TrainingExample],
         max_seq_length: usize,
     ) -> Result<Vec<TokenizedExample>, StageError> {
-        let mut texts: Vec<&str> = Vec::new();
+        // Queries and passages apart: each role gets the model's prompt for it.
+        let queries: Vec<&str> = examples.iter().map(|e| e.query.as_str()).collect();
+        let mut passages: Vec<&str> = Vec::new();
         for example in examples {
-            texts.push(&example.query);
-            texts.push(&example.positive);
+            passages.push(&example.positive);
             if self.params.hard_negatives {
-                texts.extend(example.negatives.iter().map(|n| n.text.as_str()));
+                passages.extend(example.negatives.iter().map(|n| n.text.as_str()));
             }
         }
-        let ids = encoder
-            .sentence_tokenizer()
-            .token_ids(&texts)
-            .map_err(io::model_error)?;
-        let mut ids = ids.into_iter().map(|row| truncate(row, max_seq_length));
-        let mut next = || ids.next().unwrap_or_default();
+        let tokenizer = encoder.sentence_tokenizer();
+        let tokenize = |texts: &[&str], role| {
+            tokenizer
+                .token_ids_as(texts, role)
+                .map(|ids| ids.into_iter().map(|row| truncate(row, max_seq_length)))
+                .map_err(io::model_error)
+        };
+        let mut queries = tokenize(&queries, TextRole::Query)?;
+        let mut passages = tokenize(&passages, TextRole::Passage)?;
+        let mut next = || passages.next().unwrap_or_default();
         Ok(examples
             .iter()
             .map(|example| TokenizedExample {
-                anchor: next(),
+                anchor: queries.next().unwrap_or_default(),
                 positive: next(),
                 positive_id: example.positive_id.clone(),
                 negatives: if self.params.hard_negatives {

@@ -240,6 +240,16 @@ pub fn export_bert(
     let dir = &modules.transformer_dir;
     let bert = Bert::load(dir, &Device::Cpu)?;
     let config = bert.config().clone();
+    if config.is_mpnet() {
+        return Err(ModelError::UnsupportedConfig {
+            path: dir.join("config.json"),
+            key: "model_type".to_owned(),
+            value: "mpnet".to_owned(),
+            supported: "`bert`: the GGUF is llama.cpp's `bert` architecture, which has no \
+                        relative-position bias"
+                .to_owned(),
+        });
+    }
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer =
         Tokenizer::from_file(&tokenizer_path).map_err(|source| ModelError::Tokenizer {

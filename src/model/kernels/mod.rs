@@ -198,27 +198,35 @@ pub fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) -> Result
 
 /// Multi-head scaled dot-product attention over `qkv`, the `[batch, seq, 3 * hidden]` output of
 /// the query, key and value projections side by side: per head,
-/// `dropout(masked_softmax(q @ k^T, mask_bias, scale)) @ v`, heads merged back into
-/// `[batch, seq, hidden]`. `mask_bias` is `[batch, 1, 1, seq]`; the dropout mask numbers the
-/// probabilities in `[batch, heads, seq, seq]` order.
+/// `dropout(softmax(q @ k^T * scale + position_bias + mask_bias)) @ v`, heads merged back into
+/// `[batch, seq, hidden]`. `mask_bias` is `[batch, 1, 1, seq]`; `position_bias`, when given, is
+/// `[heads, seq, seq]`, the same for every sequence (MPNet's relative positions) and
+/// differentiable. The dropout mask numbers the probabilities in `[batch, heads, seq, seq]`
+/// order.
 pub fn attention(
     qkv: &Tensor,
     mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
     heads: usize,
     scale: f64,
     probs_dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    if fused_applies(&[qkv, mask_bias]) {
+    let fused = match position_bias {
+        None => fused_applies(&[qkv, mask_bias]),
+        Some(bias) => fused_applies(&[qkv, mask_bias, bias]),
+    };
+    if fused {
         let (batch, seq, _) = qkv.dims3()?;
         fused::attention(
             qkv,
             &mask_bias.reshape((batch, seq))?,
+            position_bias,
             heads,
             scale,
             probs_dropout,
         )
     } else {
-        reference::attention(qkv, mask_bias, heads, scale, probs_dropout)
+        reference::attention(qkv, mask_bias, position_bias, heads, scale, probs_dropout)
     }
 }
 
@@ -523,6 +531,7 @@ mod tests {
                     let context = kernels::attention(
                         &tensor(&qkv, &[batch, seq, 3 * hidden], mode),
                         &tensor(&bias, &[batch, 1, 1, seq], mode),
+                        None,
                         heads,
                         scale,
                         dropout,

@@ -61,6 +61,7 @@ pub(super) fn masked_softmax(scores: &Tensor, mask_bias: &Tensor, scale: f64) ->
 pub(super) fn attention(
     qkv: &Tensor,
     mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
     heads: usize,
     scale: f64,
     probs_dropout: Option<Dropout>,
@@ -77,7 +78,10 @@ pub(super) fn attention(
     let (q, k, v) = (split_heads(0)?, split_heads(1)?, split_heads(2)?);
     // Scaling `q` touches `seq x head_dim` values per row where scaling the scores would touch
     // `seq x seq` (4x fewer at 128 tokens and 32-wide heads).
-    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let mut scores = (q * scale)?.matmul(&k.t()?)?;
+    if let Some(bias) = position_bias {
+        scores = scores.broadcast_add(bias)?;
+    }
     let mut probs = super::masked_softmax(&scores, mask_bias, 1.)?;
     if let Some(params) = probs_dropout.filter(|d| d.p > 0.) {
         probs = dropout(&probs, params)?;

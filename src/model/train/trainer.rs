@@ -613,6 +613,7 @@ mod tests {
 
     use super::*;
     use crate::model::bert::tests::tiny_bert;
+    use crate::model::mpnet::tests::tiny_mpnet;
     use crate::model::pooling::PoolingMode;
     use crate::model::train::TokenizedText;
 
@@ -727,12 +728,21 @@ mod tests {
         }
     }
 
+    /// For BERT and for MPNet (whose relative-position bias is one more parameter).
     #[test]
     fn gradcache_gives_the_plain_gradients() {
-        let bert = tiny_bert(DType::F64);
+        for (bert, parameters) in [
+            (tiny_bert(DType::F64), 5 + 2 * 16),
+            (tiny_mpnet(DType::F64), 4 + 2 * 16 + 1),
+        ] {
+            check_gradcache(&bert, parameters);
+        }
+    }
+
+    fn check_gradcache(bert: &Bert, parameters: usize) {
         let pooling = Pooling::new(vec![PoolingMode::Mean], true);
         let model = TrainModel {
-            bert: &bert,
+            bert,
             pooling: &pooling,
         };
         let examples = tiny_examples(6, 3);
@@ -746,7 +756,7 @@ mod tests {
         let (plain_loss, plain_grads) = plain.gradients(&batch, 1).expect("plain");
         let (cached_loss, cached_grads) = cached.gradients(&batch, 1).expect("cached");
         assert!((plain_loss - cached_loss).abs() < 1e-12);
-        assert_eq!(plain_grads.len(), 5 + 2 * 16);
+        assert_eq!(plain_grads.len(), parameters);
         // Compared against the largest gradient anywhere: the key biases' exact gradient is zero
         // (softmax ignores a shift of a whole row), so theirs is rounding noise in both.
         let largest = plain_grads

@@ -5,10 +5,14 @@
 //! context. The backward pass recomputes the probabilities (one small gemm, cheaper than keeping
 //! `[batch, heads, seq, seq]` alive between passes) and writes the query, key and value gradients
 //! into their columns of one `[batch, seq, 3 * hidden]` gradient.
+//!
+//! MPNet adds a relative-position bias `[heads, seq, seq]` to every sequence's scaled scores
+//! ([`PositionBiasedAttention`], a `CustomOp3`); its gradient is the score gradient summed over
+//! the batch. BERT has none and keeps the two-input op.
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::math::{exp, max, sum_by, sum_zip_by};
@@ -70,6 +74,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `target += addend`, element by element.
+    fn add_assign(target: &mut [f32], addend: &[f32]) {
+        for (t, &a) in target.iter_mut().zip(addend) {
+            *t += a;
+        }
+    }
+}
+
+multiversion! {
     /// `out = probs * keep_scale(first + i)`: the dropout of the probabilities of one head, whose
     /// elements are numbered from `first` in the `[batch, heads, seq, seq]` layout.
     fn apply_keep(probs: &[f32], out: &mut [f32], first: u64, keep: KeepRule) {
@@ -93,14 +106,18 @@ multiversion! {
 }
 
 impl Attention {
-    /// The probabilities of head `head` of sequence `b` into `probs` (`seq x seq`).
+    /// The probabilities of head `head` of sequence `b` into `probs` (`seq x seq`), with the
+    /// head's rows of the position bias (`[heads, seq, seq]`) added to the scaled scores.
     ///
     /// # Safety
-    /// `qkv` must hold `[batch, seq, 3 * hidden]` elements for `dims`.
+    /// `qkv` must hold `[batch, seq, 3 * hidden]` elements for `dims`, and `position_bias`,
+    /// when given, `[heads, seq, seq]`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn probabilities(
         &self,
         qkv: &[f32],
         mask: &[f32],
+        position_bias: Option<&[f32]>,
         dims: Dims,
         b: usize,
         head: usize,
@@ -135,6 +152,9 @@ impl Attention {
                 false,
             );
         }
+        if let Some(bias) = position_bias {
+            add_assign(probs, &bias[head * seq * seq..(head + 1) * seq * seq]);
+        }
         softmax_rows(probs, &mask[b * seq..(b + 1) * seq]);
     }
 
@@ -143,7 +163,7 @@ impl Attention {
         ((b * self.heads + head) * dims.seq * dims.seq) as u64
     }
 
-    fn dims(&self, qkv: &Layout, mask: &Layout) -> Result<Dims> {
+    fn dims(&self, qkv: &Layout, mask: &Layout, position_bias: Option<&Layout>) -> Result<Dims> {
         let (batch, seq, packed) = qkv.shape().dims3()?;
         let hidden = packed / 3;
         if packed % 3 != 0 || hidden % self.heads != 0 || mask.shape().dims() != [batch, seq] {
@@ -152,6 +172,15 @@ impl Attention {
                 qkv.dims(),
                 self.heads,
                 mask.dims()
+            );
+        }
+        if let Some(bias) = position_bias
+            && bias.shape().dims() != [self.heads, seq, seq]
+        {
+            bail!(
+                "fused attention: position bias {:?} is not [{} heads, {seq}, {seq}]",
+                bias.dims(),
+                self.heads
             );
         }
         Ok(Dims {
@@ -163,21 +192,17 @@ impl Attention {
     }
 }
 
-impl CustomOp2 for Attention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
+impl Attention {
+    const NAME: &'static str = "fused-attention";
 
-    fn cpu_fwd(
+    /// The forward pass over contiguous inputs whose shapes `dims` was checked against.
+    fn forward(
         &self,
-        s_qkv: &CpuStorage,
-        l_qkv: &Layout,
-        s_mask: &CpuStorage,
-        l_mask: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let qkv = input(s_qkv, l_qkv, self.name())?;
-        let mask = input(s_mask, l_mask, self.name())?;
-        let dims = self.dims(l_qkv, l_mask)?;
+        qkv: &[f32],
+        mask: &[f32],
+        position_bias: Option<&[f32]>,
+        dims: Dims,
+    ) -> (CpuStorage, Shape) {
         let Dims {
             batch,
             seq,
@@ -191,7 +216,7 @@ impl CustomOp2 for Attention {
             let (b, head) = (task / self.heads, task % self.heads);
             with_scratch(seq * seq, |[probs, dropped, ..]| {
                 // SAFETY: `dims` was checked against both inputs' shapes.
-                unsafe { self.probabilities(qkv, mask, dims, b, head, probs) };
+                unsafe { self.probabilities(qkv, mask, position_bias, dims, b, head, probs) };
                 let probs: &[f32] = match self.keep {
                     Some(keep) => {
                         apply_keep(probs, dropped, self.first_index(dims, b, head), keep);
@@ -226,22 +251,33 @@ impl CustomOp2 for Attention {
         });
         // SAFETY: the tasks, one per (sequence, head), wrote every element.
         unsafe { context.set_len(batch * seq * hidden) };
-        Ok((CpuStorage::F32(context), Shape::from((batch, seq, hidden))))
+        (CpuStorage::F32(context), Shape::from((batch, seq, hidden)))
     }
 
-    fn bwd(
+    /// The gradients of the query/key/value projection, the mask bias and the position bias
+    /// (the last two only when autograd tracks them).
+    fn backward(
         &self,
         qkv: &Tensor,
         mask: &Tensor,
-        _res: &Tensor,
+        position_bias: Option<&Tensor>,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 3]> {
         let grad = grad.contiguous()?;
         let (read_qkv, read_mask, read_grad) = (Read::new(qkv), Read::new(mask), Read::new(&grad));
-        let qkv_data = read_qkv.slice(self.name())?;
-        let mask_data = read_mask.slice(self.name())?;
-        let g = read_grad.slice(self.name())?;
-        let dims = self.dims(qkv.layout(), mask.layout())?;
+        let read_bias = position_bias.map(Read::new);
+        let qkv_data = read_qkv.slice(Self::NAME)?;
+        let mask_data = read_mask.slice(Self::NAME)?;
+        let bias_data = read_bias
+            .as_ref()
+            .map(|r| r.slice(Self::NAME))
+            .transpose()?;
+        let g = read_grad.slice(Self::NAME)?;
+        let dims = self.dims(
+            qkv.layout(),
+            mask.layout(),
+            position_bias.map(Tensor::layout),
+        )?;
         let Dims {
             batch,
             seq,
@@ -263,11 +299,23 @@ impl CustomOp2 for Attention {
             }
         ];
         let mask_out = SharedMut(grad_mask_per_head.as_mut_ptr());
+        // The position bias is a parameter (MPNet's relative attention bias, via its buckets):
+        // each task keeps its score gradients, summed over the batch afterwards.
+        let bias_tracked = position_bias.is_some_and(Tensor::track_op);
+        let mut grad_bias_per_sequence = vec![
+            0f32;
+            if bias_tracked {
+                batch * self.heads * seq * seq
+            } else {
+                0
+            }
+        ];
+        let bias_out = SharedMut(grad_bias_per_sequence.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {
             let (b, head) = (task / self.heads, task % self.heads);
             with_scratch(seq * seq, |[probs, dropped, grad_used, grad_probs]| {
                 // SAFETY: `dims` was checked against both inputs' shapes.
-                unsafe { self.probabilities(qkv_data, mask_data, dims, b, head, probs) };
+                unsafe { self.probabilities(qkv_data, mask_data, bias_data, dims, b, head, probs) };
                 let first = self.first_index(dims, b, head);
                 let used: &[f32] = match self.keep {
                     Some(keep) => {
@@ -337,6 +385,16 @@ impl CustomOp2 for Attention {
                         sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
                     }
                 }
+                if bias_tracked {
+                    // SAFETY: each task writes only its own `seq x seq` block.
+                    let block = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            bias_out.ptr().add(task * seq * seq),
+                            seq * seq,
+                        )
+                    };
+                    block.copy_from_slice(grad_probs);
+                }
                 // SAFETY: as above.
                 unsafe {
                     // dQ = scale · dS · K
@@ -389,10 +447,88 @@ impl CustomOp2 for Attention {
         } else {
             None
         };
-        Ok((
+        let grad_bias = if bias_tracked {
+            let per_sequence = Tensor::from_vec(
+                grad_bias_per_sequence,
+                (batch, self.heads, seq, seq),
+                qkv.device(),
+            )?;
+            Some(per_sequence.sum(0)?)
+        } else {
+            None
+        };
+        Ok([
             Some(Tensor::from_vec(grad_qkv, qkv.shape(), qkv.device())?),
             grad_mask,
-        ))
+            grad_bias,
+        ])
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s_qkv: &CpuStorage,
+        l_qkv: &Layout,
+        s_mask: &CpuStorage,
+        l_mask: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = input(s_qkv, l_qkv, Self::NAME)?;
+        let mask = input(s_mask, l_mask, Self::NAME)?;
+        let dims = self.dims(l_qkv, l_mask, None)?;
+        Ok(self.forward(qkv, mask, None, dims))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [grad_qkv, grad_mask, _] = self.backward(qkv, mask, None, grad)?;
+        Ok((grad_qkv, grad_mask))
+    }
+}
+
+/// [`Attention`] with a relative-position bias `[heads, seq, seq]` as its third input.
+struct PositionBiasedAttention(Attention);
+
+impl CustomOp3 for PositionBiasedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention-position-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s_qkv: &CpuStorage,
+        l_qkv: &Layout,
+        s_mask: &CpuStorage,
+        l_mask: &Layout,
+        s_bias: &CpuStorage,
+        l_bias: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = input(s_qkv, l_qkv, self.name())?;
+        let mask = input(s_mask, l_mask, self.name())?;
+        let bias = input(s_bias, l_bias, self.name())?;
+        let dims = self.0.dims(l_qkv, l_mask, Some(l_bias))?;
+        Ok(self.0.forward(qkv, mask, Some(bias), dims))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        mask: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [grad_qkv, grad_mask, grad_bias] = self.0.backward(qkv, mask, Some(bias), grad)?;
+        Ok((grad_qkv, grad_mask, grad_bias))
     }
 }
 
@@ -400,6 +536,7 @@ impl CustomOp2 for Attention {
 pub(in crate::model::kernels) fn attention(
     qkv: &Tensor,
     mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
     heads: usize,
     scale: f64,
     probs_dropout: Option<Dropout>,
@@ -409,5 +546,9 @@ pub(in crate::model::kernels) fn attention(
         scale: scale as f32,
         keep: probs_dropout.filter(|d| d.p > 0.).map(KeepRule::new),
     };
-    qkv.contiguous()?.apply_op2(&mask_bias.contiguous()?, op)
+    let (qkv, mask_bias) = (qkv.contiguous()?, mask_bias.contiguous()?);
+    match position_bias {
+        None => qkv.apply_op2(&mask_bias, op),
+        Some(bias) => qkv.apply_op3(&mask_bias, &bias.contiguous()?, PositionBiasedAttention(op)),
+    }
 }

@@ -211,12 +211,68 @@ fn attention_matches_reference_with_padding_and_dropout() {
                 &format!("attention {batch}x{heads}x{seq}x{dim} dropout {dropout:?}"),
                 &[qkv.clone(), bias.clone()],
                 &[0, 1],
-                |t| super::attention(&t[0], &t[1].reshape((batch, seq))?, heads, scale, dropout),
-                |t| reference::attention(&t[0], &t[1], heads, scale, dropout),
+                |t| {
+                    super::attention(
+                        &t[0],
+                        &t[1].reshape((batch, seq))?,
+                        None,
+                        heads,
+                        scale,
+                        dropout,
+                    )
+                },
+                |t| reference::attention(&t[0], &t[1], None, heads, scale, dropout),
                 &mut rng,
             );
         }
     }
+}
+
+/// MPNet's attention: a `[heads, seq, seq]` position bias added to every sequence's scores, its
+/// gradient (summed over the batch) compared with the reference's as well.
+#[test]
+fn attention_with_a_position_bias_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    for (batch, heads, seq, dim) in [(2, 3, 5, 4), (3, 2, 9, 8), (1, 1, 1, 3)] {
+        let hidden = heads * dim;
+        let mut bias = vec![0f32; batch * seq];
+        for row in bias.chunks_mut(seq) {
+            let keep = rng.random_range(1..=seq);
+            row[keep..].fill(f32::MIN);
+        }
+        let mask = Tensor::from_vec(bias, (batch, 1, 1, seq), &Device::Cpu).expect("mask");
+        let qkv = random(&mut rng, &[batch, seq, 3 * hidden], 2.);
+        let position = random(&mut rng, &[heads, seq, seq], 1.);
+        let scale = 1. / (dim as f64).sqrt();
+        for dropout in [None, Some(Dropout { p: 0.2, seed: 6 })] {
+            compare(
+                &format!("biased attention {batch}x{heads}x{seq}x{dim} dropout {dropout:?}"),
+                &[qkv.clone(), mask.clone(), position.clone()],
+                &[0, 2],
+                |t| {
+                    super::attention(
+                        &t[0],
+                        &t[1].reshape((batch, seq))?,
+                        Some(&t[2]),
+                        heads,
+                        scale,
+                        dropout,
+                    )
+                },
+                |t| reference::attention(&t[0], &t[1], Some(&t[2]), heads, scale, dropout),
+                &mut rng,
+            );
+        }
+    }
+    let wrong_bias = super::attention(
+        &Tensor::ones((1, 2, 6), DType::F32, &Device::Cpu).expect("ones"),
+        &Tensor::zeros((1, 2), DType::F32, &Device::Cpu).expect("zeros"),
+        Some(&Tensor::zeros((2, 2, 2), DType::F32, &Device::Cpu).expect("zeros")),
+        1,
+        1.,
+        None,
+    );
+    assert!(wrong_bias.is_err(), "one head, but a bias for two");
 }
 
 #[test]
@@ -225,6 +281,7 @@ fn fused_kernels_refuse_what_they_cannot_run() {
     let wrong_heads = super::attention(
         &x.reshape((1, 2, 6)).expect("reshape"),
         &Tensor::zeros((1, 2), DType::F32, &Device::Cpu).expect("zeros"),
+        None,
         4,
         1.,
         None,
