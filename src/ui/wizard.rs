@@ -101,15 +101,12 @@ pub fn recipe_text(
             if choices.preset == Preset::Quick {
                 out.push_str("  resamples: 500\n");
             }
-            match labelled {
-                Some(labelled) => {
-                    let _ = write!(
-                        out,
-                        "  datasets:\n    - path: {}\n      name: labelled\n",
-                        quoted(&labelled.to_string_lossy())
-                    );
-                }
-                None => {}
+            if let Some(labelled) = labelled {
+                let _ = write!(
+                    out,
+                    "  datasets:\n    - path: {}\n      name: labelled\n",
+                    quoted(&labelled.to_string_lossy())
+                );
             }
         }
         DataChoice::Dataset { .. } => {
