@@ -242,6 +242,10 @@ impl Stage for Register {
                 let mut metadata = self.metadata(ctx, &dir, &recipe_path, report.as_ref())?;
                 metadata[registry::REGRESSION_KEY] =
                     report.as_ref().map(|r| r.reranker_regression).into();
+                // The verdict judges the bi-encoder; the reranker has only its regression flag.
+                if let Some(fields) = metadata.as_object_mut() {
+                    fields.remove("verdict");
+                }
                 let entry = self.register_folder(&root, &name, &dir, &[], &metadata, force)?;
                 ctx.info(format!(
                     "registered the reranker `{name}` in `{}`",
@@ -548,6 +552,14 @@ impl Register {
                     .into(),
             ),
             ("evaluation_regression", report.map(|r| r.regression).into()),
+            // What `models list` shows in its verdict column.
+            (
+                "verdict",
+                report
+                    .and_then(|r| r.verdict.as_ref())
+                    .and_then(|v| serde_json::to_value(v).ok())
+                    .unwrap_or_default(),
+            ),
         ];
         for (key, value) in fields {
             metadata[key] = value;
