@@ -65,7 +65,7 @@ pub struct LlmSettings {
     pub endpoints: Vec<String>,
     /// Calls in flight per endpoint (default 2). For `local`: sequences decoded together in one
     /// batch (default 32; more costs memory for their KV caches and adds little speed).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     #[serde(default = "default_temperature")]
@@ -145,11 +145,13 @@ impl LlmSettings {
         }
     }
 
-    /// These settings with every default written out, for a stage's canonical parameters.
+    /// These settings with every default written out, for a stage's canonical parameters;
+    /// without `concurrency`, which changes how fast answers come, never what they are (a test
+    /// checks batched answers equal unbatched ones), so changing it reruns nothing.
     pub fn canonical(&self) -> Self {
         let mut settings = self.clone();
         settings.model = self.model().map(str::to_owned);
-        settings.concurrency = Some(self.concurrency());
+        settings.concurrency = None;
         settings.endpoints = self.endpoints();
         settings.url = None;
         settings
@@ -316,3 +318,21 @@ impl LlmSettings {
 
 /// A GGUF reference names one file; nothing else is fetched with it.
 const NO_FILES: &[WantedFile] = &[];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many calls run at once is not part of a stage's key: it changes no answer.
+    #[test]
+    fn concurrency_is_not_in_the_canonical_settings() {
+        let with = |concurrency| LlmSettings {
+            concurrency,
+            ..serde_json::from_value(serde_json::json!({})).expect("every key has a default")
+        };
+        let canonical = |s: LlmSettings| serde_json::to_value(s.canonical()).expect("serialises");
+        assert_eq!(canonical(with(Some(4))), canonical(with(None)));
+        assert_eq!(canonical(with(Some(4))), canonical(with(Some(64))));
+        assert!(canonical(with(Some(4))).get("concurrency").is_none());
+    }
+}
