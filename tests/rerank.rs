@@ -60,6 +60,7 @@ evaluate:
       name: labelled
 register:
   make_default: true
+  default_when: not_worse
 ";
 
 #[test]
@@ -206,6 +207,7 @@ evaluate:
       name: labelled
 register:
   make_default: true
+  default_when: not_worse
 ",
     );
     let examples: Vec<serde_json::Value> = project
