@@ -69,6 +69,21 @@ pub struct TrainingExample {
     pub source_document: String,
 }
 
+impl TrainingExample {
+    /// The field left blank, if one is: training skips such a row (the UI's upload check says so).
+    pub fn blank_field(&self) -> Option<&'static str> {
+        [("query", &self.query), ("positive", &self.positive)]
+            .into_iter()
+            .find(|(_, value)| value.trim().is_empty())
+            .map(|(field, _)| field)
+    }
+
+    /// What makes two rows repeats of each other: the same query and positive.
+    pub fn pair(&self) -> (String, String) {
+        (self.query.clone(), self.positive.clone())
+    }
+}
+
 /// The text of a chunk as models see it: its heading path, then its text, as BEIR joins a
 /// document's title and text. The heading path is part of what a reader sees of a section.
 pub fn passage(chunk: &Chunk) -> String {

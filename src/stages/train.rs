@@ -824,9 +824,9 @@ fn without_unusable_rows(examples: Vec<TrainingExample>) -> (Vec<TrainingExample
     let mut seen = std::collections::HashSet::new();
     let mut kept = Vec::with_capacity(examples.len());
     for example in examples {
-        if example.query.trim().is_empty() || example.positive.trim().is_empty() {
+        if example.blank_field().is_some() {
             dropped.empty += 1;
-        } else if !seen.insert((example.query.clone(), example.positive.clone())) {
+        } else if !seen.insert(example.pair()) {
             dropped.duplicate += 1;
         } else {
             kept.push(example);

@@ -77,10 +77,7 @@ pub fn validate(text: &str) -> Validation {
                 continue;
             }
         };
-        let blank = [("query", &example.query), ("positive", &example.positive)]
-            .into_iter()
-            .find(|(_, value)| value.trim().is_empty());
-        if let Some((field, _)) = blank {
+        if let Some(field) = example.blank_field() {
             problems.push(RowProblem {
                 line: line_no,
                 field: Some(field.to_owned()),
@@ -89,7 +86,7 @@ pub fn validate(text: &str) -> Validation {
             });
             continue;
         }
-        let pair = (example.query.clone(), example.positive.clone());
+        let pair = example.pair();
         if let Some(first) = seen.get(&pair) {
             problems.push(RowProblem {
                 line: line_no,
