@@ -483,6 +483,20 @@ mod tests {
         }
     }
 
+    /// Sends `requests` from one thread each, so the engine decodes them in one batch.
+    fn answer_together(backend: &LocalBackend, requests: &[Request]) -> Vec<String> {
+        std::thread::scope(|scope| {
+            let calls: Vec<_> = requests
+                .iter()
+                .map(|request| scope.spawn(move || backend.complete(request).expect("answers")))
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("no panic"))
+                .collect()
+        })
+    }
+
     #[test]
     #[allow(
         clippy::print_stderr,
@@ -540,23 +554,13 @@ mod tests {
             }},
             "required": ["queries"]
         });
-        let answers: Vec<String> = std::thread::scope(|scope| {
-            let calls: Vec<_> = (0..4)
-                .map(|seed| {
-                    let request = Request {
-                        seed,
-                        ..request(Some(schema.clone()))
-                    };
-                    let backend = &backend;
-                    scope.spawn(move || backend.complete(&request).expect("answers"))
-                })
-                .collect();
-            calls
-                .into_iter()
-                .map(|c| c.join().expect("no panic"))
-                .collect()
-        });
-        for answer in &answers {
+        let requests: Vec<Request> = (0..4)
+            .map(|seed| Request {
+                seed,
+                ..request(Some(schema.clone()))
+            })
+            .collect();
+        for answer in &answer_together(&backend, &requests) {
             let parsed: serde_json::Value =
                 serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
             let queries = parsed["queries"].as_array().expect("an array of queries");
@@ -579,24 +583,14 @@ mod tests {
             }},
             "required": ["queries"]
         });
-        let answers: Vec<String> = std::thread::scope(|scope| {
-            let calls: Vec<_> = (0..8)
-                .map(|seed| {
-                    let request = Request {
-                        seed,
-                        max_tokens: 24,
-                        ..request(Some(schema.clone()))
-                    };
-                    let backend = &backend;
-                    scope.spawn(move || backend.complete(&request).expect("answers"))
-                })
-                .collect();
-            calls
-                .into_iter()
-                .map(|c| c.join().expect("no panic"))
-                .collect()
-        });
-        for answer in answers {
+        let requests: Vec<Request> = (0..8)
+            .map(|seed| Request {
+                seed,
+                max_tokens: 24,
+                ..request(Some(schema.clone()))
+            })
+            .collect();
+        for answer in answer_together(&backend, &requests) {
             let parsed: serde_json::Value =
                 serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
             assert!(
@@ -648,17 +642,7 @@ mod tests {
             .map(|r| alone.complete(r).expect("answers"))
             .collect();
         let batched = LocalBackend::load(&path, requests.len()).expect("loads");
-        let together: Vec<String> = std::thread::scope(|scope| {
-            let calls: Vec<_> = requests
-                .iter()
-                .map(|r| scope.spawn(|| batched.complete(r).expect("answers")))
-                .collect();
-            calls
-                .into_iter()
-                .map(|c| c.join().expect("no panic"))
-                .collect()
-        });
-        assert_eq!(one_by_one, together);
+        assert_eq!(one_by_one, answer_together(&batched, &requests));
         assert!(one_by_one.iter().all(|a| !a.is_empty()), "{one_by_one:?}");
     }
 
