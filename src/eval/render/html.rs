@@ -3,8 +3,8 @@
 
 use super::svg::{self, Bar, BarChart, BarGroup, LineChart, Series, XScale};
 use super::{
-    Header, METRIC_EXPLANATIONS, dimension_text, escape, full_size_systems, regression_lines,
-    shown_metrics, verdict_line,
+    Header, METRIC_EXPLANATIONS, dimension_text, escape, full_size_systems, merge_trial_cells,
+    regression_lines, shown_metrics, verdict_line,
 };
 use crate::eval::report::{Dataset, Report, SystemKind};
 use crate::eval::stats::{Verdict, format_percent, format_setting};
@@ -86,18 +86,9 @@ pub fn html(report: &Report) -> String {
             escape(&merge.why)
         ));
         for trial in &merge.trials {
+            let [alpha, heldout, general, guard] = merge_trial_cells(trial);
             out.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td></tr>\n",
-                trial.alpha,
-                trial
-                    .heldout_ndcg10
-                    .map_or_else(|| "–".to_owned(), |v| format!("{v:.4}")),
-                trial.general_ndcg10,
-                if trial.within_general_guard {
-                    "ok"
-                } else {
-                    "lost"
-                }
+                "<tr><td>{alpha}</td><td>{heldout}</td><td>{general}</td><td>{guard}</td></tr>\n"
             ));
         }
         out.push_str("</table>\n");

@@ -1,8 +1,8 @@
 //! `report.md`: tables and plain-words verdicts, readable as text and on any Markdown viewer.
 
 use super::{
-    Header, METRIC_EXPLANATIONS, dimension_text, full_size_systems, regression_lines,
-    shown_metrics, verdict_line,
+    Header, METRIC_EXPLANATIONS, dimension_text, full_size_systems, merge_trial_cells,
+    regression_lines, shown_metrics, verdict_line,
 };
 use crate::eval::report::{Dataset, Report};
 use crate::eval::stats::{Verdict, format_percent, format_setting};
@@ -41,19 +41,8 @@ pub fn markdown(report: &Report) -> String {
             inline(&merge.why)
         ));
         for trial in &merge.trials {
-            out.push_str(&format!(
-                "| {} | {} | {:.4} | {} |\n",
-                trial.alpha,
-                trial
-                    .heldout_ndcg10
-                    .map_or_else(|| "–".to_owned(), |v| format!("{v:.4}")),
-                trial.general_ndcg10,
-                if trial.within_general_guard {
-                    "ok"
-                } else {
-                    "lost"
-                }
-            ));
+            let [alpha, heldout, general, guard] = merge_trial_cells(trial);
+            out.push_str(&format!("| {alpha} | {heldout} | {general} | {guard} |\n"));
         }
         out.push_str(
             "\nα is chosen on the held-out split, so the held-out figures of the merged model \

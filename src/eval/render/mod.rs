@@ -12,7 +12,7 @@ pub use markdown::markdown;
 pub use text::text_table;
 
 use super::metrics::Metric;
-use super::report::{Dataset, HEADLINE_METRICS, Report, System};
+use super::report::{Dataset, HEADLINE_METRICS, MergeTrial, Report, System};
 
 /// The headline metrics that some system of `dataset` has, in headline order.
 fn shown_metrics(dataset: &Dataset) -> Vec<Metric> {
@@ -100,6 +100,24 @@ fn searched(dataset: &Dataset) -> &'static str {
     } else {
         "passages"
     }
+}
+
+/// One row of the merge table, as both renderings show it: α, held-out and general-check
+/// nDCG@10, and whether α kept within the general check's guard.
+fn merge_trial_cells(trial: &MergeTrial) -> [String; 4] {
+    [
+        trial.alpha.to_string(),
+        trial
+            .heldout_ndcg10
+            .map_or_else(|| "–".to_owned(), |v| format!("{v:.4}")),
+        format!("{:.4}", trial.general_ndcg10),
+        if trial.within_general_guard {
+            "ok"
+        } else {
+            "lost"
+        }
+        .to_owned(),
+    ]
 }
 
 /// The report's verdict in one sentence: the evaluation's `verdict` (label, why, what next) when
