@@ -12,9 +12,10 @@
 //! - `headings`: the chunk's heading path as the query, for documentation whose headings read
 //!   like what users search for ("Configuring retention > Remote repositories").
 //! - `semantic-pairs`: neighbouring chunks of one section as (anchor, positive): the chunk before
-//!   is the query, the next one its positive. Needs no language model; it helps where long
-//!   sections are split into several chunks, teaching that pieces of one topic belong together,
-//!   but like `ict` it does not teach how users ask, so combine it with `llm` or `headings`.
+//!   is the query, the next one its positive. Needs no language model; it is meant for long
+//!   sections split into several chunks, to teach that pieces of one topic belong together (not
+//!   yet measured on a benchmark); like `ict` it does not teach how users ask, so combine it with
+//!   `llm` or `headings`.
 //!
 //! The `llm` strategy's `query_types` mixes questions with short keyword searches: each chunk is
 //! asked for one kind or the other by a seeded draw, in the recipe's shares.
@@ -355,7 +356,12 @@ impl Stage for QueryGen {
         let selected = self.select_chunks(&chunks, &mut stats);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let mut records = Vec::new();
-        let previous = previous_in_section(&chunks);
+        // Only `semantic-pairs` needs each chunk's predecessor.
+        let previous = if self.params.strategies.contains(&Strategy::SemanticPairs) {
+            previous_in_section(&chunks)
+        } else {
+            BTreeMap::new()
+        };
         for strategy in &self.params.strategies {
             let llm_answers = match strategy {
                 Strategy::Llm => Some(self.ask_llm(ctx, &selected, &mut stats)?),
