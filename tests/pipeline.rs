@@ -244,15 +244,7 @@ fn a_model_made_worse_is_flagged_and_not_made_the_default() {
         "the regression is said loudly: {}",
         run.stderr
     );
-    assert!(
-        run.stderr.contains("NOT making `e2e` ragd's default"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        !project.path(".ragd-home/config.yaml").exists(),
-        "ragd's config was left alone"
-    );
+    assert_not_made_default(&project, &run.stderr);
     // The model is still registered, marked as a regression.
     let metadata = json(&project, ".ragd-home/models/e2e/training_metadata.json");
     assert_eq!(metadata["evaluation_regression"], true, "{metadata}");
@@ -286,15 +278,7 @@ fn a_bad_recipe_ends_worse_or_is_rescued_by_the_merge_and_is_never_the_default()
     );
     assert_ne!(label, "better", "{}", run.stderr);
     assert!(run.stderr.contains("verdict: "), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("NOT making `e2e` ragd's default"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        !project.path(".ragd-home/config.yaml").exists(),
-        "ragd's config was left alone"
-    );
+    assert_not_made_default(&project, &run.stderr);
     // The registered model carries the verdict `models list` shows.
     let metadata = json(&project, ".ragd-home/models/e2e/training_metadata.json");
     assert_eq!(metadata["verdict"]["label"], label, "{metadata}");
@@ -306,6 +290,18 @@ fn a_bad_recipe_ends_worse_or_is_rescued_by_the_merge_and_is_never_the_default()
         .find(|d| d["role"] == "general")
         .expect("the general check");
     assert_eq!(general["query_ids"].as_array().map(Vec::len), Some(40));
+}
+
+/// The run said it would not make `e2e` ragd's default, and left ragd's config alone.
+fn assert_not_made_default(project: &Project, stderr: &str) {
+    assert!(
+        stderr.contains("NOT making `e2e` ragd's default"),
+        "{stderr}"
+    );
+    assert!(
+        !project.path(".ragd-home/config.yaml").exists(),
+        "ragd's config was left alone"
+    );
 }
 
 /// Where the evaluate stage of the run in `project` wrote its report, relative to the project.
