@@ -55,9 +55,14 @@ fn a_parameter_change_reruns_the_stage_and_names_the_parameter() {
     project.run(&["run", "recipe.yaml"]).success();
     let plan = project.run(&["plan", "recipe.yaml", "--set", "chunk.max_tokens=48"]);
     plan.success();
+    let chunk = plan
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("chunk "))
+        .unwrap_or_default();
     assert!(
-        plan.stdout
-            .contains("will run  parameter changed: `chunk.max_tokens` 64 → 48"),
+        chunk.contains("will run")
+            && chunk.contains("parameter changed: `chunk.max_tokens` 64 → 48"),
         "{}",
         plan.stdout
     );

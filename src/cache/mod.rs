@@ -1,7 +1,7 @@
 //! The cache: content digests of inputs (`digest`), stage keys (`key`), the artifact store and
 //! workdir lock (`store`), the lock file beside a recipe (`lock`), and journals that let an
 //! interrupted stage resume (`journal`), and corpus embeddings shared between stages
-//! (`embeddings`).
+//! (`embeddings`), and the machine's measured speeds that estimates read (`speeds`).
 
 pub mod digest;
 pub mod embeddings;
@@ -9,6 +9,7 @@ pub mod error;
 pub mod journal;
 pub mod key;
 pub mod lock;
+pub mod speeds;
 pub mod store;
 
 use std::io::Write;

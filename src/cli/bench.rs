@@ -240,6 +240,12 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         encode_ratio,
         PYTORCH_SENTENCES_PER_SECOND,
     );
+    if let Some(peak) = report.peak_step_bytes {
+        text.push_str(&format!(
+            "peak memory of the training steps: {:.0} MiB (the whole process)\n",
+            peak as f64 / f64::from(1 << 20)
+        ));
+    }
     if !report.profile.is_empty() {
         let columns: Vec<String> = ["op", "shape", "calls", "fwd ms", "bwd ms", "ms/step"]
             .map(str::to_owned)

@@ -7,8 +7,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use super::Failure;
+use crate::exec;
+use crate::llm::LlmSettings;
+use crate::model::hub::HubConfig;
 use crate::output::Printer;
+use crate::plan::PlanOptions;
 use crate::recipe::Recipe;
+use crate::stages::estimate::Speeds;
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -42,17 +47,12 @@ pub enum Preset {
 /// File extensions the chunk stage reads by default.
 const FORMATS: [&str; 7] = ["md", "markdown", "txt", "rst", "html", "htm", "pdf"];
 
-/// Seconds the embedded LLM takes per chunk on one core: the quickstart's 226 chunks took about
-/// 5 minutes on 2 cores of the development machine.
-const LLM_CORE_SECONDS_PER_CHUNK: f64 = 2.6;
-
 /// Characters per chunk: the chunk stage's 200 tokens less its 32 of overlap, at about 4
 /// characters a token in English prose.
 const CHARS_PER_CHUNK: f64 = 168. * 4.;
 
-/// Peak memory of training all-MiniLM-L6-v2 with batches of 16, as the quickstart measured it
-/// (3,444,363,264 bytes).
-const TRAIN_PEAK_GIB: f64 = 3.2;
+/// Where the recipe's comment gets the plan's estimate, once the recipe loads.
+const ESTIMATE: &str = "@@estimate@@";
 
 /// What `init` found in the documents.
 #[derive(Debug, Default)]
@@ -220,9 +220,22 @@ pub(super) fn execute(args: &InitArgs, printer: &Printer) -> Result<(), Failure>
             1,
         ));
     }
-    let text = recipe_text(args, &survey)?;
+    let draft = recipe_text(args, &survey)?;
     // The recipe must load as written: check it before writing anything.
-    Recipe::from_text(&args.output, text.clone(), &[]).map_err(|e| Failure::new(e, 2))?;
+    let recipe =
+        Recipe::from_text(&args.output, draft.clone(), &[]).map_err(|e| Failure::new(e, 2))?;
+    let estimate = exec::prepare(&recipe, &PlanOptions::default(), printer.reporter())
+        .map(|prepared| exec::estimate(&recipe, &prepared));
+    let line = match estimate {
+        Ok(estimate) if estimate.stages.iter().all(|s| s.problem.is_none()) => format!(
+            "Estimate on this machine: about {} in all, at most {} of memory\n#   ({}).",
+            super::plan::duration(estimate.seconds),
+            super::plan::bytes(estimate.peak_bytes),
+            super::plan::basis_text(estimate.basis)
+        ),
+        _ => "No estimate yet: the models could not be loaded to time them.".to_owned(),
+    };
+    let text = draft.replace(ESTIMATE, &line);
     crate::cache::write_atomic(&args.output, text.as_bytes())
         .map_err(|e| Failure::report(miette::miette!("{e}"), 2))?;
     if printer.json {
@@ -247,7 +260,9 @@ pub(super) fn execute(args: &InitArgs, printer: &Printer) -> Result<(), Failure>
 fn recipe_text(args: &InitArgs, survey: &Survey) -> Result<String, Failure> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunks = survey.chunks();
-    let llm_minutes = chunks as f64 * LLM_CORE_SECONDS_PER_CHUNK / cores as f64 / 60.;
+    let speeds = Speeds::open(&HubConfig::from_env().cache_dir);
+    let llm_minutes =
+        chunks as f64 * speeds.llm(&LlmSettings::default(), None).seconds_per_call / 60.;
     let preset = match args.preset {
         Preset::Auto if llm_minutes <= 30. => Preset::Llm,
         Preset::Auto => Preset::Quick,
@@ -257,16 +272,14 @@ fn recipe_text(args: &InitArgs, survey: &Survey) -> Result<String, Failure> {
         || "memory unknown".to_owned(),
         |gib| format!("{gib:.0} GiB memory"),
     );
-    let (strategies, why, minutes) = match preset {
+    let (strategies, why) = match preset {
         Preset::Llm => (
             "[llm]",
             "# Questions written by the embedded LLM (SmolLM2-135M, in-process on the CPU, no\n  # server): the better training data. `[ict]` is LLM-free and takes seconds.",
-            llm_minutes + 2.,
         ),
         _ => (
             "[ict]",
             "# LLM-free queries (a sentence of each chunk stands in for a question): seconds to\n  # write. `[llm]` has the embedded LLM write real questions, the better data, in about\n  # LLM_MINUTES minutes on this machine.",
-            2.,
         ),
     };
     let why = why.replace("LLM_MINUTES", &format!("{:.0}", llm_minutes.max(1.)));
@@ -278,8 +291,8 @@ fn recipe_text(args: &InitArgs, survey: &Survey) -> Result<String, Failure> {
 # A recipe written by `ragd-pipe init` on {today} for {input}:
 #   {described}, about {chunks} chunks.
 #   This machine: {cores} CPU cores, {memory}.
-#   Rough estimate: {minutes:.0} minutes in all, about {TRAIN_PEAK_GIB} GiB of memory at most
-#   (training). `ragd-pipe plan` shows what will run.
+#   {ESTIMATE}
+#   `ragd-pipe plan` shows what will run, and the estimate per stage.
 # Check it: `ragd-pipe validate {output}`; run it: `ragd-pipe run {output}`.
 # Every key and its default: `ragd-pipe schema`, and docs/guide.md in ragd-pipe's repository.
 name: {name}

@@ -65,8 +65,8 @@ pub(super) fn execute(args: &RunArgs, printer: &Printer) -> Result<(), Failure> 
         && report.ran.is_empty()
         && !printer.json
     {
-        let prepared = exec::prepare(&recipe, &options.plan, Arc::new(NoReporter))?;
-        printer.result(&super::plan::render(&recipe, &prepared.plan, printer));
+        let prepared = exec::prepare(&recipe, &options.plan, Arc::new(exec::NoReporter))?;
+        printer.result(&super::plan::render(&recipe, &prepared.plan, None, printer));
     }
     // Stages may have left blocking work (HTTP clients) on the runtime; do not wait for it.
     runtime.shutdown_background();
@@ -80,11 +80,4 @@ pub(super) fn execute(args: &RunArgs, printer: &Printer) -> Result<(), Failure> 
         files.print_end(printer);
     }
     Ok(())
-}
-
-/// Discards events, for re-planning quietly.
-pub(super) struct NoReporter;
-
-impl exec::Reporter for NoReporter {
-    fn event(&self, _event: &exec::Event) {}
 }

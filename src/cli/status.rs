@@ -32,11 +32,7 @@ struct StageStatus {
 
 pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failure> {
     let recipe = args.recipe.load()?;
-    let prepared = exec::prepare(
-        &recipe,
-        &PlanOptions::default(),
-        Arc::new(super::run::NoReporter),
-    )?;
+    let prepared = exec::prepare(&recipe, &PlanOptions::default(), Arc::new(exec::NoReporter))?;
     let statuses: Vec<StageStatus> = prepared
         .plan
         .stages

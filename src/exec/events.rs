@@ -6,6 +6,7 @@
 //! | `type`           | when                                      | fields                                          |
 //! |------------------|-------------------------------------------|-------------------------------------------------|
 //! | `plan`           | after planning                            | `recipe`, `workdir`, `stages[]` (stage, key, inputs, cached, reasons) |
+//! | `estimate`       | `plan` only: after the plan               | `stages[]` (stage, estimate: seconds, peak_bytes, basis; or problem), `seconds`, `peak_bytes`, `basis` |
 //! | `waiting`        | another run holds the workdir             | `pid`                                           |
 //! | `stage-skipped`  | a stage's artifact is cached              | `stage`, `key`, `reason`                        |
 //! | `stage-start`    | a stage starts                            | `stage`, `key`, `reasons` (typed), `why` (text) |
@@ -20,6 +21,7 @@
 
 use serde::Serialize;
 
+use crate::plan::estimate::PlanEstimate;
 use crate::plan::{DirtyReason, PlanEntry};
 use crate::stages::context::NoteLevel;
 
@@ -31,6 +33,10 @@ pub enum Event {
         recipe: String,
         workdir: String,
         stages: Vec<PlanEntry>,
+    },
+    Estimate {
+        #[serde(flatten)]
+        estimate: PlanEstimate,
     },
     Waiting {
         pid: Option<u32>,
@@ -98,4 +104,11 @@ pub enum Event {
 /// Receives the events of a run. The CLI renders them for people or as JSON lines.
 pub trait Reporter: Send + Sync {
     fn event(&self, event: &Event);
+}
+
+/// Discards events: for planning quietly (`status`, `run --dry-run`, the dashboard's review).
+pub struct NoReporter;
+
+impl Reporter for NoReporter {
+    fn event(&self, _event: &Event) {}
 }

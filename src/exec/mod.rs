@@ -17,16 +17,18 @@ use std::time::Instant;
 
 use fs_err as fs;
 
-pub use events::{Event, Reporter};
+pub use events::{Event, NoReporter, Reporter};
 
 use crate::cache::digest::DigestMemo;
 use crate::cache::error::CacheError;
 use crate::cache::lock::{LockFile, LockedStage};
 use crate::cache::store::{LockWait, Store, WorkdirLock};
 use crate::model::hub::HubConfig;
+use crate::plan::estimate::PlanEstimate;
 use crate::plan::{Dag, Plan, PlanError, PlanOptions, Status};
 use crate::recipe::{Recipe, RecipeError};
 use crate::stages::context::StageNote;
+use crate::stages::estimate::Speeds;
 use crate::stages::{StageContext, StageEnv, StageError, StageReporter, Table};
 
 /// What `run` does beyond planning.
@@ -143,6 +145,20 @@ fn prepare_with(
         lock,
         bridge,
     })
+}
+
+/// What the stages of a prepared plan that will run cost on this machine. Models are resolved
+/// and, the first time on a machine, timed (a few seconds each); reports go to the reporter.
+pub fn estimate(recipe: &Recipe, prepared: &Prepared) -> PlanEstimate {
+    let hub = HubConfig::from_env();
+    let speeds = Speeds::open(&hub.cache_dir);
+    let env_for = |stage: &'static str| StageEnv {
+        recipe: recipe.env.clone(),
+        hub: hub.clone(),
+        reporter: prepared.bridge.clone(),
+        stage,
+    };
+    PlanEstimate::of(&prepared.plan, &prepared.store, &env_for, &speeds)
 }
 
 /// The plan event for a prepared recipe.

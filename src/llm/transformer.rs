@@ -143,13 +143,36 @@ multiversion! {
     }
 }
 
-impl Transformer {
-    /// Reads a `llama` or `qwen2` model from GGUF `content` (the file at `path`, open as `file`).
-    pub fn load<R: Read + Seek>(
-        content: &Content,
-        file: &mut R,
-        path: &Path,
-    ) -> Result<Self, LlmError> {
+/// What a model holds in memory once loaded, read from a GGUF file's header alone: the weights
+/// (as bf16, how [`Transformer::load`] keeps them) and the KV cache per token of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub weight_bytes: u64,
+    pub kv_bytes_per_token: u64,
+}
+
+impl Footprint {
+    pub fn of_gguf(path: &Path) -> Result<Self, LlmError> {
+        let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
+        let content =
+            Content::read(&mut file).map_err(|e| bad(path, format!("not a GGUF file: {e}")))?;
+        let config = Config::read(&content, path)?;
+        let parameters: usize = content
+            .tensor_infos
+            .values()
+            .map(|info| info.shape.elem_count())
+            .sum();
+        Ok(Self {
+            weight_bytes: parameters as u64 * 2,
+            // Keys and values, f32, every layer.
+            kv_bytes_per_token: (config.layers * config.kv_width() * 2 * 4) as u64,
+        })
+    }
+}
+
+impl Config {
+    /// The model's shape from GGUF metadata; only `llama` and `qwen2` are supported.
+    fn read(content: &Content, path: &Path) -> Result<Self, LlmError> {
         let architecture = content
             .metadata
             .get("general.architecture")
@@ -199,7 +222,7 @@ impl Transformer {
             .get("token_embd.weight")
             .ok_or_else(|| bad(path, "no `token_embd.weight`"))?;
         let vocab = embedding_info.shape.dims()[0];
-        let config = Config {
+        Ok(Self {
             architecture: architecture.clone(),
             hidden,
             layers: required("block_count")?,
@@ -212,8 +235,19 @@ impl Transformer {
             rotary,
             context: required("context_length")?.min(MAX_POSITIONS),
             vocab,
-        };
+        })
+    }
+}
 
+impl Transformer {
+    /// Reads a `llama` or `qwen2` model from GGUF `content` (the file at `path`, open as `file`).
+    pub fn load<R: Read + Seek>(
+        content: &Content,
+        file: &mut R,
+        path: &Path,
+    ) -> Result<Self, LlmError> {
+        let config = Config::read(content, path)?;
+        let hidden = config.hidden;
         let mut tensors = Tensors {
             content,
             file,
@@ -224,7 +258,7 @@ impl Transformer {
             let name = |part: &str| format!("blk.{i}.{part}");
             let qkv_names = ["attn_q", "attn_k", "attn_v"].map(|p| name(&format!("{p}.weight")));
             let qkv = tensors.matrix(&qkv_names, hidden)?;
-            let expected = (heads + 2 * kv_heads) * config.head_dim;
+            let expected = (config.heads + 2 * config.kv_heads) * config.head_dim;
             if qkv.out_features() != expected {
                 return Err(bad(
                     path,

@@ -99,11 +99,34 @@ pub struct BenchReport {
     pub steps: Vec<StepTime>,
     /// The median of each column of `steps` on its own.
     pub median_step: StepTime,
+    /// The most memory the process held during the training steps (Linux; `None` elsewhere).
+    pub peak_step_bytes: Option<u64>,
     pub sentences: usize,
     pub encode_seconds: f64,
     pub encode_cpu_seconds: f64,
     pub sentences_per_second: f64,
     pub profile: Vec<OpTime>,
+}
+
+/// Starts a new peak-memory measurement: Linux's high-water mark of resident memory is reset to
+/// what the process holds now, so [`peak_rss`] reports the peak of what follows.
+fn reset_peak_rss() {
+    #[cfg(target_os = "linux")]
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The high-water mark of resident memory since [`reset_peak_rss`] (Linux's `VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -196,6 +219,7 @@ pub fn run(
     let loss_config = LossConfig::default();
     encoder.bert().reseed_dropout(0);
     let mut steps = Vec::new();
+    reset_peak_rss();
     for step in 0..=options.steps {
         let (start, cpu) = (Instant::now(), cpu_seconds());
         let embeddings = encoder.forward(&batch, true)?;
@@ -247,6 +271,7 @@ pub fn run(
             steps.push(time);
         }
     }
+    let peak_step_bytes = peak_rss();
     let column = |f: fn(&StepTime) -> f64| median(steps.iter().map(f).collect());
     let median_step = StepTime {
         forward: column(|s| s.forward),
@@ -282,6 +307,7 @@ pub fn run(
         pairs,
         steps,
         median_step,
+        peak_step_bytes,
         sentences: count,
         encode_seconds,
         encode_cpu_seconds,

@@ -75,7 +75,7 @@ impl Reporter for HumanReporter {
             .bold();
         let dim = anstyle::Style::new().dimmed();
         match event {
-            Event::Plan { .. } | Event::Diagnostic { .. } => {}
+            Event::Plan { .. } | Event::Estimate { .. } | Event::Diagnostic { .. } => {}
             Event::Waiting { pid } => {
                 let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
                 self.line(&format!(

@@ -5,6 +5,7 @@
 //! the whole plan, cached or not, is known before anything runs.
 
 pub mod dirty;
+pub mod estimate;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

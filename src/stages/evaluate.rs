@@ -25,6 +25,7 @@ use std::time::Instant;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::estimate::{self, Estimate, EstimateInput};
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
 use super::train::{MERGE_FILE, MODEL_DIR, TRAIN_LOG_FILE};
 use super::train_reranker::RERANKER_DIR;
@@ -263,6 +264,29 @@ impl Stage for Evaluate {
             params["general_check"] = eval::general::general_check_digest().into();
         }
         params
+    }
+
+    fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
+        let heldout = if self.params.heldout {
+            input.sizes.chunks.unwrap_or(0)
+        } else {
+            0
+        };
+        let labelled: u64 = self
+            .dataset_dirs
+            .iter()
+            .zip(&self.params.datasets)
+            .map(|(dir, set)| io::count_lines(&eval::beir::files(dir, &set.split)[0]))
+            .sum();
+        // The fine-tuned model embeds the chunks (the base's are cached by the judge), both
+        // models each labelled corpus and the general check's passages, the queries besides.
+        let queries = input.sizes.queries.unwrap_or(0) / 5 + 400;
+        estimate::encoding(
+            input,
+            &self.base_model,
+            heldout + 2 * labelled + 100,
+            queries,
+        )
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {

@@ -98,6 +98,13 @@ pub fn passage_of(title: &str, text: &str) -> String {
     }
 }
 
+/// The records of a JSONL file (its non-empty lines), 0 when it cannot be read: for estimates.
+pub fn count_lines(path: &Path) -> u64 {
+    fs_err::read_to_string(path).map_or(0, |text| {
+        text.lines().filter(|l| !l.trim().is_empty()).count() as u64
+    })
+}
+
 /// Reads a JSONL file; a bad line is an error naming the file and line.
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, StageError> {
     let text = fs_err::read_to_string(path)?;

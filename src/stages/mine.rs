@@ -17,6 +17,7 @@ use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::estimate::{self, Estimate, EstimateInput};
 use super::io::{
     self, CHUNKS_FILE, HELDOUT_FILE, Negative, QUERIES_FILE, QueryRecord, TRAIN_FILE,
     TrainingExample,
@@ -194,6 +195,20 @@ impl Stage for Mine {
         let mut params = serde_json::to_value(&self.params).unwrap_or_default();
         params["seed"] = self.seed.into();
         params
+    }
+
+    fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
+        let queries = input.sizes.queries.unwrap_or(0);
+        let mut estimate = if self.params.dense {
+            // The judge embedded the chunks with the same model just before: mine reuses them.
+            estimate::encoding(input, &self.base_model, 0, queries)?
+        } else {
+            Estimate::brief(input.sizes)
+        };
+        estimate.sizes.examples =
+            Some((queries as f64 * (1. - self.params.heldout_fraction)).round() as u64);
+        estimate.sizes.negatives = Some(self.params.negatives_per_query as u64);
+        Ok(estimate)
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {

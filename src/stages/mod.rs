@@ -9,6 +9,7 @@
 pub mod chunk;
 pub mod context;
 pub mod error;
+pub mod estimate;
 pub mod evaluate;
 pub mod io;
 pub mod judge;
@@ -154,6 +155,11 @@ pub trait Stage: Send + Sync {
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError>;
     /// Does the work, writing the artifact into `ctx.out_dir`.
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError>;
+    /// What running this stage will cost on this machine, and the sizes it hands downstream
+    /// (`ragd-pipe plan`); by default a brief stage that passes sizes through.
+    fn estimate(&self, input: &estimate::EstimateInput) -> Result<estimate::Estimate, StageError> {
+        Ok(estimate::Estimate::brief(input.sizes))
+    }
     /// For a stage whose work lies outside the store (registering a model), what is missing
     /// outside it although its artifact is cached, read from that artifact: the stage then runs
     /// again rather than reporting a cached success that is no longer true.

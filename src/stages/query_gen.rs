@@ -30,6 +30,7 @@ use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::estimate::{self, Estimate, EstimateInput, KEPT_MIN_INPUTS, Sizes, Speeds};
 use super::io::{self, CHUNKS_FILE, QUERIES_FILE, QueryRecord};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
@@ -61,6 +62,9 @@ pub(super) fn complete_with_progress(
     })
     .map_err(llm::stage_error)
 }
+
+/// Fresh LLM calls that make a speed worth keeping for estimates: a batch's worth.
+const MEASURED_CALLS: usize = 32;
 
 /// Examples of unparseable answers kept in `stats.json`.
 const UNPARSEABLE_EXAMPLES: usize = 3;
@@ -347,6 +351,41 @@ impl Stage for QueryGen {
         }
     }
 
+    fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
+        let chunks = input.sizes.chunks.unwrap_or(0);
+        let used = self
+            .params
+            .max_chunks
+            .map_or(chunks, |max| chunks.min(max as u64));
+        let per_chunk = input.speeds.kept(&self.kept_label()).unwrap_or_else(|| {
+            let asked = self.params.queries_per_chunk as f64;
+            self.params
+                .strategies
+                .iter()
+                .map(|strategy| match strategy {
+                    // SmolLM2 on the quickstart: 215 kept of 452 asked (Qwen2.5-Coder-0.5B on
+                    // pyfaq: 1,076 of 1,200).
+                    Strategy::Llm => asked / 2.,
+                    Strategy::Ict => asked,
+                    // Not every chunk has a heading of its own or a predecessor.
+                    Strategy::Headings | Strategy::SemanticPairs => 0.5,
+                })
+                .sum()
+        });
+        let queries = (used as f64 * per_chunk).round() as u64;
+        let mut estimate = Estimate::brief(Sizes {
+            queries: Some(queries),
+            ..input.sizes
+        });
+        if self.params.strategies.contains(&Strategy::Llm) {
+            let llm = estimate::llm_calls(input, &self.params.llm, used)?;
+            estimate.seconds += llm.seconds;
+            estimate.peak_bytes = llm.peak_bytes;
+            estimate.basis = llm.basis;
+        }
+        Ok(estimate)
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
         let chunks: Vec<Chunk> = io::read_jsonl(&ctx.input(Artifact::Chunks)?.join(CHUNKS_FILE))?;
         let mut stats = QueryGenStats {
@@ -385,6 +424,12 @@ impl Stage for QueryGen {
         }
         io::write_jsonl(&ctx.out_dir.join(QUERIES_FILE), &records)?;
         stats.queries = records.len();
+        if stats.chunks_used >= KEPT_MIN_INPUTS {
+            Speeds::open(&ctx.env.hub.cache_dir).record_kept(
+                &self.kept_label(),
+                stats.queries as f64 / stats.chunks_used as f64,
+            );
+        }
         io::write_json(&ctx.out_dir.join("stats.json"), &stats)?;
         ctx.table(&stats.table());
         if records.is_empty() {
@@ -425,6 +470,22 @@ fn words(text: &str) -> Vec<String> {
 }
 
 impl QueryGen {
+    /// What the number of queries kept per chunk depends on: the strategies, how many are
+    /// asked, and the LLM that writes them.
+    fn kept_label(&self) -> String {
+        let strategies: Vec<&str> = self.params.strategies.iter().map(|s| s.name()).collect();
+        let llm = if self.params.strategies.contains(&Strategy::Llm) {
+            format!(" {}", self.params.llm.model().unwrap_or("server default"))
+        } else {
+            String::new()
+        };
+        format!(
+            "query-gen {} x{}{llm}",
+            strategies.join("+"),
+            self.params.queries_per_chunk
+        )
+    }
+
     /// Why an LLM query is no use, if it is none: a preamble instead of a question, a copy of
     /// the chunk's own sentence (it teaches exact lookup, as ICT does, not how users ask), or a
     /// copy of a style example.
@@ -616,6 +677,11 @@ impl QueryGen {
         ));
         let (answers, calls) =
             complete_with_progress(ctx, "writing queries (llm)", backend.as_ref(), &requests)?;
+        // Enough fresh calls to say how fast this LLM answers here, for later estimates.
+        if calls.calls >= MEASURED_CALLS {
+            Speeds::open(&ctx.env.hub.cache_dir)
+                .record_llm(settings, calls.seconds / calls.calls as f64);
+        }
         let mut llm_stats = LlmStats {
             keyword_chunks: self.params.query_types.as_ref().map_or(0, |types| {
                 chunks

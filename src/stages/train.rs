@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::estimate::{Estimate, EstimateInput, Speeds, texts_per_example};
 use super::io::{self, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
@@ -30,8 +31,16 @@ use crate::model::prompts::TextRole;
 use crate::model::train::save::{TrainingMetadata, save_model};
 use crate::model::train::{
     AdamWConfig, LossConfig, TokenizedExample, TokenizedText, TrainConfig, TrainError, TrainModel,
-    Trainer,
+    TrainOutcome, Trainer,
 };
+
+/// Tokens a training batch is padded to: its longest passage, about twice the mean of chunks
+/// cut at headings and paragraphs, at most `max_seq_length`.
+fn padded_tokens(max_seq_length: usize, mean_tokens: Option<u64>) -> usize {
+    mean_tokens.map_or(max_seq_length, |mean| {
+        (2 * mean as usize).min(max_seq_length)
+    })
+}
 
 /// The model folder inside the train stage's artifact.
 pub const MODEL_DIR: &str = "model";
@@ -338,6 +347,55 @@ impl Stage for Train {
         model_and_data_externals(env, &self.model, self.data.as_deref())
     }
 
+    fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
+        let examples = match &self.data {
+            Some(path) => io::count_lines(path),
+            None => input.sizes.examples.unwrap_or(0),
+        };
+        let negatives = if self.params.hard_negatives {
+            input.sizes.negatives.unwrap_or(0)
+        } else {
+            0
+        };
+        let mini_batch = self.config.mini_batch_size.min(self.config.batch_size);
+        let speed = input.speeds.encoder(
+            input.env,
+            &self.model,
+            self.params.max_seq_length,
+            mini_batch,
+        )?;
+        let tokens = padded_tokens(
+            self.params.max_seq_length.unwrap_or(speed.model_tokens),
+            input.sizes.chunk_tokens,
+        );
+        let mut trained = examples * self.params.epochs;
+        if let Some(max_steps) = self.params.max_steps {
+            trained = trained.min(max_steps * self.config.batch_size as u64);
+        }
+        let texts = trained as f64 * texts_per_example(negatives);
+        let mut seconds = speed.train(texts as u64, tokens);
+        let mut peak_bytes = speed.train_peak(mini_batch, 2 + negatives as usize, tokens);
+        if self.params.guide == GuideSetting::Base {
+            // The guide, a second copy of the base, encodes every text without gradients.
+            seconds += speed.encode(texts as u64, tokens);
+            peak_bytes += speed.weight_bytes;
+        }
+        if self.params.merge != MergeSetting::Named(MergeMode::None) {
+            let corpus = input
+                .sizes
+                .chunks
+                .unwrap_or(0)
+                .min(MERGE_CORPUS_LIMIT as u64);
+            seconds += MERGE_ALPHAS.len() as f64 * speed.encode(corpus + 100, tokens);
+        }
+        Ok(Estimate {
+            seconds,
+            peak_bytes,
+            basis: speed.basis,
+            sizes: input.sizes,
+        })
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
         let (examples, data_hash) = read_training_data(ctx, self.data.as_deref())?;
 
@@ -425,6 +483,9 @@ impl Stage for Train {
             Err(TrainError::Stopped { .. }) => return Err(StageError::Cancelled),
             Err(error) => return Err(train_error(error)),
         };
+        if outcome.resumed_from.is_none() && selected.device.is_cpu() {
+            self.record_speed(ctx, &tokenized, &outcome, max_seq_length);
+        }
         let encoder = encoder
             .with_max_seq_length(max_seq_length)
             .map_err(io::model_error)?;
@@ -518,6 +579,34 @@ impl Stage for Train {
 }
 
 impl Train {
+    /// Keeps what this run measured of training speed and memory, for later estimates.
+    fn record_speed(
+        &self,
+        ctx: &StageContext,
+        tokenized: &[TokenizedExample],
+        outcome: &TrainOutcome,
+        max_seq_length: usize,
+    ) {
+        let negatives = tokenized.iter().map(|e| e.negatives.len()).sum::<usize>() as f64
+            / tokenized.len().max(1) as f64;
+        let trained = (outcome.total_steps as f64 * self.config.batch_size as f64)
+            .min(tokenized.len() as f64 * self.params.epochs as f64);
+        let texts = trained * (texts_per_example(0) + negatives);
+        let positive_tokens =
+            tokenized.iter().map(|e| e.positive.len()).sum::<usize>() / tokenized.len().max(1);
+        // Per text at full length, as estimates scale it.
+        let padded = padded_tokens(max_seq_length, Some(positive_tokens as u64));
+        if texts > 0. && padded > 0 {
+            Speeds::open(&ctx.env.hub.cache_dir).record_training(
+                &self.model,
+                max_seq_length,
+                self.config.mini_batch_size.min(self.config.batch_size),
+                outcome.train_seconds / texts * max_seq_length as f64 / padded as f64,
+                outcome.peak_rss_bytes,
+            );
+        }
+    }
+
     /// Merges the trained weights of `encoder` with the base in `base_dir` as `merge` says,
     /// leaving the chosen mix in `encoder`; what was tried and why, or `None` for `merge: none`.
     fn merge(

@@ -24,6 +24,7 @@ use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::estimate::{Estimate, EstimateInput};
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TrainingExample};
 use super::train::{
     check_weight_decay, data_file, keyed_params, model_and_data_externals, read_training_data,
@@ -265,6 +266,34 @@ impl Stage for TrainReranker {
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
         model_and_data_externals(env, &self.model, self.data.as_deref())
+    }
+
+    fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
+        let examples = match &self.data {
+            Some(path) => io::count_lines(path),
+            None => input.sizes.examples.unwrap_or(0),
+        };
+        let negatives = input.sizes.negatives.unwrap_or(1).min(
+            self.params
+                .negatives_per_query
+                .map_or(u64::MAX, |n| n as u64),
+        );
+        // A (query, passage) pair is one text through the same kind of transformer.
+        let pairs = examples * self.params.epochs * (1 + negatives);
+        let mini_batch = self.params.mini_batch_size.min(self.params.batch_size);
+        let speed = input.speeds.encoder(
+            input.env,
+            &self.model,
+            self.params.max_seq_length,
+            mini_batch,
+        )?;
+        let tokens = self.params.max_seq_length.unwrap_or(speed.model_tokens);
+        Ok(Estimate {
+            seconds: speed.train(pairs, tokens),
+            peak_bytes: speed.train_peak(mini_batch, 1 + negatives as usize, tokens),
+            basis: speed.basis,
+            sizes: input.sizes,
+        })
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {

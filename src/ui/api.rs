@@ -19,6 +19,7 @@ use super::dataset;
 use super::progress::RunProgress;
 use super::wizard::{self, DataChoice, WizardChoices};
 use super::{ApiError, App, resolve_local};
+use crate::exec;
 use crate::recipe::Recipe;
 use crate::registry;
 
@@ -224,13 +225,32 @@ pub(super) async fn review(
         .store
         .recipes_dir()
         .join(format!("{}.yaml", choices.name));
-    let problem = Recipe::from_text(&path, text.clone(), &[])
-        .err()
-        .map(|e| recipe_problem(&e).body);
+    let (problem, estimate) = match Recipe::from_text(&path, text.clone(), &[]) {
+        Err(error) => (Some(recipe_problem(&error).body), None),
+        // Planning hashes the documents and may time the model once: not on the event loop.
+        Ok(recipe) => {
+            let estimate = tokio::task::spawn_blocking(move || {
+                let options = crate::plan::PlanOptions::default();
+                exec::prepare(&recipe, &options, Arc::new(exec::NoReporter))
+                    .map(|prepared| exec::estimate(&recipe, &prepared))
+                    .map_err(|e| exec::error_chain(&e))
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            (None, Some(estimate))
+        }
+    };
+    let (estimate, estimate_problem) = match estimate {
+        Some(Ok(estimate)) => (Some(estimate), None),
+        Some(Err(problem)) => (None, Some(problem)),
+        None => (None, None),
+    };
     Ok(Json(serde_json::json!({
         "text": text,
         "path": path,
         "problem": problem,
+        "estimate": estimate,
+        "estimate_problem": estimate_problem,
     })))
 }
 

@@ -46,6 +46,10 @@ async function wizardRun(name, edit) {
   await page.waitForSelector("#recipe-text:visible");
   const recipe = await page.inputValue("#recipe-text");
   expect(recipe.includes("strategies: [ict]") && recipe.includes("max_steps: 8"), "the quick preset's recipe: " + recipe);
+  // The estimate `ragd-pipe plan` makes: a time and a memory figure for training.
+  const train = await page.textContent('#estimate tr[data-stage="train"]');
+  expect(/\d+ (s|min)/.test(train) && /\d+(\.\d)? (MiB|GiB)/.test(train), "the train stage's estimate: " + train);
+  expect((await page.textContent("#estimate-total")).startsWith("About "), "the estimate's total");
   if (edit) await page.fill("#recipe-text", edit(recipe));
   return recipe;
 }

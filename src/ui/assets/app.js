@@ -228,6 +228,48 @@ function runPage() {
   });
 }
 
+// Seconds and bytes as `ragd-pipe plan` writes them.
+function duration(seconds) {
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  return `${Math.floor(s / 3600)} h ${String(Math.round((s % 3600) / 60)).padStart(2, "0")} min`;
+}
+function memory(bytes) {
+  const gib = bytes / 2 ** 30;
+  return gib >= 1 ? `${gib.toFixed(1)} GiB` : `${Math.round(bytes / 2 ** 20)} MiB`;
+}
+const BASIS = {
+  measured: "measured by earlier runs on this machine",
+  calibrated: "this machine's kernels timed at the recipe's shapes",
+  rough: "rough: the developers' figures scaled to this machine's cores",
+};
+
+// The review's estimate: one row per stage that will run, then the total.
+function showEstimate(estimate, problem) {
+  const body = $("#estimate tbody");
+  body.replaceChildren();
+  if (!estimate) {
+    $("#estimate-total").textContent = problem ? `No estimate: ${problem}` : "";
+    return;
+  }
+  for (const line of estimate.stages) {
+    const row = document.createElement("tr");
+    row.dataset.stage = line.stage;
+    const cells = line.estimate
+      ? [line.stage, duration(line.estimate.seconds), memory(line.estimate.peak_bytes)]
+      : [line.stage, line.problem ? "?" : "cached", line.problem || ""];
+    for (const text of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  $("#estimate-total").textContent =
+    `About ${duration(estimate.seconds)} in all, at most ${memory(estimate.peak_bytes)} of memory (${BASIS[estimate.basis]}).`;
+}
+
 // The wizard: data, base model, preset, review (the recipe, editable), launch.
 function wizardPage() {
   const show = (step) => {
@@ -267,6 +309,7 @@ function wizardPage() {
       const review = await api("POST", "/api/wizard/review", choices());
       $("#recipe-text").value = review.text;
       $("#recipe-problem").textContent = review.problem ? review.problem.diagnostic : "";
+      showEstimate(review.estimate, review.estimate_problem);
       show(4);
     } catch (error) {
       $("#wizard-error").textContent = error.message;
