@@ -118,6 +118,7 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
         first.stderr
     );
     assert!(first.stderr.contains("\nverdict: "), "{}", first.stderr);
+    assert!(first.stderr.contains("trust: Only "), "{}", first.stderr);
     // The report opens with its header and verdict; the model folder carries it, and every
     // file of the folder is as readable as the others.
     let report = project.run(&["report", "recipe.yaml"]);
@@ -126,7 +127,11 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
         "- **Model**: e2e",
         "- **Base model**: sentence-transformers/all-MiniLM-L6-v2",
         "- **Data**: held-out: ",
+        "- **Date**: 20",
         "**Verdict: ",
+        // A tiny corpus: the report says the result rests on few examples, as the run did.
+        "Trust this result less:",
+        "training examples",
         "## What the figures mean",
     ] {
         assert!(

@@ -382,12 +382,43 @@ pub struct Verdict {
     pub next: String,
 }
 
-/// How much the general check may lose before the verdict calls a fine-tune worse.
+/// How much the general check may lose before the verdict calls a fine-tune worse, and what
+/// the advice may take for granted.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VerdictRules {
     /// Largest drop of nDCG@10 (base minus fine-tuned) on the general check that is tolerated.
     pub general_max_drop: f64,
+    /// An LLM wrote the training queries already: the advice does not suggest one.
+    pub queries_by_llm: bool,
 }
+
+/// What a result rests on that the evaluation's own figures do not show: the training data's
+/// size and what the filters threw away on the way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainingFacts {
+    pub examples: Option<usize>,
+    pub steps: Option<u64>,
+    pub filters: Vec<FilterShare>,
+}
+
+/// Queries one filter of one stage dropped, of those it saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterShare {
+    pub stage: String,
+    pub filter: String,
+    pub dropped: usize,
+    pub of: usize,
+}
+
+/// Fewer training examples than this rarely move a model beyond noise (the quickstart's 96 do
+/// not; pyfaq's 3,243 did).
+const FEW_EXAMPLES: usize = 500;
+/// Fewer optimiser steps than this are too few for the learning-rate schedule to matter.
+const FEW_STEPS: u64 = 30;
+/// Fewer queries than this make an interval too wide to see a gain of a few points.
+const FEW_QUERIES: usize = 50;
+/// BM25 this far above the fine-tuned model is worth a word, even within noise.
+const BM25_MARGIN: f64 = 0.01;
 
 impl Verdict {
     /// The verdict from the datasets' headline comparisons: `worse` when any held-out or user
@@ -437,6 +468,15 @@ impl Verdict {
             ),
             _ => String::new(),
         };
+        let no_clear_next = if rules.queries_by_llm {
+            "give it more chunks (more documents, a higher `query_gen.max_chunks`), a larger LLM \
+             (`query_gen.llm.model`), add labelled questions of your own to `evaluate.datasets` \
+             for a tighter interval, or try another `base_model`"
+        } else {
+            "give it more chunks (more documents, a higher `query_gen.max_chunks`), write queries \
+             with an LLM (`query_gen.strategies: [llm]`), add labelled questions of your own to \
+             `evaluate.datasets` for a tighter interval, or try another `base_model`"
+        };
         let (label, why, next) = if let Some(worse) = worse {
             (
                 VERDICT_WORSE,
@@ -475,13 +515,7 @@ impl Verdict {
             } else {
                 format!("no difference beyond noise: {shown}{general_note}")
             };
-            (
-                VERDICT_NO_CLEAR_DIFFERENCE,
-                why,
-                "give it more chunks (more documents, a higher `query_gen.max_chunks`), write queries with an LLM \
-                 (`query_gen.strategies: [llm]`), add labelled questions of your own to \
-                 `evaluate.datasets` for a tighter interval, or try another `base_model`",
-            )
+            (VERDICT_NO_CLEAR_DIFFERENCE, why, no_clear_next)
         };
         let lengths = deciding
             .first()
@@ -575,6 +609,12 @@ pub struct Report {
     /// How the fine-tuned model was merged with its base, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeSearch>,
+    /// Why the result may not be trusted as far as its figures suggest, in plain words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The day the evaluation ran (`YYYY-MM-DD`), for the report's header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date: Option<String>,
 }
 
 impl Report {
@@ -612,6 +652,8 @@ impl Report {
             training,
             verdict: None,
             merge: None,
+            warnings: Vec::new(),
+            date: None,
         }
     }
 
@@ -637,6 +679,81 @@ impl Report {
         }
         self.regression = !self.regressions.is_empty();
         self.verdict = Verdict::judge(&self.datasets, rules);
+    }
+
+    /// Warns where the result rests on too little: few training examples or steps, a test set
+    /// too small to decide, BM25 above the fine-tuned model, most queries dropped by a filter.
+    pub fn warn_where_untrustworthy(&mut self, facts: &TrainingFacts) {
+        let mut warnings = Vec::new();
+        match (facts.examples, facts.steps) {
+            (Some(examples), steps) if examples < FEW_EXAMPLES => warnings.push(format!(
+                "only {examples} training examples{}: too few to change a model reliably; give \
+                 it more documents or a higher `query_gen.max_chunks`",
+                steps.map(|s| format!(" ({s} steps)")).unwrap_or_default()
+            )),
+            (_, Some(steps)) if steps < FEW_STEPS => warnings.push(format!(
+                "only {steps} training steps: too few for training to settle; more data, more \
+                 `train.epochs` or a smaller `train.batch_size` give more"
+            )),
+            _ => {}
+        }
+        for dataset in &self.datasets {
+            if dataset.role == DatasetRole::General {
+                continue;
+            }
+            let queries = dataset.query_ids.len();
+            if queries < FEW_QUERIES {
+                let width = dataset
+                    .headline_comparison()
+                    .map(|c| {
+                        format!(
+                            " (its interval is {:.3} wide)",
+                            c.result.interval.high - c.result.interval.low
+                        )
+                    })
+                    .unwrap_or_default();
+                warnings.push(format!(
+                    "{} has only {queries} queries{width}: too few to tell a gain of a few \
+                     points from noise; labelled questions of your own (`evaluate.datasets`) \
+                     decide best",
+                    dataset.name
+                ));
+            }
+            let ndcg = |kind: SystemKind| {
+                let top = dataset
+                    .systems
+                    .iter()
+                    .filter(|s| s.kind == kind)
+                    .max_by_key(|s| s.dimension)?;
+                Some(top.metrics.get(&Metric::NDCG_10)?.mean)
+            };
+            if let (Some(bm25), Some(tuned)) = (ndcg(SystemKind::Bm25), ndcg(SystemKind::FineTuned))
+                && bm25 > tuned + BM25_MARGIN
+            {
+                warnings.push(format!(
+                    "on {}, keyword search (BM25) scores {bm25:.3} against the fine-tuned \
+                     model's {tuned:.3}: these queries share words with their passages, which \
+                     keywords match exactly. Queries copied from the text favour BM25 and real \
+                     questions rarely do; keep keyword search beside the model (ragd's hybrid \
+                     search), and prefer queries in other words (an LLM, `query_gen.query_types`)",
+                    dataset.name
+                ));
+            }
+        }
+        for filter in &facts.filters {
+            if filter.of >= 20 && filter.dropped * 2 > filter.of {
+                warnings.push(format!(
+                    "{}'s `{}` dropped {} of {} queries ({:.0}%): the queries are weak or the \
+                     filter strict; its `dropped.jsonl` shows which and why",
+                    filter.stage,
+                    filter.filter,
+                    filter.dropped,
+                    filter.of,
+                    100. * filter.dropped as f64 / filter.of as f64
+                ));
+            }
+        }
+        self.warnings = warnings.iter().map(|w| sentence(w)).collect();
     }
 
     /// `{dataset: {system: {metric: mean}}}` over [`HEADLINE_METRICS`]: the figures a registry
@@ -750,8 +867,66 @@ mod tests {
         let mut report = Report::new("t", settings(), datasets, None);
         report.conclude(VerdictRules {
             general_max_drop: 0.02,
+            queries_by_llm: false,
         });
         report
+    }
+
+    #[test]
+    fn a_result_resting_on_little_says_why_and_the_advice_knows_an_llm_wrote_the_queries() {
+        let mut mine = dataset("mine", DatasetRole::User, 0.0, &[]);
+        let ids = mine.query_ids.clone();
+        let bm25 = RunScores {
+            query_ids: ids,
+            values: BTreeMap::from([(Metric::NDCG_10, vec![0.9; 30])]),
+        };
+        let spec = SystemSpec {
+            label: "BM25".to_owned(),
+            kind: SystemKind::Bm25,
+            model: None,
+            dimension: None,
+            reranker: None,
+            max_seq_length: None,
+        };
+        mine.add_system(spec, bm25, &settings()).expect("adds");
+        let mut report = Report::new("t", settings(), vec![mine], None);
+        report.conclude(VerdictRules {
+            general_max_drop: 0.02,
+            queries_by_llm: true,
+        });
+        let next = &report.verdict.as_ref().expect("a verdict").next;
+        assert!(
+            !next.contains("strategies: [llm]") && next.contains("larger LLM"),
+            "{next}"
+        );
+        let share = |filter: &str, dropped| FilterShare {
+            stage: "judge".to_owned(),
+            filter: filter.to_owned(),
+            dropped,
+            of: 215,
+        };
+        report.warn_where_untrustworthy(&TrainingFacts {
+            examples: Some(96),
+            steps: Some(6),
+            filters: vec![share("round_trip", 120), share("dedupe", 1)],
+        });
+        let warnings = report.warnings.join("\n");
+        for expected in [
+            "Only 96 training examples (6 steps)",
+            "Mine has only 30 queries",
+            "keyword search (BM25) scores 0.900",
+            "Judge's `round_trip` dropped 120 of 215 queries (56%)",
+        ] {
+            assert!(
+                warnings.contains(expected),
+                "`{expected}` missing:\n{warnings}"
+            );
+        }
+        assert_eq!(report.warnings.len(), 4, "{warnings}");
+        assert!(
+            report.warnings.iter().all(|w| w.ends_with('.')),
+            "{warnings}"
+        );
     }
 
     fn label(report: &Report) -> &str {

@@ -34,7 +34,9 @@ use super::{
     StageError, StageOutcome, Table,
 };
 use crate::corpus::Chunk;
-use crate::eval::report::{DatasetRole, MergeSearch, RerankerRun, VERDICT_WORSE, VerdictRules};
+use crate::eval::report::{
+    DatasetRole, FilterShare, MergeSearch, RerankerRun, TrainingFacts, VERDICT_WORSE, VerdictRules,
+};
 use crate::eval::{
     self, BeirDataset, Dataset, HEADLINE_METRICS, Metric, PairedTestConfig, Report, RunScores,
     SystemKind, SystemSpec, TrainingCurve,
@@ -238,8 +240,10 @@ impl Stage for Evaluate {
     }
 
     /// 2: the general check, the base also at the fine-tuned model's length, and the verdict.
+    /// 3: warnings where the result rests on too little, and advice that knows the LLM wrote the
+    /// queries.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -513,9 +517,35 @@ impl Stage for Evaluate {
             training,
         );
         report.merge = merge;
+        report.date = Some(jiff::Zoned::now().strftime("%Y-%m-%d").to_string());
+        let data = ctx.inputs.get(&Artifact::TrainingData);
+        let provenance = data.and_then(|dir| io::Provenance::read(dir));
         report.conclude(VerdictRules {
             general_max_drop: self.params.general_max_drop,
+            queries_by_llm: provenance
+                .as_ref()
+                .is_some_and(|p| p.by_strategy.contains_key("llm")),
         });
+        if report.training.is_some() {
+            report.warn_where_untrustworthy(&TrainingFacts {
+                examples: data.map(|dir| io::count_lines(&dir.join(TRAIN_FILE)) as usize),
+                steps: report
+                    .training
+                    .as_ref()
+                    .and_then(|curve| curve.points.last())
+                    .map(|point| point.step),
+                filters: provenance
+                    .into_iter()
+                    .flat_map(|p| p.filters)
+                    .map(|f| FilterShare {
+                        stage: f.stage,
+                        filter: f.filter,
+                        dropped: f.dropped,
+                        of: f.of,
+                    })
+                    .collect(),
+            });
+        }
         report.write(&ctx.out_dir).map_err(eval_error)?;
         ctx.table(&metrics_table(&report));
         for dataset in &report.datasets {
@@ -538,6 +568,9 @@ impl Stage for Evaluate {
                 "THE FINE-TUNED MODEL IS WORSE THAN THE BASE beyond noise:\n  {}\nregister will not make it the default unless `register.allow_worse: true`",
                 report.regressions.join("\n  ")
             ));
+        }
+        for warning in &report.warnings {
+            ctx.warn(format!("trust: {warning}"));
         }
         if let Some(verdict) = &report.verdict {
             let text = format!(

@@ -21,6 +21,39 @@ pub const QUERIES_FILE: &str = "queries.jsonl";
 /// The training examples of mine, and its held-out split for evaluate.
 pub const TRAIN_FILE: &str = "train.jsonl";
 pub const HELDOUT_FILE: &str = "heldout.jsonl";
+/// Where training data came from ([`Provenance`]), carried from query-gen through judge and mine.
+pub const PROVENANCE_FILE: &str = "provenance.json";
+
+/// What made the queries and what was thrown away on the way, so the evaluation can say when
+/// its result rests on little or filtered-down data.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Queries kept, by the strategy that wrote them (`llm`, `ict`, …).
+    pub by_strategy: std::collections::BTreeMap<String, usize>,
+    /// Each filter's drops, in pipeline order.
+    pub filters: Vec<FilterDrop>,
+}
+
+/// Queries one filter dropped, of those it saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilterDrop {
+    pub stage: String,
+    pub filter: String,
+    pub dropped: usize,
+    pub of: usize,
+}
+
+impl Provenance {
+    /// The provenance an upstream artifact folder carries, if it has one.
+    pub fn read(dir: &Path) -> Option<Self> {
+        let text = fs_err::read_to_string(dir.join(PROVENANCE_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<(), StageError> {
+        write_json(&dir.join(PROVENANCE_FILE), self)
+    }
+}
 
 /// A line of `queries.jsonl`: a synthetic query and the passage it should retrieve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -225,8 +225,9 @@ impl Stage for Judge {
         Self::KIND
     }
 
+    /// 3: carries `provenance.json` on, with its own filters' drops.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -340,6 +341,17 @@ impl Stage for Judge {
         }
         io::write_jsonl(&ctx.out_dir.join(QUERIES_FILE), &kept)?;
         io::write_jsonl(&ctx.out_dir.join("dropped.jsonl"), &dropped)?;
+        let mut provenance =
+            io::Provenance::read(ctx.input(Artifact::Queries)?).unwrap_or_default();
+        provenance
+            .filters
+            .extend(summary.dropped.iter().map(|(filter, d)| io::FilterDrop {
+                stage: Self::KIND.to_owned(),
+                filter: filter.clone(),
+                dropped: d.count,
+                of: summary.queries,
+            }));
+        provenance.write(&ctx.out_dir)?;
         io::write_json(&ctx.out_dir.join("summary.json"), &summary)?;
         ctx.table(&summary.table());
         if kept.is_empty() {

@@ -177,8 +177,9 @@ impl Stage for Mine {
         Self::KIND
     }
 
+    /// 2: carries `provenance.json` on to evaluate.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -288,6 +289,9 @@ impl Stage for Mine {
             })
             .collect();
         io::write_jsonl(&ctx.out_dir.join(TRAIN_FILE), &examples)?;
+        if let Some(provenance) = io::Provenance::read(ctx.input(Artifact::Queries)?) {
+            provenance.write(&ctx.out_dir)?;
+        }
         io::write_jsonl(&ctx.out_dir.join(HELDOUT_FILE), &held)?;
         io::write_json(&ctx.out_dir.join("stats.json"), &stats)?;
         ctx.table(&stats.table());

@@ -324,8 +324,9 @@ impl Stage for QueryGen {
         Self::KIND
     }
 
+    /// 4: writes `provenance.json` (queries by strategy, drops by filter).
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn inputs(&self) -> Vec<Input> {
@@ -424,6 +425,21 @@ impl Stage for QueryGen {
         }
         io::write_jsonl(&ctx.out_dir.join(QUERIES_FILE), &records)?;
         stats.queries = records.len();
+        let written = stats.queries + stats.dropped.values().sum::<usize>();
+        io::Provenance {
+            by_strategy: stats.by_strategy.clone(),
+            filters: stats
+                .dropped
+                .iter()
+                .map(|(filter, &dropped)| io::FilterDrop {
+                    stage: Self::KIND.to_owned(),
+                    filter: filter.clone(),
+                    dropped,
+                    of: written,
+                })
+                .collect(),
+        }
+        .write(&ctx.out_dir)?;
         if stats.chunks_used >= KEPT_MIN_INPUTS {
             Speeds::open(&ctx.env.hub.cache_dir).record_kept(
                 &self.kept_label(),

@@ -20,6 +20,7 @@ dl.header { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1r
 dl.header dt { font-weight: 600; } dl.header dd { margin: 0; }
 p.verdict { font-size: 1.1rem; padding: .6rem 1rem; border-left: 4px solid #0072b2; background: #eef5fb; }
 p.verdict.worse { border-color: #d55e00; background: #fcefe6; }
+div.warnings { border-left: 4px solid #e69f00; background: #fdf5e6; padding: .3rem 1rem; }
 @media (max-width: 40rem) { body { font-size: 14px; margin: 1rem auto; } th, td { padding: .2rem .35rem; } }
 th:first-child, td:first-child, td.kind { text-align: left; }
 td .ci { color: #777; font-size: .85em; }
@@ -43,8 +44,13 @@ pub fn html(report: &Report) -> String {
          <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
     );
     let header = Header::of(report);
+    let date = header
+        .date
+        .as_deref()
+        .map(|d| format!("<dt>Date</dt><dd>{}</dd>\n", escape(d)))
+        .unwrap_or_default();
     out.push_str(&format!(
-        "<dl class=\"header\">\n<dt>Model</dt><dd>{title}</dd>\n<dt>Base model</dt><dd>{}</dd>\n<dt>Data</dt><dd>{}</dd>\n</dl>\n",
+        "<dl class=\"header\">\n<dt>Model</dt><dd>{title}</dd>\n<dt>Base model</dt><dd>{}</dd>\n<dt>Data</dt><dd>{}</dd>\n{date}</dl>\n",
         escape(header.base.as_deref().unwrap_or("–")),
         header
             .data
@@ -63,6 +69,13 @@ pub fn html(report: &Report) -> String {
         "<p class=\"verdict{worse}\"><strong>{}</strong></p>\n",
         escape(&verdict)
     ));
+    if !report.warnings.is_empty() {
+        out.push_str("<div class=\"warnings\"><strong>Trust this result less:</strong>\n<ul>\n");
+        for warning in &report.warnings {
+            out.push_str(&format!("<li>{}</li>\n", escape(warning)));
+        }
+        out.push_str("</ul></div>\n");
+    }
     if report.regression {
         out.push_str(
             "<div class=\"regression\"><strong>REGRESSION:</strong> the fine-tuned model is worse \

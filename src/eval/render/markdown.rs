@@ -21,7 +21,17 @@ pub fn markdown(report: &Report) -> String {
     for line in &header.data {
         out.push_str(&format!("- **Data**: {}\n", inline(line)));
     }
+    if let Some(date) = &header.date {
+        out.push_str(&format!("- **Date**: {}\n", inline(date)));
+    }
     out.push_str(&format!("\n**{}**\n\n", inline(&verdict_line(report))));
+    if !report.warnings.is_empty() {
+        out.push_str("Trust this result less:\n\n");
+        for warning in &report.warnings {
+            out.push_str(&format!("- {}\n", inline(warning)));
+        }
+        out.push('\n');
+    }
     if report.regression {
         out.push_str(
             "> **REGRESSION**: the fine-tuned model is worse than the base model beyond noise:\n",

@@ -65,6 +65,7 @@ fn regression_lines(report: &Report) -> impl Iterator<Item = &str> {
 struct Header {
     base: Option<String>,
     data: Vec<String>,
+    date: Option<String>,
 }
 
 impl Header {
@@ -88,7 +89,11 @@ impl Header {
                 )
             })
             .collect();
-        Self { base, data }
+        Self {
+            base,
+            data,
+            date: report.date.clone(),
+        }
     }
 }
 
