@@ -7,6 +7,7 @@ mod cli;
 mod diagnostics;
 mod getting_started;
 mod guide;
+mod layering;
 mod llm;
 mod ollama;
 mod pipeline;

@@ -712,11 +712,20 @@ impl Report {
                         )
                     })
                     .unwrap_or_default();
+                let (what, remedy) = if dataset.role == DatasetRole::HeldOut {
+                    (
+                        "the held-out split".to_owned(),
+                        "labelled questions of your own (`evaluate.datasets`) decide best",
+                    )
+                } else {
+                    (
+                        format!("`{}`", dataset.name),
+                        "more labelled questions narrow the interval",
+                    )
+                };
                 warnings.push(format!(
-                    "{} has only {queries} queries{width}: too few to tell a gain of a few \
-                     points from noise; labelled questions of your own (`evaluate.datasets`) \
-                     decide best",
-                    dataset.name
+                    "{what} has only {queries} queries{width}: too few to tell a gain of a few \
+                     points from noise; {remedy}"
                 ));
             }
             let ndcg = |kind: SystemKind| {
@@ -913,7 +922,7 @@ mod tests {
         let warnings = report.warnings.join("\n");
         for expected in [
             "Only 96 training examples (6 steps)",
-            "Mine has only 30 queries",
+            "`mine` has only 30 queries",
             "keyword search (BM25) scores 0.900",
             "Judge's `round_trip` dropped 120 of 215 queries (56%)",
         ] {

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 pub use cache::{CallStats, ResponseCache, complete_all};
 pub use error::LlmError;
-pub use settings::{BackendKind, LlmSettings};
+pub use settings::{BackendKind, LlmSettings, SettingProblem};
 
 /// One chat completion: a system message, a user message, and how to sample the answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,12 +48,4 @@ pub trait LlmBackend: Send + Sync {
     fn concurrency(&self) -> usize;
     /// The answer's text.
     fn complete(&self, request: &Request) -> Result<String, LlmError>;
-}
-
-/// An LLM failure as a stage reports it: an interruption stays one, anything else keeps its causes.
-pub fn stage_error(error: LlmError) -> crate::stages::StageError {
-    match error {
-        LlmError::Cancelled => crate::stages::StageError::Cancelled,
-        other => crate::stages::StageError::Failed(crate::stages::error::error_chain(&other)),
-    }
 }

@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{HttpBackend, HttpOptions};
 use super::local::LocalBackend;
 use super::pool::EndpointPool;
-use super::{LlmBackend, Request};
-use crate::model::hub::WantedFile;
-use crate::stages::{External, Invalid, StageEnv, StageError};
+use super::{LlmBackend, LlmError, Request};
 
 /// The embedded default: SmolLM2-135M-Instruct (Apache-2.0), 4-bit, from its PyPI wheel.
 pub const DEFAULT_LOCAL_MODEL: &str =
@@ -157,68 +155,69 @@ impl LlmSettings {
         settings
     }
 
-    /// Bad values, with paths under `at` (the block's place in its section).
-    pub fn check(&self, at: &[&str]) -> Vec<Invalid> {
-        fn under<'a>(at: &[&'a str], key: &'a str) -> Vec<&'a str> {
-            let mut path = at.to_vec();
-            path.push(key);
-            path
-        }
-        let path = |key: &'static str| under(at, key);
-        let mut invalid = Vec::new();
+    /// Bad values, each with its path inside the block (`["endpoints", "0"]`).
+    pub fn check(&self) -> Vec<SettingProblem> {
+        let mut problems = Vec::new();
+        let mut problem = |path: &[&str], message: String, help: Option<&str>| {
+            problems.push(SettingProblem {
+                path: path.iter().map(|p| (*p).to_owned()).collect(),
+                message,
+                help: help.map(str::to_owned),
+            });
+        };
         if self.backend == BackendKind::Openai && self.model.is_none() {
-            invalid.push(
-                Invalid::new(&path("model"), "is required for the `openai` backend").with_help(
-                    "name the model the server serves, e.g. `model: qwen2.5-7b-instruct`",
-                ),
+            problem(
+                &["model"],
+                "is required for the `openai` backend".to_owned(),
+                Some("name the model the server serves, e.g. `model: qwen2.5-7b-instruct`"),
             );
         }
         if self.backend == BackendKind::Local && (self.url.is_some() || !self.endpoints.is_empty())
         {
-            invalid.push(
-                Invalid::new(&path("url"), "is not used by the `local` backend")
-                    .with_help("set `backend: ollama` or `backend: openai` to call a server"),
+            problem(
+                &["url"],
+                "is not used by the `local` backend".to_owned(),
+                Some("set `backend: ollama` or `backend: openai` to call a server"),
             );
         }
         if self.url.is_some() && !self.endpoints.is_empty() {
-            invalid.push(Invalid::new(
-                &path("endpoints"),
-                "is given together with `url`; list every server under `endpoints`",
-            ));
+            problem(
+                &["endpoints"],
+                "is given together with `url`; list every server under `endpoints`".to_owned(),
+                None,
+            );
         }
         for (i, url) in self.endpoints().iter().enumerate() {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 let index = i.to_string();
-                let key = if self.endpoints.is_empty() {
-                    path("url")
+                let key: &[&str] = if self.endpoints.is_empty() {
+                    &["url"]
                 } else {
-                    under(&under(at, "endpoints"), &index)
+                    &["endpoints", &index]
                 };
-                invalid.push(Invalid::new(&key, format!("`{url}` is not an http(s) URL")));
+                problem(key, format!("`{url}` is not an http(s) URL"), None);
             }
         }
         if !(1..=256).contains(&self.concurrency()) {
-            invalid.push(Invalid::new(
-                &path("concurrency"),
-                "must be between 1 and 256",
-            ));
+            problem(
+                &["concurrency"],
+                "must be between 1 and 256".to_owned(),
+                None,
+            );
         }
         if !(0.0..=2.0).contains(&self.temperature) {
-            invalid.push(Invalid::new(
-                &path("temperature"),
-                "must be between 0 and 2",
-            ));
+            problem(&["temperature"], "must be between 0 and 2".to_owned(), None);
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            invalid.push(Invalid::new(&path("top_p"), "must be in (0, 1]"));
+            problem(&["top_p"], "must be in (0, 1]".to_owned(), None);
         }
         if self.timeout_s == 0 {
-            invalid.push(Invalid::new(&path("timeout_s"), "must be at least 1"));
+            problem(&["timeout_s"], "must be at least 1".to_owned(), None);
         }
         if self.max_tokens < 16 {
-            invalid.push(Invalid::new(&path("max_tokens"), "must be at least 16"));
+            problem(&["max_tokens"], "must be at least 16".to_owned(), None);
         }
-        invalid
+        problems
     }
 
     /// A request for `prompt` sampled as these settings say.
@@ -240,17 +239,17 @@ impl LlmSettings {
         }
     }
 
-    fn local_reference(&self) -> &str {
+    /// The GGUF a `local` block names, as written (a path, `pypi:` or hub reference).
+    pub fn local_reference(&self) -> &str {
         self.model().unwrap_or(DEFAULT_LOCAL_MODEL)
     }
 
-    fn http_options(&self) -> Result<HttpOptions, StageError> {
+    fn http_options(&self) -> Result<HttpOptions, LlmError> {
         let api_key = match &self.api_key_env {
             None => None,
-            Some(var) => Some(
-                std::env::var(var)
-                    .map_err(|_| super::stage_error(super::LlmError::MissingApiKey(var.clone())))?,
-            ),
+            Some(var) => {
+                Some(std::env::var(var).map_err(|_| LlmError::MissingApiKey(var.clone()))?)
+            }
         };
         Ok(HttpOptions {
             model: self.model().unwrap_or_default().to_owned(),
@@ -261,47 +260,18 @@ impl LlmSettings {
         })
     }
 
-    /// What the stage's cache key must see of the model: the GGUF file's bytes, or the served
-    /// model's digest.
-    pub fn external(&self, env: &StageEnv) -> Result<External, StageError> {
-        match self.backend {
-            BackendKind::Local => {
-                let reference = self.local_reference();
-                let path = env.resolve_model(reference, NO_FILES)?;
-                Ok(External::Model {
-                    label: "llm".to_owned(),
-                    reference: reference.to_owned(),
-                    path,
-                })
-            }
-            BackendKind::Ollama | BackendKind::Openai => Ok(External::Identity {
-                label: format!("llm ({})", self.backend.name()),
-                value: self.connect_http()?.identity(),
-            }),
-        }
-    }
-
-    /// Opens the backend: loads the local model, or checks every server has the model. A local
-    /// model stops writing as soon as `cancel` is set.
-    pub fn connect(
+    /// Loads the local model from `gguf` (the resolved [`Self::local_reference`]), decoding
+    /// `concurrency` sequences together; it stops writing as soon as `cancel` is set.
+    pub fn open_local(
         &self,
-        env: &StageEnv,
+        gguf: &std::path::Path,
         cancel: &Arc<AtomicBool>,
-    ) -> Result<Box<dyn LlmBackend>, StageError> {
-        match self.backend {
-            BackendKind::Local => {
-                let path = env.resolve_model(self.local_reference(), NO_FILES)?;
-                let backend = LocalBackend::load(&path, self.concurrency())
-                    .map_err(super::stage_error)?
-                    .with_cancel(cancel.clone());
-                Ok(Box::new(backend))
-            }
-            BackendKind::Ollama | BackendKind::Openai => Ok(Box::new(self.connect_http()?)),
-        }
+    ) -> Result<LocalBackend, LlmError> {
+        Ok(LocalBackend::load(gguf, self.concurrency())?.with_cancel(cancel.clone()))
     }
 
     /// The servers of an `ollama` or `openai` block as one pool.
-    pub fn connect_http(&self) -> Result<EndpointPool, StageError> {
+    pub fn connect_http(&self) -> Result<EndpointPool, LlmError> {
         let options = self.http_options()?;
         let members = self
             .endpoints()
@@ -310,14 +280,18 @@ impl LlmSettings {
                 HttpBackend::connect(self.backend, url, &options)
                     .map(|b| (Box::new(b) as Box<dyn LlmBackend>, self.concurrency()))
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(super::stage_error)?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(EndpointPool::new(members))
     }
 }
 
-/// A GGUF reference names one file; nothing else is fetched with it.
-const NO_FILES: &[WantedFile] = &[];
+/// A bad value in an `llm:` block; `path` is inside the block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingProblem {
+    pub path: Vec<String>,
+    pub message: String,
+    pub help: Option<String>,
+}
 
 #[cfg(test)]
 mod tests {

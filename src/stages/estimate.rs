@@ -193,7 +193,7 @@ pub fn llm_calls(
     calls: u64,
 ) -> Result<Estimate, StageError> {
     let gguf = match settings.backend {
-        BackendKind::Local => match settings.external(input.env)? {
+        BackendKind::Local => match super::llm_calls::external(settings, input.env)? {
             super::External::Model { path, .. } => Some(path),
             _ => None,
         },

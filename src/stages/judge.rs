@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput, KEPT_MIN_INPUTS, PROCESS_BYTES, Speeds};
 use super::io::{self, CHUNKS_FILE, QUERIES_FILE, QueryRecord};
+use super::llm_calls;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -198,7 +199,7 @@ impl StageDef for Judge {
             invalid.push(Invalid::new(&["batch_size"], "must be at least 1"));
         }
         if let Some(judge) = &params.llm_judge {
-            invalid.extend(judge.llm.check(&["llm_judge", "llm"]));
+            invalid.extend(llm_calls::check(&judge.llm, &["llm_judge", "llm"]));
             for placeholder in ["{passage}", "{query}"] {
                 if !judge.prompt.contains(placeholder) {
                     invalid.push(Invalid::new(
@@ -282,7 +283,7 @@ impl Stage for Judge {
             });
         }
         if let Some(judge) = &self.params.llm_judge {
-            externals.push(judge.llm.external(env)?);
+            externals.push(llm_calls::external(&judge.llm, env)?);
         }
         Ok(externals)
     }
@@ -432,8 +433,8 @@ impl Judge {
         if requests.is_empty() {
             return Ok(llm::CallStats::default());
         }
-        let backend = judge.llm.connect(&ctx.env, &ctx.cancel)?;
-        let (answers, calls) = super::query_gen::complete_with_progress(
+        let backend = llm_calls::connect(&judge.llm, &ctx.env, &ctx.cancel)?;
+        let (answers, calls) = llm_calls::complete_with_progress(
             ctx,
             "judging queries (llm)",
             backend.as_ref(),

@@ -13,6 +13,7 @@ pub mod estimate;
 pub mod evaluate;
 pub mod io;
 pub mod judge;
+pub mod llm_calls;
 pub mod mine;
 pub mod query_gen;
 pub mod register;

@@ -23,7 +23,6 @@
 //! Output: `queries.jsonl` ([`QueryRecord`]) and `stats.json`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -32,36 +31,13 @@ use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput, KEPT_MIN_INPUTS, Sizes, Speeds};
 use super::io::{self, CHUNKS_FILE, QUERIES_FILE, QueryRecord};
+use super::llm_calls;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
 };
 use crate::corpus::{Chunk, sentence_ends};
-use crate::llm::{self, LlmSettings, ResponseCache};
-
-/// Where LLM answers are cached, under the workdir's shared folder (it outlives stage keys).
-pub(crate) const RESPONSES_FILE: &str = "llm/responses.jsonl";
-
-/// Answers `requests` through the workdir's response cache (journaled as answers arrive), with a
-/// progress bar labelled `label` that shows calls per second.
-pub(super) fn complete_with_progress(
-    ctx: &StageContext,
-    label: &str,
-    backend: &dyn llm::LlmBackend,
-    requests: &[llm::Request],
-) -> Result<(Vec<String>, llm::CallStats), StageError> {
-    let cache =
-        ResponseCache::open(&ctx.shared_dir.join(RESPONSES_FILE)).map_err(llm::stage_error)?;
-    let bar = ctx.progress(label, Some(requests.len() as u64));
-    let cancel: &AtomicBool = &ctx.cancel;
-    llm::complete_all(backend, &cache, requests, cancel, &|calls| {
-        bar.set_with_message(
-            (calls.cached + calls.calls) as u64,
-            &format!("{:.2} calls/s", calls.calls_per_second()),
-        );
-    })
-    .map_err(llm::stage_error)
-}
+use crate::llm::{self, LlmSettings};
 
 /// Fresh LLM calls that make a speed worth keeping for estimates: a batch's worth.
 const MEASURED_CALLS: usize = 32;
@@ -263,7 +239,7 @@ impl StageDef for QueryGen {
             ));
         }
         if params.strategies.contains(&Strategy::Llm) {
-            invalid.extend(params.llm.check(&["llm"]));
+            invalid.extend(llm_calls::check(&params.llm, &["llm"]));
             if !params.prompt.contains("{passage}") {
                 invalid.push(
                     Invalid::new(&["prompt"], "does not contain `{passage}`")
@@ -346,7 +322,7 @@ impl Stage for QueryGen {
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
         if self.params.strategies.contains(&Strategy::Llm) {
-            Ok(vec![self.params.llm.external(env)?])
+            Ok(vec![llm_calls::external(&self.params.llm, env)?])
         } else {
             Ok(Vec::new())
         }
@@ -682,7 +658,7 @@ impl QueryGen {
         stats: &mut QueryGenStats,
     ) -> Result<Vec<Vec<(String, String)>>, StageError> {
         let settings = &self.params.llm;
-        let backend = settings.connect(&ctx.env, &ctx.cancel)?;
+        let backend = llm_calls::connect(settings, &ctx.env, &ctx.cancel)?;
         let requests = llm_requests(&self.params, chunks, self.seed);
         ctx.info(format!(
             "asking {} ({}) for queries on {} chunks, {} at a time",
@@ -691,8 +667,12 @@ impl QueryGen {
             requests.len(),
             backend.concurrency()
         ));
-        let (answers, calls) =
-            complete_with_progress(ctx, "writing queries (llm)", backend.as_ref(), &requests)?;
+        let (answers, calls) = llm_calls::complete_with_progress(
+            ctx,
+            "writing queries (llm)",
+            backend.as_ref(),
+            &requests,
+        )?;
         // Enough fresh calls to say how fast this LLM answers here, for later estimates.
         if calls.calls >= MEASURED_CALLS {
             Speeds::open(&ctx.env.hub.cache_dir)
