@@ -33,26 +33,7 @@ pub(super) fn execute(args: &PlanArgs, printer: &Printer) -> Result<(), Failure>
         printer.reporter()
     };
     let prepared = exec::prepare(&recipe, &options, reporter)?;
-    // As in `run`: a stage name that is not in the recipe is a mistake, not a no-op.
-    if let Some(name) = args.force.iter().find(|name| {
-        !prepared
-            .plan
-            .stages
-            .iter()
-            .any(|s| s.spec.kind == name.as_str() || s.spec.section == name.as_str())
-    }) {
-        return Err(exec::ExecError::UnknownStage {
-            name: name.clone(),
-            valid: prepared
-                .plan
-                .stages
-                .iter()
-                .map(|s| format!("`{}`", s.spec.kind))
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into());
-    }
+    exec::check_stage_names(&prepared.plan, &args.force)?;
     let estimate = exec::estimate(&recipe, &prepared);
     if printer.json {
         printer.json_line(&exec::plan_event(&recipe, &prepared.plan));

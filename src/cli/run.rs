@@ -60,13 +60,11 @@ pub(super) fn execute(args: &RunArgs, printer: &Printer) -> Result<(), Failure> 
     });
     let reporter = printer.reporter();
     let result = exec::run(&recipe, &options, reporter, runtime.handle(), cancel);
-    if args.dry_run
-        && let Ok(report) = &result
-        && report.ran.is_empty()
+    if let Ok(report) = &result
+        && let Some(plan) = &report.dry_plan
         && !printer.json
     {
-        let prepared = exec::prepare(&recipe, &options.plan, Arc::new(exec::NoReporter))?;
-        printer.result(&super::plan::render(&recipe, &prepared.plan, None, printer));
+        printer.result(&super::plan::render(&recipe, plan, None, printer));
     }
     // Stages may have left blocking work (HTTP clients) on the runtime; do not wait for it.
     runtime.shutdown_background();

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{Failure, RecipeArgs};
 use crate::exec;
 use crate::output::{Printer, table};
-use crate::plan::{DirtyReason, PlanOptions, Status, dirty};
+use crate::plan::{DirtyReason, PlanOptions, SinceLock, Status, since_lock};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -38,24 +38,22 @@ pub(super) fn execute(args: &StatusArgs, printer: &Printer) -> Result<(), Failur
         .stages
         .iter()
         .map(|stage| {
-            let locked = prepared.lock.stages.get(stage.spec.kind);
-            let (lock, changes) = match locked {
+            let since = since_lock(
+                &prepared.store,
+                &prepared.lock,
+                stage.spec.kind,
+                stage.spec.section,
+                &stage.record,
+                &stage.key,
+            );
+            let (lock, changes) = match since {
                 _ if stage.unresolved.is_some() => match &stage.status {
                     Status::Run(reasons) => ("unknown", reasons.clone()),
                     Status::Cached(_) => ("unknown", Vec::new()),
                 },
-                None => ("not-locked", Vec::new()),
-                Some(entry) if entry.key == stage.key => ("in-sync", Vec::new()),
-                Some(entry) => {
-                    let previous = prepared
-                        .store
-                        .load_record(&entry.key)
-                        .unwrap_or_else(|| entry.record.clone());
-                    (
-                        "changed",
-                        dirty::explain(&previous, &stage.record, stage.spec.section),
-                    )
-                }
+                SinceLock::NotLocked => ("not-locked", Vec::new()),
+                SinceLock::InSync => ("in-sync", Vec::new()),
+                SinceLock::Changed(reasons) => ("changed", reasons),
             };
             let store = match &stage.status {
                 _ if stage.unresolved.is_some() => "unknown",

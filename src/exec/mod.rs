@@ -46,12 +46,14 @@ pub struct RunOptions {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct RunReport {
     pub ran: Vec<String>,
     pub cached: Vec<String>,
     pub seconds: f64,
     pub log: Option<PathBuf>,
+    /// A dry run's plan, for rendering: what would run and why.
+    pub dry_plan: Option<Plan>,
 }
 
 /// Why a run failed.
@@ -215,6 +217,7 @@ pub fn run(
         ..RunReport::default()
     };
     if options.dry_run {
+        report.dry_plan = Some(prepared.plan);
         return Ok(report);
     }
     register_lock(&prepared.store, &recipe.lock_path())?;
@@ -407,42 +410,36 @@ pub fn run(
 
 /// The stages `--only`/`--until` select (all by default), as plan indexes.
 fn select(plan: &Plan, options: &RunOptions) -> Result<Vec<usize>, ExecError> {
-    let find = |name: &str| {
-        plan.stages
-            .iter()
-            .position(|s| s.spec.kind == name || s.spec.section == name)
-            .ok_or_else(|| ExecError::UnknownStage {
-                name: name.to_owned(),
-                valid: plan
-                    .stages
-                    .iter()
-                    .map(|s| format!("`{}`", s.spec.kind))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-    };
-    for name in &options.plan.force {
-        find(name)?;
-    }
+    check_stage_names(plan, &options.plan.force)?;
+    let find = |name: &str| plan.find(name).ok_or_else(|| unknown_stage(plan, name));
     if let Some(only) = &options.only {
         return Ok(vec![find(only)?]);
     }
     if let Some(until) = &options.until {
-        let target = find(until)?;
-        let mut chosen = vec![target];
-        let mut next = 0;
-        while next < chosen.len() {
-            for &producer in plan.stages[chosen[next]].inputs.values() {
-                if !chosen.contains(&producer) {
-                    chosen.push(producer);
-                }
-            }
-            next += 1;
-        }
-        chosen.sort_unstable();
-        return Ok(chosen);
+        return Ok(plan.ancestors(find(until)?));
     }
     Ok((0..plan.stages.len()).collect())
+}
+
+/// A name the recipe has no stage for is a mistake, not a no-op (`run` and `plan` alike).
+pub fn check_stage_names(plan: &Plan, names: &[String]) -> Result<(), ExecError> {
+    match names.iter().find(|name| plan.find(name).is_none()) {
+        Some(name) => Err(unknown_stage(plan, name)),
+        None => Ok(()),
+    }
+}
+
+/// The error for `name`, listing the stages the recipe has.
+fn unknown_stage(plan: &Plan, name: &str) -> ExecError {
+    ExecError::UnknownStage {
+        name: name.to_owned(),
+        valid: plan
+            .stages
+            .iter()
+            .map(|s| format!("`{}`", s.spec.kind))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 fn locked(

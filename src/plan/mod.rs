@@ -53,7 +53,7 @@ impl Dag {
                         let position = recipe
                             .stages
                             .iter()
-                            .position(|s| s.spec.section == name || s.spec.kind == name);
+                            .position(|s| s.spec.is_named(name));
                         if position.is_none() {
                             problems.push(recipe.problem(
                                 ProblemKind::MissingInput,
@@ -217,29 +217,6 @@ impl Dag {
             })
             .collect();
         Ok(Self { nodes })
-    }
-
-    /// Index of the stage named by kind (`query-gen`) or section (`query_gen`).
-    pub fn find(&self, name: &str) -> Option<usize> {
-        self.nodes
-            .iter()
-            .position(|n| n.spec.kind == name || n.spec.section == name)
-    }
-
-    /// `index` and every stage it transitively reads from.
-    pub fn ancestors(&self, index: usize) -> Vec<usize> {
-        let mut found = vec![index];
-        let mut next = 0;
-        while next < found.len() {
-            for &producer in self.nodes[found[next]].inputs.values() {
-                if !found.contains(&producer) {
-                    found.push(producer);
-                }
-            }
-            next += 1;
-        }
-        found.sort_unstable();
-        found
     }
 }
 
@@ -506,8 +483,39 @@ fn upstream_check(
     }
 }
 
-/// Reasons for a stage whose artifact is not in the store: compared with what the lock (and, for
-/// per-file detail, the workdir's record of the locked key) says ran last.
+/// How a stage's key compares with the one the lock recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinceLock {
+    /// The lock has no entry for the stage.
+    NotLocked,
+    InSync,
+    /// What changed since the locked run (empty when the records show no difference).
+    Changed(Vec<DirtyReason>),
+}
+
+/// Compares a stage's key record with what the lock (and, for per-file detail, the workdir's
+/// record of the locked key) says ran last: `plan`, `run` and `status` give the same reasons.
+pub fn since_lock(
+    store: &Store,
+    lock: &LockFile,
+    kind: &str,
+    section: &str,
+    record: &KeyRecord,
+    key: &str,
+) -> SinceLock {
+    let Some(locked) = lock.stages.get(kind) else {
+        return SinceLock::NotLocked;
+    };
+    if locked.key == key {
+        return SinceLock::InSync;
+    }
+    let previous = store
+        .load_record(&locked.key)
+        .unwrap_or_else(|| locked.record.clone());
+    SinceLock::Changed(dirty::explain(&previous, record, section))
+}
+
+/// Reasons for a stage whose artifact is not in the store, from [`since_lock`].
 fn why_missing(
     store: &Store,
     lock: &LockFile,
@@ -516,20 +524,10 @@ fn why_missing(
     record: &KeyRecord,
     key: &str,
 ) -> Vec<DirtyReason> {
-    let Some(locked) = lock.stages.get(kind) else {
-        return vec![DirtyReason::NeverRun];
-    };
-    if locked.key == key {
-        return vec![DirtyReason::NotInStore];
-    }
-    let previous = store
-        .load_record(&locked.key)
-        .unwrap_or_else(|| locked.record.clone());
-    let reasons = dirty::explain(&previous, record, section);
-    if reasons.is_empty() {
-        vec![DirtyReason::NeverRun]
-    } else {
-        reasons
+    match since_lock(store, lock, kind, section, record, key) {
+        SinceLock::InSync => vec![DirtyReason::NotInStore],
+        SinceLock::Changed(reasons) if !reasons.is_empty() => reasons,
+        SinceLock::NotLocked | SinceLock::Changed(_) => vec![DirtyReason::NeverRun],
     }
 }
 
@@ -611,6 +609,27 @@ pub struct PlanEntry {
 }
 
 impl Plan {
+    /// Index of the stage `name` names ([`StageSpec::is_named`]).
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.spec.is_named(name))
+    }
+
+    /// `index` and every stage it transitively reads from, in plan order.
+    pub fn ancestors(&self, index: usize) -> Vec<usize> {
+        let mut found = vec![index];
+        let mut next = 0;
+        while next < found.len() {
+            for &producer in self.stages[found[next]].inputs.values() {
+                if !found.contains(&producer) {
+                    found.push(producer);
+                }
+            }
+            next += 1;
+        }
+        found.sort_unstable();
+        found
+    }
+
     pub fn entries(&self) -> Vec<PlanEntry> {
         self.stages
             .iter()

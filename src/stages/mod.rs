@@ -205,6 +205,14 @@ pub struct StageSpec {
     pub build: BuildFn,
 }
 
+impl StageSpec {
+    /// Whether `name` names this stage: its kind (`query-gen`) or its section (`query_gen`), as
+    /// users may write either in `--only`, `--until`, `--force` and `from:`.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.kind == name || self.section == name
+    }
+}
+
 impl std::fmt::Debug for StageSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StageSpec")
@@ -276,7 +284,5 @@ pub fn by_section(section: &str) -> Option<&'static StageSpec> {
 
 /// The registry entry for a stage kind (`query-gen`) or its section name (`query_gen`).
 pub fn by_kind(name: &str) -> Option<&'static StageSpec> {
-    REGISTRY
-        .iter()
-        .find(|spec| spec.kind == name || spec.section == name)
+    REGISTRY.iter().find(|spec| spec.is_named(name))
 }
