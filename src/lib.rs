@@ -28,3 +28,18 @@ pub(crate) mod testutil;
 pub fn run(cli: cli::Cli) -> std::process::ExitCode {
     cli::execute(cli)
 }
+
+/// An error and its causes on one line (`failed to load: file missing: x.json`), for the run log,
+/// JSON events and messages that must stay one line; the terminal shows causes as miette does.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
+}

@@ -201,7 +201,7 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         },
     };
     let report = bench::run(&options, &mut |line| printer.status(line))
-        .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+        .map_err(|e| fail(crate::error_chain(&e)))?;
     let step_ratio = PYTORCH_SECONDS_PER_STEP / report.median_step.total;
     let encode_ratio = report.sentences_per_second / PYTORCH_SENTENCES_PER_SECOND;
     if printer.json {
@@ -398,7 +398,7 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
         .iter()
         .map(|&batch| llm_engine::local::LocalBackend::load(&gguf, batch.max(1)))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+        .map_err(|e| fail(crate::error_chain(&e)))?;
     // Any local backend tokenizes alike: the first counts prompt and answer tokens.
     let counter = locals
         .first()
@@ -414,7 +414,7 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
         .iter()
         .map(|r| counter.prompt_ids(r).map(|ids| ids.len()))
         .sum::<Result<usize, _>>()
-        .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+        .map_err(|e| fail(crate::error_chain(&e)))?;
     let ollama = match &args.ollama {
         Some(url) => {
             let settings = llm_engine::LlmSettings {
@@ -426,7 +426,7 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
             };
             let pool = settings
                 .connect_http()
-                .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+                .map_err(|e| fail(crate::error_chain(&e)))?;
             Some((format!("ollama {url}"), pool))
         }
         None => None,
@@ -443,12 +443,12 @@ fn llm_bench(args: &LlmArgs, printer: &Printer) -> Result<(), Failure> {
         for (i, (name, batch, backend)) in backends.iter().enumerate() {
             // A fresh cache per timing: every request is a real call.
             let cache = ResponseCache::open(&scratch.join(format!("{round}-{i}.jsonl")))
-                .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+                .map_err(|e| fail(crate::error_chain(&e)))?;
             let requests = requests_for(round + 1);
             let started = Instant::now();
             let (answers, _) =
                 llm_engine::complete_all(*backend, &cache, &requests, &cancel, &|_| {})
-                    .map_err(|e| fail(crate::exec::error_chain(&e)))?;
+                    .map_err(|e| fail(crate::error_chain(&e)))?;
             let seconds = started.elapsed().as_secs_f64();
             let answer_tokens = answers.iter().map(|a| counter.count_tokens(a)).sum();
             let timing = LlmTiming {

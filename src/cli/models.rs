@@ -102,10 +102,7 @@ fn registry_failure(error: RegistryError) -> Failure {
         | RegistryError::LinkOutside { .. } => 1,
         _ => 2,
     };
-    Failure::report(
-        miette::miette!("{}", crate::exec::error_chain(&error)),
-        code,
-    )
+    Failure::report(miette::miette!("{}", crate::error_chain(&error)), code)
 }
 
 pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failure> {
@@ -210,7 +207,7 @@ pub(super) fn execute(args: &ModelsArgs, printer: &Printer) -> Result<(), Failur
         } => {
             registry::show(&root, name).map_err(registry_failure)?;
             let failure = |e: &dyn std::error::Error| {
-                Failure::report(miette::miette!("{}", crate::exec::error_chain(e)), 2)
+                Failure::report(miette::miette!("{}", crate::error_chain(e)), 2)
             };
             let server = match ollama_url {
                 Some(url) => OllamaServer::new(url),
@@ -342,7 +339,7 @@ fn export(root: &Path, args: &ExportArgs, printer: &Printer) -> Result<(), Failu
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", args.gguf_type)));
     let exported = gguf::export_bert(&details.entry.path, &dest, args.gguf_type, name)
-        .map_err(|e| Failure::report(miette::miette!("{}", crate::exec::error_chain(&e)), 2))?;
+        .map_err(|e| Failure::report(miette::miette!("{}", crate::error_chain(&e)), 2))?;
     printer.status(&format!(
         "exported {name} to {} ({}, {:.1} MB, {} tensors, {} pooling)",
         exported.path.display(),
@@ -358,7 +355,7 @@ fn export(root: &Path, args: &ExportArgs, printer: &Printer) -> Result<(), Failu
         return Ok(());
     };
     let ollama_failure = |e: &dyn std::error::Error| {
-        Failure::report(miette::miette!("{}", crate::exec::error_chain(e)), 2)
+        Failure::report(miette::miette!("{}", crate::error_chain(e)), 2)
     };
     let server = match &args.ollama_url {
         Some(url) => OllamaServer::new(url),

@@ -31,10 +31,7 @@ pub struct UiArgs {
 
 pub(super) fn execute(args: &UiArgs, printer: &Printer) -> Result<(), Failure> {
     let registry_failure = |e: registry::RegistryError| {
-        Failure::report(
-            miette::miette!("{}", crate::stages::error::error_chain(&e)),
-            2,
-        )
+        Failure::report(miette::miette!("{}", crate::error_chain(&e)), 2)
     };
     let options = UiOptions {
         dir: args.dir.clone(),

@@ -23,6 +23,7 @@ use crate::cache::digest::DigestMemo;
 use crate::cache::error::CacheError;
 use crate::cache::lock::{LockFile, LockedStage};
 use crate::cache::store::{LockWait, Store, WorkdirLock};
+use crate::error_chain;
 use crate::model::hub::HubConfig;
 use crate::plan::estimate::PlanEstimate;
 use crate::plan::{Dag, Plan, PlanError, PlanOptions, Status};
@@ -466,8 +467,6 @@ fn provenance_text(recipe: &Recipe) -> String {
     }
     text
 }
-
-pub use crate::stages::error::error_chain;
 
 /// Remembers which lock files use this workdir, so `gc` knows every key still referenced.
 fn register_lock(store: &Store, lock_path: &Path) -> Result<(), CacheError> {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Plan;
 use crate::cache::store::Store;
-use crate::stages::error::error_chain;
+use crate::error_chain;
 use crate::stages::estimate::{Basis, Estimate, EstimateInput, Sizes, Speeds};
 use crate::stages::io::{CHUNKS_FILE, QUERIES_FILE, TRAIN_FILE, count_lines};
 use crate::stages::{Artifact, StageEnv};

@@ -353,7 +353,7 @@ impl Plan {
                 None => node
                     .stage
                     .externals(&env)
-                    .map_err(|error| (crate::stages::error::error_chain(&error), Arc::new(error))),
+                    .map_err(|error| (crate::error_chain(&error), Arc::new(error))),
             };
             let externals = match resolved {
                 Ok(externals) => externals,

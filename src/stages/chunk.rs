@@ -313,7 +313,7 @@ impl Stage for Chunk {
 }
 
 fn corpus_error(error: CorpusError) -> StageError {
-    StageError::Failed(error.to_string())
+    StageError::engine(error)
 }
 
 /// Forwards corpus events to the stage context: skip warnings (the first few), progress bars.

@@ -19,6 +19,10 @@ pub enum StageError {
     },
     #[error("{0}")]
     Failed(String),
+    /// An engine's error (model, index, corpus, LLM, cache …), its causes kept for the terminal
+    /// and the run log.
+    #[error(transparent)]
+    Engine(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Hub(#[from] crate::model::error::HubError),
     #[error(transparent)]
@@ -27,16 +31,32 @@ pub enum StageError {
     Json(#[from] serde_json::Error),
 }
 
-/// An error and its causes on one line (`failed to load: file missing: x.json`).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message = format!("{message}: {text}");
-        }
-        source = cause.source();
+impl StageError {
+    /// An engine's error as a stage failure, causes kept.
+    pub fn engine(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Engine(Box::new(error))
     }
-    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading the model")]
+    struct Loading(#[source] std::io::Error);
+
+    /// The cause of an engine's error survives the stage boundary, for miette and the run log.
+    #[test]
+    fn an_engine_error_keeps_its_causes() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "config.json missing");
+        let error = StageError::engine(Loading(missing));
+        assert_eq!(error.to_string(), "loading the model");
+        let cause = std::error::Error::source(&error).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("config.json missing"));
+        assert_eq!(
+            crate::error_chain(&error),
+            "loading the model: config.json missing"
+        );
+    }
 }

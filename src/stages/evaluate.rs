@@ -673,7 +673,7 @@ fn recorded_dimensions(model_dir: &Path) -> Vec<usize> {
 }
 
 fn eval_error(error: eval::EvalError) -> StageError {
-    StageError::Failed(super::error::error_chain(&error))
+    StageError::engine(error)
 }
 
 /// One query set: documents `(id, text)`, queries `(id, text)` and the relevant ids per query.

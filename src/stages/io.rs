@@ -242,7 +242,7 @@ pub fn encode_cached(
 }
 
 fn cache_error(error: crate::cache::error::CacheError) -> StageError {
-    StageError::Failed(super::error::error_chain(&error))
+    StageError::engine(error)
 }
 
 /// Loads a sentence-embedding model folder on the recipe's accelerator.
@@ -259,10 +259,10 @@ pub fn load_cross_encoder_dir(env: &StageEnv, dir: &Path) -> Result<CrossEncoder
 
 /// A model error with its causes, as a stage failure.
 pub fn model_error(error: crate::model::error::ModelError) -> StageError {
-    StageError::Failed(super::error::error_chain(&error))
+    StageError::engine(error)
 }
 
 /// An index error with its causes, as a stage failure.
 pub fn index_error(error: crate::index::IndexError) -> StageError {
-    StageError::Failed(super::error::error_chain(&error))
+    StageError::engine(error)
 }

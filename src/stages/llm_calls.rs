@@ -20,7 +20,7 @@ const NO_FILES: &[WantedFile] = &[];
 pub fn stage_error(error: LlmError) -> StageError {
     match error {
         LlmError::Cancelled => StageError::Cancelled,
-        other => StageError::Failed(super::error::error_chain(&other)),
+        other => StageError::engine(other),
     }
 }
 

@@ -229,7 +229,7 @@ impl Stage for Register {
         let report = match ctx.input(Artifact::Evaluation) {
             Ok(dir) => Some(
                 Report::from_json(&fs_err::read_to_string(dir.join(REPORT_FILE))?)
-                    .map_err(|e| StageError::Failed(super::error::error_chain(&e)))?,
+                    .map_err(StageError::engine)?,
             ),
             Err(_) => None,
         };
@@ -438,7 +438,7 @@ impl Register {
         for gguf_type in self.gguf_types() {
             let path = staging.join(self.gguf_file_name(gguf_type));
             let exported = gguf::export_bert(model_dir, &path, gguf_type, &self.name)
-                .map_err(|e| StageError::Failed(super::error::error_chain(&e)))?;
+                .map_err(StageError::engine)?;
             ctx.info(format!(
                 "wrote the {gguf_type} GGUF ({:.1} MB, {} tensors, {} pooling)",
                 exported.bytes as f64 / 1e6,
@@ -458,16 +458,15 @@ impl Register {
         params: &OllamaParams,
         registered: &Path,
     ) -> Result<ServedCheck, StageError> {
-        let failed = |e: &dyn std::error::Error| StageError::Failed(super::error::error_chain(e));
         let server = match &params.url {
             Some(url) => OllamaServer::new(url),
             None => OllamaServer::from_env(),
         }
-        .map_err(|e| failed(&e))?;
+        .map_err(StageError::engine)?;
         let gguf = registered.join(self.gguf_file_name(params.gguf));
         let check = server
             .publish(&params.name, &gguf, registered)
-            .map_err(|e| failed(&e))?;
+            .map_err(StageError::engine)?;
         ctx.info(format!(
             "Ollama at {} serves `{}` ({}); cosine with our encoder, per probe text:",
             check.url, params.name, params.gguf
@@ -578,5 +577,5 @@ fn recipe_origin(recipe_path: &Path) -> String {
 const REPORT_HTML: &str = "report.html";
 
 fn registry_error(error: RegistryError) -> StageError {
-    StageError::Failed(super::error::error_chain(&error))
+    StageError::engine(error)
 }

@@ -781,8 +781,7 @@ struct RetrievalSet {
 impl RetrievalSet {
     /// The general check built into the tool.
     fn general() -> Result<Self, StageError> {
-        let data = eval::general::general_check()
-            .map_err(|e| StageError::Failed(super::error::error_chain(&e)))?;
+        let data = eval::general::general_check().map_err(StageError::engine)?;
         Ok(Self {
             documents: data
                 .documents
@@ -1033,7 +1032,7 @@ fn split_file(path: &Path) -> (PathBuf, PathBuf) {
 }
 
 pub(super) fn train_error(error: TrainError) -> StageError {
-    StageError::Failed(super::error::error_chain(&error))
+    StageError::engine(error)
 }
 
 #[cfg(test)]

@@ -233,7 +233,7 @@ pub(super) async fn review(
                 let options = crate::plan::PlanOptions::default();
                 exec::prepare(&recipe, &options, Arc::new(exec::NoReporter))
                     .map(|prepared| exec::estimate(&recipe, &prepared))
-                    .map_err(|e| exec::error_chain(&e))
+                    .map_err(|e| crate::error_chain(&e))
             })
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -288,7 +288,7 @@ fn registry_problem(error: &registry::RegistryError) -> ApiError {
         registry::RegistryError::InvalidName { .. } => StatusCode::BAD_REQUEST,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
-    ApiError::new(status, crate::stages::error::error_chain(error))
+    ApiError::new(status, crate::error_chain(error))
 }
 
 /// Where the SSE tail of a run stands.

@@ -287,7 +287,7 @@ impl From<UiError> for ApiError {
             UiError::NoRun { .. } => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self::new(status, crate::stages::error::error_chain(&error))
+        Self::new(status, crate::error_chain(&error))
     }
 }
 
