@@ -435,6 +435,18 @@ impl Register {
         staging: &Path,
     ) -> Result<Vec<PathBuf>, StageError> {
         let mut files = Vec::new();
+        if let Some(why) = gguf::not_exportable(model_dir).map_err(StageError::engine)? {
+            // Ollama serves GGUF files only: a block asking for it cannot be met.
+            if self.params.ollama.is_some() {
+                return Err(StageError::Failed(format!(
+                    "`register.ollama` needs a GGUF file, and this model cannot be one: {why}"
+                )));
+            }
+            ctx.warn(format!(
+                "no GGUF written ({why}); the sentence-transformers folder is registered, for ragd and sentence-transformers"
+            ));
+            return Ok(files);
+        }
         for gguf_type in self.gguf_types() {
             let path = staging.join(self.gguf_file_name(gguf_type));
             let exported = gguf::export_bert(model_dir, &path, gguf_type, &self.name)

@@ -226,6 +226,21 @@ fn gguf_error(path: &Path, message: impl Into<String>) -> ModelError {
     }
 }
 
+/// Why the model in `model_dir` cannot become a GGUF file, if it cannot: llama.cpp's `bert`
+/// architecture has no relative-position bias, so an MPNet model would embed differently there.
+pub fn not_exportable(model_dir: &Path) -> Result<Option<String>, ModelError> {
+    let modules = SentenceModules::read(model_dir)?;
+    let config: serde_json::Value =
+        crate::model::config_file::read_json(&modules.transformer_dir.join("config.json"))?;
+    Ok(match config["model_type"].as_str() {
+        Some("mpnet") => Some(
+            "an MPNet model: llama.cpp's `bert` architecture has no relative-position bias"
+                .to_owned(),
+        ),
+        _ => None,
+    })
+}
+
 /// Writes the sentence-transformers BERT folder `model_dir` as a GGUF file `out` of type
 /// `gguf_type`, named `name` inside. The file appears whole or not at all (written beside `out`,
 /// then renamed).
@@ -1075,6 +1090,15 @@ mod tests {
     use crate::model::encoder::SentenceEncoder;
     use crate::model::ollama::cosine;
     use crate::testutil::minilm_dir;
+
+    /// MiniLM (BERT) exports; MPNet, whose relative-position bias llama.cpp's `bert` lacks,
+    /// says why it cannot (register then skips the GGUF with that reason).
+    #[test]
+    fn only_bert_models_are_exportable() {
+        assert_eq!(not_exportable(&minilm_dir()).expect("reads"), None);
+        let why = not_exportable(&crate::testutil::mpnet_dir()).expect("reads");
+        assert!(why.is_some_and(|w| w.contains("MPNet")));
+    }
 
     fn converter_fixture() -> serde_json::Value {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

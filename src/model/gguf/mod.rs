@@ -10,5 +10,6 @@ mod bert;
 mod file;
 
 pub use bert::{
-    CONVERTER_COMMIT, ExportedGguf, GgufType, ImportedGguf, export_bert, import_bert, metadata_json,
+    CONVERTER_COMMIT, ExportedGguf, GgufType, ImportedGguf, export_bert, import_bert,
+    metadata_json, not_exportable,
 };
