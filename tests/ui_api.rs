@@ -228,3 +228,38 @@ fn ui_queue_survives_a_restart() {
     let page = server.get(&format!("/runs/{second}")).text().expect("page");
     assert!(page.contains("data-stage=\"chunk\""), "{page}");
 }
+
+/// Launching a second run under the name of one still queued or running would rewrite the
+/// recipe file that run reads: refused, while another name is fine.
+#[test]
+fn ui_refuses_to_relaunch_a_name_whose_run_is_not_finished() {
+    let project = Project::new();
+    project.write("docs/a.md", "# Tides\n\nThe tide comes in twice a day.\n");
+    // The wizard's recipes live in the dashboard's state; their workdir is beside them.
+    let workdir = project.path(".ragd-ui/recipes/.ragd-pipe");
+    std::fs::create_dir_all(&workdir).expect("workdir");
+    let held = WorkdirLock::acquire(&workdir, LockWait::Fail, &mut |_| {}).expect("the lock");
+    let server = UiServer::start(&project, &[]);
+    let text = format!(
+        "name: same\nchunk:\n  input: {}\n",
+        project.path("docs").display()
+    );
+    let launch = |name: &str| {
+        server.send(
+            Method::POST,
+            "/api/runs",
+            Some(&serde_json::json!({"text": text, "name": name})),
+        )
+    };
+    let (status, first) = launch("same");
+    assert_eq!(status, 200, "{first}");
+    let (status, refused) = launch("same");
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused.to_string().contains("another name"), "{refused}");
+    let (status, other) = launch("other");
+    assert_eq!(status, 200, "{other}");
+    drop(held);
+    let first = first["id"].as_i64().expect("id");
+    let done = server.wait_for_run(first, &["done", "failed"], Duration::from_secs(60));
+    assert_eq!(done["run"]["status"], "done", "{done}\n{}", server.stderr());
+}

@@ -133,6 +133,21 @@ pub(super) async fn queue_run(
                 .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
             let path = app.store.recipes_dir().join(format!("{name}.yaml"));
             Recipe::from_text(&path, text.clone(), &[]).map_err(|e| recipe_problem(&e))?;
+            // A queued or running run reads this file when it starts (or resumes): changing it
+            // under that run would run another recipe than the one launched.
+            if app
+                .store
+                .runs()?
+                .iter()
+                .any(|run| run.recipe == path && !run.status.is_finished())
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "a run named `{name}` is queued or running; give this one another name, or wait for it"
+                    ),
+                ));
+            }
             fs_err::write(&path, &text).map_err(super::UiError::from)?;
             (name, path)
         }
