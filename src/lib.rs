@@ -43,3 +43,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     message
 }
+
+/// A value with every key left out, so its fields take the defaults their serde attributes name:
+/// the `Default` of a recipe section is then exactly what a recipe that omits it gets. Panics
+/// only if a field has no default, which the first use of that `Default` in any test shows.
+pub fn serde_defaults<T: serde::de::DeserializeOwned>() -> T {
+    serde_json::from_value(serde_json::json!({})).unwrap_or_else(|e| {
+        panic!(
+            "every key of {} has a default: {e}",
+            std::any::type_name::<T>()
+        )
+    })
+}

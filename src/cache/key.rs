@@ -91,6 +91,27 @@ struct CacheKey<'a> {
 }
 
 impl KeyRecord {
+    /// The record of a stage of `kind` at `stage_version` with `params` (made canonical here),
+    /// its upstream keys by artifact name and its externals' digests by label, under this
+    /// key format and tool version.
+    pub fn new(
+        kind: &str,
+        stage_version: u32,
+        params: &serde_json::Value,
+        upstream: BTreeMap<String, String>,
+        externals: BTreeMap<String, ExternalDigest>,
+    ) -> Self {
+        Self {
+            format: KEY_FORMAT,
+            kind: kind.to_owned(),
+            stage_version,
+            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+            params: canonical(params),
+            upstream,
+            externals,
+        }
+    }
+
     /// The cache key, hex.
     pub fn key(&self) -> String {
         let key = CacheKey {

@@ -10,7 +10,7 @@ use crate::cache::lock::LockFile;
 use crate::cache::store::Store;
 use crate::output::Printer;
 use crate::recipe::Recipe;
-use crate::stages::evaluate::REPORT_FILE;
+use crate::stages::io::REPORT_FILE;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {

@@ -650,9 +650,6 @@ mod tests {
     }
 
     impl Stage for Nondeterministic {
-        fn kind(&self) -> &'static str {
-            "chunk"
-        }
         fn version(&self) -> u32 {
             1
         }
@@ -683,9 +680,6 @@ mod tests {
     }
 
     impl Stage for Reader {
-        fn kind(&self) -> &'static str {
-            "query-gen"
-        }
         fn version(&self) -> u32 {
             1
         }

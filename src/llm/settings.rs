@@ -106,8 +106,7 @@ fn default_max_tokens() -> u32 {
 
 impl Default for LlmSettings {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of LlmSettings has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -302,7 +301,7 @@ mod tests {
     fn concurrency_is_not_in_the_canonical_settings() {
         let with = |concurrency| LlmSettings {
             concurrency,
-            ..serde_json::from_value(serde_json::json!({})).expect("every key has a default")
+            ..LlmSettings::default()
         };
         let canonical = |s: LlmSettings| serde_json::to_value(s.canonical()).expect("serialises");
         assert_eq!(canonical(with(Some(4))), canonical(with(None)));

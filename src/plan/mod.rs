@@ -18,7 +18,7 @@ pub use dirty::DirtyReason;
 
 use crate::cache::digest::{DigestMemo, list_files};
 use crate::cache::error::CacheError;
-use crate::cache::key::{ExternalDigest, KEY_FORMAT, KeyRecord, canonical};
+use crate::cache::key::{ExternalDigest, KeyRecord};
 use crate::cache::lock::LockFile;
 use crate::cache::store::{Manifest, Store, Verification};
 use crate::recipe::{Problem, ProblemKind, Recipe, RecipeError};
@@ -362,15 +362,13 @@ impl Plan {
                         spec: node.spec,
                         stage: node.stage.clone(),
                         inputs: node.inputs,
-                        record: KeyRecord {
-                            format: KEY_FORMAT,
-                            kind: kind.to_owned(),
-                            stage_version: node.stage.version(),
-                            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
-                            params: canonical(&node.stage.params()),
-                            upstream: BTreeMap::new(),
-                            externals: BTreeMap::new(),
-                        },
+                        record: KeyRecord::new(
+                            kind,
+                            node.stage.version(),
+                            &node.stage.params(),
+                            BTreeMap::new(),
+                            BTreeMap::new(),
+                        ),
                         key: String::new(),
                         status: Status::Run(vec![DirtyReason::IdentityUnknown { detail }]),
                         unresolved: Some(error),
@@ -391,21 +389,15 @@ impl Plan {
                     (artifact_name(artifact), stages[producer].key.clone())
                 })
                 .collect();
-            let record = KeyRecord {
-                format: KEY_FORMAT,
-                kind: kind.to_owned(),
-                stage_version: node.stage.version(),
-                tool_version: env!("CARGO_PKG_VERSION").to_owned(),
-                params: canonical(&node.stage.params()),
+            let record = KeyRecord::new(
+                kind,
+                node.stage.version(),
+                &node.stage.params(),
                 upstream,
-                externals: digests,
-            };
+                digests,
+            );
             let key = record.key();
-            let forced = options.force_all
-                || options
-                    .force
-                    .iter()
-                    .any(|f| f == kind || f == node.spec.section);
+            let forced = options.force_all || options.force.iter().any(|f| node.spec.is_named(f));
             let status = match store.verify(&key, memo) {
                 _ if forced => Status::Run(vec![DirtyReason::Forced]),
                 Verification::Valid(manifest) => {

@@ -168,10 +168,6 @@ impl StageDef for Chunk {
 }
 
 impl Stage for Chunk {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     fn version(&self) -> u32 {
         1
     }

@@ -27,8 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput};
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
-use super::train::{MERGE_FILE, MODEL_DIR, TRAIN_LOG_FILE};
-use super::train_reranker::RERANKER_DIR;
+use super::io::{MERGE_FILE, MODEL_DIR, RERANKER_DIR, TRAIN_LOG_FILE};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -46,9 +45,6 @@ use crate::model::cross_encoder::CrossEncoder;
 use crate::model::encoder::SentenceEncoder;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 use crate::model::prompts::TextRole;
-
-/// The report register reads for the regression guard.
-pub const REPORT_FILE: &str = "report.json";
 
 /// A labelled query set in BEIR format.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -111,8 +107,7 @@ pub struct EvaluateParams {
 
 impl Default for EvaluateParams {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of EvaluateParams has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -235,10 +230,6 @@ impl StageDef for Evaluate {
 }
 
 impl Stage for Evaluate {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     /// 2: the general check, the base also at the fine-tuned model's length, and the verdict.
     /// 3: warnings where the result rests on too little, and advice that knows the LLM wrote the
     /// queries.
@@ -294,12 +285,7 @@ impl Stage for Evaluate {
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
-        let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
-        let mut externals = vec![External::Model {
-            label: "base_model".to_owned(),
-            reference: self.base_model.clone(),
-            path,
-        }];
+        let mut externals = vec![External::base_model(env, &self.base_model)?];
         for (set, dir) in self.params.datasets.iter().zip(&self.dataset_dirs) {
             // Named relative to the dataset folder: the key must not change when the project moves.
             let files = eval::beir::files(dir, &set.split)

@@ -23,6 +23,16 @@ pub const TRAIN_FILE: &str = "train.jsonl";
 pub const HELDOUT_FILE: &str = "heldout.jsonl";
 /// Where training data came from ([`Provenance`]), carried from query-gen through judge and mine.
 pub const PROVENANCE_FILE: &str = "provenance.json";
+/// [`Artifact::Model`](super::Artifact::Model): the sentence-transformers folder train writes,
+/// its per-step log, and how it was merged with the base (`crate::eval::report::MergeSearch`).
+pub const MODEL_DIR: &str = "model";
+pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
+pub const MERGE_FILE: &str = "merge.json";
+/// [`Artifact::Reranker`](super::Artifact::Reranker): the cross-encoder folder.
+pub const RERANKER_DIR: &str = "reranker";
+/// [`Artifact::Evaluation`](super::Artifact::Evaluation): the report register reads for the
+/// regression guard and `ragd-pipe report` renders.
+pub const REPORT_FILE: &str = "report.json";
 
 /// What made the queries and what was thrown away on the way, so the evaluation can say when
 /// its result rests on little or filtered-down data.

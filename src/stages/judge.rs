@@ -28,7 +28,6 @@ use super::{
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex};
 use crate::llm::{self, LlmSettings};
-use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 use crate::model::prompts::TextRole;
 
 /// Examples of dropped queries kept per filter in `summary.json`.
@@ -159,8 +158,7 @@ fn default_batch() -> usize {
 
 impl Default for JudgeParams {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of JudgeParams has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -222,10 +220,6 @@ impl StageDef for Judge {
 }
 
 impl Stage for Judge {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     /// 3: carries `provenance.json` on, with its own filters' drops.
     fn version(&self) -> u32 {
         3
@@ -275,12 +269,7 @@ impl Stage for Judge {
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
         let mut externals = Vec::new();
         if self.dense() {
-            let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
-            externals.push(External::Model {
-                label: "base_model".to_owned(),
-                reference: self.base_model.clone(),
-                path,
-            });
+            externals.push(External::base_model(env, &self.base_model)?);
         }
         if let Some(judge) = &self.params.llm_judge {
             externals.push(llm_calls::external(&judge.llm, env)?);

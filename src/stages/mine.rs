@@ -28,7 +28,6 @@ use super::{
 };
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex, Hit};
-use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 use crate::model::prompts::TextRole;
 
 /// How negatives are picked from the filtered candidates.
@@ -89,8 +88,7 @@ pub struct MineParams {
 
 impl Default for MineParams {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of MineParams has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -173,10 +171,6 @@ impl StageDef for Mine {
 }
 
 impl Stage for Mine {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     /// 2: carries `provenance.json` on to evaluate.
     fn version(&self) -> u32 {
         2
@@ -216,12 +210,7 @@ impl Stage for Mine {
         if !self.params.dense {
             return Ok(Vec::new());
         }
-        let path = env.resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
-        Ok(vec![External::Model {
-            label: "base_model".to_owned(),
-            reference: self.base_model.clone(),
-            path,
-        }])
+        Ok(vec![External::base_model(env, &self.base_model)?])
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {

@@ -100,6 +100,19 @@ pub enum External {
     Identity { label: String, value: String },
 }
 
+impl External {
+    /// The sentence-embedding model `reference` (the recipe's base model) as an input: its
+    /// folder's files enter the key.
+    pub fn base_model(env: &StageEnv, reference: &str) -> Result<Self, StageError> {
+        let path = env.resolve_model(reference, crate::model::hub::SENTENCE_TRANSFORMER_FILES)?;
+        Ok(Self::Model {
+            label: "base_model".to_owned(),
+            reference: reference.to_owned(),
+            path,
+        })
+    }
+}
+
 /// What a stage returns: a summary stored in the lock and its run record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StageOutcome {
@@ -144,8 +157,6 @@ pub struct RecipeEnv {
 
 /// A stage of the pipeline. Object-safe: the executor holds `Box<dyn Stage>` only.
 pub trait Stage: Send + Sync {
-    /// The kind as users write it (`query-gen`).
-    fn kind(&self) -> &'static str;
     /// Bumped whenever the implementation changes what it produces for the same inputs.
     fn version(&self) -> u32;
     /// Artifacts read from upstream stages, given the parameters.

@@ -160,8 +160,7 @@ impl QueryTypes {
 
 impl Default for QueryGenParams {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of QueryGenParams has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -296,10 +295,6 @@ impl StageDef for QueryGen {
 }
 
 impl Stage for QueryGen {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     /// 4: writes `provenance.json` (queries by strategy, drops by filter).
     fn version(&self) -> u32 {
         4

@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::evaluate::REPORT_FILE;
 use super::io;
-use super::train::MODEL_DIR;
-use super::train_reranker::RERANKER_DIR;
+use super::io::MODEL_DIR;
+use super::io::REPORT_FILE;
+use super::io::RERANKER_DIR;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome,
@@ -184,10 +184,6 @@ impl StageDef for Register {
 }
 
 impl Stage for Register {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     /// 3: the model becomes the default only on the verdict `default_when` names.
     fn version(&self) -> u32 {
         3

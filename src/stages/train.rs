@@ -15,7 +15,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::estimate::{Estimate, EstimateInput, Speeds, texts_per_example};
-use super::io::{self, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
+use super::io::{
+    self, HELDOUT_FILE, MERGE_FILE, MODEL_DIR, TRAIN_FILE, TRAIN_LOG_FILE, TrainingExample,
+};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -41,11 +43,6 @@ fn padded_tokens(max_seq_length: usize, mean_tokens: Option<u64>) -> usize {
         (2 * mean as usize).min(max_seq_length)
     })
 }
-
-/// The model folder inside the train stage's artifact.
-pub const MODEL_DIR: &str = "model";
-/// The per-step log inside the train stage's artifact.
-pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
 
 /// The `train:` section.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -169,8 +166,7 @@ pub enum MergeMode {
 
 impl Default for TrainParams {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of TrainParams has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -215,8 +211,6 @@ const MERGE_ALPHAS: [f64; 5] = [1.0, 0.75, 0.5, 0.25, 0.0];
 const MERGE_CORPUS_LIMIT: usize = 2000;
 /// Texts per batch when scoring a merge.
 const MERGE_ENCODE_BATCH: usize = 64;
-/// The file in the artifact that records the merge ([`MergeSearch`]).
-pub const MERGE_FILE: &str = "merge.json";
 
 /// Pools of this many batches are sorted by length when `group_by_length` is on: large enough
 /// to find similar lengths, small enough that the order stays random.
@@ -309,10 +303,6 @@ impl StageDef for Train {
 }
 
 impl Stage for Train {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     /// 2: empty and repeated rows of the training data are skipped. 3: merged with the base
     /// (`merge`).
     fn version(&self) -> u32 {

@@ -25,7 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::estimate::{Estimate, EstimateInput};
-use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TrainingExample};
+use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, RERANKER_DIR, TrainingExample};
 use super::train::{
     check_weight_decay, data_file, keyed_params, model_and_data_externals, read_training_data,
     train_error,
@@ -44,8 +44,6 @@ use crate::model::train::rerank_loss::RerankLoss;
 use crate::model::train::save::{TrainingMetadata, save_cross_encoder};
 use crate::model::train::{AdamWConfig, TrainError};
 
-/// The cross-encoder folder inside the stage's artifact.
-pub const RERANKER_DIR: &str = "reranker";
 /// The per-step log and the held-out scorings inside the stage's artifact.
 pub const RERANK_LOG_FILE: &str = "train_log.jsonl";
 pub const RERANK_EVALS_FILE: &str = "evals.jsonl";
@@ -114,8 +112,7 @@ pub struct TrainRerankerParams {
 
 impl Default for TrainRerankerParams {
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({}))
-            .expect("every key of TrainRerankerParams has a default")
+        crate::serde_defaults()
     }
 }
 
@@ -229,10 +226,6 @@ impl StageDef for TrainReranker {
 }
 
 impl Stage for TrainReranker {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
     fn version(&self) -> u32 {
         1
     }
