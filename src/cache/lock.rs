@@ -122,6 +122,22 @@ impl LockFile {
     }
 }
 
+/// Keys referenced by the given lock files (unreadable ones reference nothing), each with the
+/// lock that references it.
+pub fn referenced_keys(
+    locks: &[std::path::PathBuf],
+) -> std::collections::BTreeMap<String, std::path::PathBuf> {
+    let mut keys = std::collections::BTreeMap::new();
+    for path in locks {
+        if let Ok(lock) = LockFile::read(path) {
+            for stage in lock.stages.values() {
+                keys.insert(stage.key.clone(), path.clone());
+            }
+        }
+    }
+    keys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,6 +77,16 @@ pub struct Staging {
     pub journal_dir: PathBuf,
 }
 
+/// What [`Store::collect_garbage`] removed (or would).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub removed: usize,
+    pub bytes: u64,
+    /// Keys still referenced, by this many existing lock files.
+    pub kept: usize,
+    pub locks: usize,
+}
+
 /// The store of one workdir.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -302,6 +312,64 @@ impl Store {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    /// Where the lock files that used this workdir are listed (for `gc`).
+    fn locks_list(&self) -> PathBuf {
+        self.root.join("locks-v1.json")
+    }
+
+    /// The lock files that have used this workdir.
+    pub fn registered_locks(&self) -> Vec<PathBuf> {
+        fs::read(self.locks_list())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Adds `lock_path` to the workdir's list of lock files, so `gc` keeps what it references.
+    pub fn register_lock(&self, lock_path: &Path) -> Result<(), CacheError> {
+        let mut locks = self.registered_locks();
+        let lock_path = std::path::absolute(lock_path)?;
+        if !locks.contains(&lock_path) {
+            locks.push(lock_path);
+            super::write_atomic(&self.locks_list(), &serde_json::to_vec_pretty(&locks)?)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every artifact, staging folder and key record that none of the workdir's lock
+    /// files nor `also_keep` (a lock not yet listed) references; with `dry_run` only measures
+    /// them. The caller holds the workdir lock.
+    pub fn collect_garbage(
+        &self,
+        also_keep: &Path,
+        dry_run: bool,
+    ) -> Result<Collected, CacheError> {
+        let mut locks = self.registered_locks();
+        let own = std::path::absolute(also_keep).unwrap_or_else(|_| also_keep.to_path_buf());
+        if !locks.contains(&own) {
+            locks.push(own);
+        }
+        let referenced = super::lock::referenced_keys(&locks);
+        let mut keys = self.keys()?;
+        keys.extend(self.staged_keys()?);
+        keys.sort();
+        keys.dedup();
+        let mut collected = Collected {
+            kept: referenced.len(),
+            locks: locks.iter().filter(|l| l.exists()).count(),
+            ..Collected::default()
+        };
+        for key in keys.iter().filter(|k| !referenced.contains_key(*k)) {
+            collected.removed += 1;
+            collected.bytes += if dry_run {
+                dir_size(&self.artifact_dir(key))
+            } else {
+                self.purge(key)?
+            };
+        }
+        Ok(collected)
     }
 
     /// Removes an artifact, its record, and any staging folder of a key; returns the bytes freed.

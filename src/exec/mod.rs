@@ -10,7 +10,7 @@ pub mod events;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -112,9 +112,12 @@ pub struct Prepared {
     bridge: Arc<Bridge>,
 }
 
-/// Builds the DAG and the plan. Read-only: `plan`, `status` and `run --dry-run` work on a
-/// read-only or full workdir. The digest memo is saved when it can be, to spare rehashing next
-/// time; failing to save it costs only that.
+/// Builds the DAG and the plan. Keys need every stage's external inputs, so this resolves them:
+/// models are downloaded on first use (into the caches, with progress through `reporter`) and
+/// LLM servers are asked for their model's identity; a server that does not answer leaves its
+/// stages unresolved, not the plan failed. The workdir is only read: `plan`, `status` and
+/// `run --dry-run` work on a read-only or full one. The digest memo is saved when it can be, to
+/// spare rehashing next time; failing to save it costs only that.
 pub fn prepare(
     recipe: &Recipe,
     options: &PlanOptions,
@@ -221,7 +224,7 @@ pub fn run(
         report.dry_plan = Some(prepared.plan);
         return Ok(report);
     }
-    register_lock(&prepared.store, &recipe.lock_path())?;
+    prepared.store.register_lock(&recipe.lock_path())?;
 
     let Prepared {
         plan,
@@ -469,28 +472,6 @@ fn provenance_text(recipe: &Recipe) -> String {
 }
 
 /// Remembers which lock files use this workdir, so `gc` knows every key still referenced.
-fn register_lock(store: &Store, lock_path: &Path) -> Result<(), CacheError> {
-    let list = store.root().join("locks-v1.json");
-    let mut locks: Vec<PathBuf> = fs::read(&list)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let lock_path = std::path::absolute(lock_path)?;
-    if !locks.contains(&lock_path) {
-        locks.push(lock_path);
-        crate::cache::write_atomic(&list, &serde_json::to_vec_pretty(&locks)?)?;
-    }
-    Ok(())
-}
-
-/// Lock files that used a workdir (for `gc`).
-pub fn registered_locks(workdir: &Path) -> Vec<PathBuf> {
-    fs::read(workdir.join("locks-v1.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
 type BarInfo = (String, String, Option<u64>);
 
 /// Turns stage reports into events, for the caller's reporter and the run log.
@@ -620,19 +601,6 @@ impl StageReporter for Bridge {
             rows: table.rows.clone(),
         });
     }
-}
-
-/// Keys referenced by the given lock files.
-pub fn referenced_keys(locks: &[PathBuf]) -> BTreeMap<String, PathBuf> {
-    let mut keys = BTreeMap::new();
-    for path in locks {
-        if let Ok(lock) = LockFile::read(path) {
-            for stage in lock.stages.values() {
-                keys.insert(stage.key.clone(), path.clone());
-            }
-        }
-    }
-    keys
 }
 
 #[cfg(test)]
