@@ -230,177 +230,40 @@ pub fn run(
         plan,
         store,
         mut memo,
-        mut lock,
+        lock,
         bridge,
     } = prepared;
-    let mut available: Vec<bool> = plan.stages.iter().map(|s| s.status.is_cached()).collect();
-    // The output digest of each stage's artifact as it is now, filled in as stages run.
-    let mut outputs: Vec<Option<String>> = plan
-        .stages
-        .iter()
-        .map(|s| match &s.status {
-            Status::Cached(manifest) => Some(manifest.digest.clone()),
-            Status::Run(_) => None,
-        })
-        .collect();
-    let mut failure = None;
-    for (index, planned) in plan.stages.iter().enumerate() {
-        let kind = planned.spec.kind;
-        if !selected.contains(&index) {
-            continue;
-        }
-        if let Some(error) = &planned.unresolved {
-            bridge.emit(&Event::StageFailed {
-                stage: kind.to_owned(),
-                key: planned.key.clone(),
-                seconds: 0.,
-                message: error_chain(error.as_ref()),
-                resumable: false,
-            });
-            failure = Some(ExecError::Plan(PlanError::External {
-                stage: kind.to_owned(),
-                source: error.clone(),
-            }));
-            break;
-        }
-        // What this stage reads now: each input's output digest, once every producer has one.
-        let consumed: Option<BTreeMap<String, String>> = planned
-            .inputs
+    let mut runner = Runner {
+        recipe,
+        available: plan.stages.iter().map(|s| s.status.is_cached()).collect(),
+        outputs: plan
+            .stages
             .iter()
-            .map(|(&artifact, &producer)| {
-                outputs[producer]
-                    .clone()
-                    .map(|digest| (crate::plan::artifact_name(artifact), digest))
+            .map(|s| match &s.status {
+                Status::Cached(manifest) => Some(manifest.digest.clone()),
+                Status::Run(_) => None,
             })
-            .collect();
-        let kept = match &planned.status {
-            Status::Cached(manifest) => Some((&**manifest, "cached")),
-            Status::Run(_) => consumed
-                .as_ref()
-                .and_then(|current| planned.reusable_with(current))
-                .map(|manifest| (manifest, "cached: its inputs came out identical")),
-        };
-        if let Some((manifest, reason)) = kept {
-            bridge.emit(&Event::StageSkipped {
-                stage: kind.to_owned(),
-                key: planned.key.clone(),
-                reason: reason.to_owned(),
-            });
-            let entry = locked(planned, manifest);
-            if lock.stages.get(kind) != Some(&entry) {
-                lock.stages.insert(kind.to_owned(), entry);
-                lock.write(&recipe.lock_path())?;
-            }
-            available[index] = true;
-            outputs[index] = Some(manifest.digest.clone());
-            report.cached.push(kind.to_owned());
-            continue;
-        }
-        if let Some((_, &producer)) = planned.inputs.iter().find(|(_, p)| !available[**p]) {
-            return Err(ExecError::NotBuilt {
-                stage: kind.to_owned(),
-                needs: plan.stages[producer].spec.kind.to_owned(),
-            });
-        }
-        let reasons = match &planned.status {
-            Status::Run(reasons) => reasons.clone(),
-            Status::Cached(_) => Vec::new(),
-        };
-        bridge.emit(&Event::StageStart {
-            stage: kind.to_owned(),
-            key: planned.key.clone(),
-            why: reasons.iter().map(ToString::to_string).collect(),
-            reasons,
-        });
-        let stage_started = Instant::now();
-        store.remove(&planned.key)?;
-        let staging = store.begin(&planned.key)?;
-        store.save_record(&planned.key, &planned.record)?;
-        let context = StageContext {
-            env: StageEnv {
-                recipe: recipe.env.clone(),
-                hub: HubConfig::from_env(),
-                reporter: bridge.clone(),
-                stage: kind,
-            },
-            key: planned.key.clone(),
-            out_dir: staging.out_dir.clone(),
-            journal_dir: staging.journal_dir.clone(),
-            inputs: planned
-                .inputs
-                .iter()
-                .map(|(&artifact, &producer)| {
-                    (artifact, store.artifact_dir(&plan.stages[producer].key))
-                })
-                .collect(),
-            shared_dir: store.shared_dir(),
-            recipe_text: provenance_text(recipe),
-            recipe_path: recipe.path.clone(),
-            upstream_keys: planned.record.upstream.clone(),
-            cancel: cancel.clone(),
-            runtime: runtime.clone(),
-        };
-        let stage = planned.stage.clone();
-        let outcome = runtime
-            .block_on(runtime.spawn_blocking(move || stage.run(&context)))
-            .unwrap_or_else(|join| {
-                Err(StageError::Failed(format!(
-                    "the stage thread panicked: {join}"
-                )))
-            });
-        let seconds = stage_started.elapsed().as_secs_f64();
-        match outcome {
-            Ok(outcome) => {
-                let manifest = store.commit(
-                    &staging,
-                    kind,
-                    outcome.summary.clone(),
-                    consumed.unwrap_or_default(),
-                )?;
-                outputs[index] = Some(manifest.digest.clone());
-                lock.stages
-                    .insert(kind.to_owned(), locked(planned, &manifest));
-                lock.write(&recipe.lock_path())?;
-                bridge.emit(&Event::StageDone {
-                    stage: kind.to_owned(),
-                    key: planned.key.clone(),
-                    seconds,
-                    output: manifest.digest.clone(),
-                    summary: outcome.summary,
-                });
-                available[index] = true;
-                report.ran.push(kind.to_owned());
-            }
-            Err(error) => {
-                let interrupted =
-                    matches!(error, StageError::Cancelled) || cancel.load(Ordering::Relaxed);
-                let resumable = fs::read_dir(&staging.journal_dir)
-                    .map(|mut d| d.next().is_some())
-                    .unwrap_or(false);
-                bridge.emit(&Event::StageFailed {
-                    stage: kind.to_owned(),
-                    key: planned.key.clone(),
-                    seconds,
-                    message: error_chain(&error),
-                    resumable,
-                });
-                failure = Some(if interrupted {
-                    ExecError::Interrupted {
-                        stage: kind.to_owned(),
-                    }
-                } else {
-                    ExecError::StageFailed {
-                        stage: kind.to_owned(),
-                        source: error,
-                    }
-                });
-                break;
-            }
+            .collect(),
+        plan: &plan,
+        store,
+        lock,
+        bridge,
+        hub: HubConfig::from_env(),
+        report,
+        cancel,
+        runtime,
+    };
+    let mut failure = None;
+    for index in selected {
+        if let Some(error) = runner.step(index)? {
+            failure = Some(error);
+            break;
         }
     }
     memo.save().map_err(CacheError::from)?;
+    let mut report = runner.report;
     report.seconds = started.elapsed().as_secs_f64();
-    bridge.emit(&Event::Summary {
+    runner.bridge.emit(&Event::Summary {
         ran: report.ran.len(),
         cached: report.cached.len(),
         failed: usize::from(failure.is_some()),
@@ -409,6 +272,213 @@ pub fn run(
     match failure {
         Some(error) => Err(error),
         None => Ok(report),
+    }
+}
+
+/// A run in progress: what has been built so far and where it is recorded.
+struct Runner<'a> {
+    recipe: &'a Recipe,
+    plan: &'a Plan,
+    store: Store,
+    lock: LockFile,
+    bridge: Arc<Bridge>,
+    /// Built once per run and handed to every stage.
+    hub: HubConfig,
+    /// Whether each stage's artifact is in the store now.
+    available: Vec<bool>,
+    /// The output digest of each stage's artifact as it is now, filled in as stages run.
+    outputs: Vec<Option<String>>,
+    report: RunReport,
+    cancel: Arc<AtomicBool>,
+    runtime: &'a tokio::runtime::Handle,
+}
+
+impl Runner<'_> {
+    /// Skips or runs the stage at `index`: `Ok(Some(error))` when the stage failed or was
+    /// interrupted (the run stops there), `Err` when the run itself cannot go on.
+    fn step(&mut self, index: usize) -> Result<Option<ExecError>, ExecError> {
+        let planned = &self.plan.stages[index];
+        let kind = planned.spec.kind;
+        if let Some(error) = &planned.unresolved {
+            self.bridge.emit(&Event::StageFailed {
+                stage: kind.to_owned(),
+                key: planned.key.clone(),
+                seconds: 0.,
+                message: error_chain(error.as_ref()),
+                resumable: false,
+            });
+            return Ok(Some(ExecError::Plan(PlanError::External {
+                stage: kind.to_owned(),
+                source: error.clone(),
+            })));
+        }
+        // What this stage reads now: each input's output digest, once every producer has one.
+        let consumed: Option<BTreeMap<String, String>> = planned
+            .inputs
+            .iter()
+            .map(|(&artifact, &producer)| {
+                self.outputs[producer]
+                    .clone()
+                    .map(|digest| (crate::plan::artifact_name(artifact), digest))
+            })
+            .collect();
+        if self.skip_cached(index, consumed.as_ref())? {
+            return Ok(None);
+        }
+        if let Some((_, &producer)) = planned.inputs.iter().find(|(_, p)| !self.available[**p]) {
+            return Err(ExecError::NotBuilt {
+                stage: kind.to_owned(),
+                needs: self.plan.stages[producer].spec.kind.to_owned(),
+            });
+        }
+        self.run_one(index, consumed.unwrap_or_default())
+    }
+
+    /// Keeps the stage's artifact when it is cached, or when its inputs came out identical to
+    /// those it was built from (early cutoff); whether it did.
+    fn skip_cached(
+        &mut self,
+        index: usize,
+        consumed: Option<&BTreeMap<String, String>>,
+    ) -> Result<bool, ExecError> {
+        let planned = &self.plan.stages[index];
+        let kind = planned.spec.kind;
+        let kept = match &planned.status {
+            Status::Cached(manifest) => Some((&**manifest, "cached")),
+            Status::Run(_) => consumed
+                .and_then(|current| planned.reusable_with(current))
+                .map(|manifest| (manifest, "cached: its inputs came out identical")),
+        };
+        let Some((manifest, reason)) = kept else {
+            return Ok(false);
+        };
+        self.bridge.emit(&Event::StageSkipped {
+            stage: kind.to_owned(),
+            key: planned.key.clone(),
+            reason: reason.to_owned(),
+        });
+        let entry = locked(planned, manifest);
+        if self.lock.stages.get(kind) != Some(&entry) {
+            self.lock.stages.insert(kind.to_owned(), entry);
+            self.lock.write(&self.recipe.lock_path())?;
+        }
+        self.available[index] = true;
+        self.outputs[index] = Some(manifest.digest.clone());
+        self.report.cached.push(kind.to_owned());
+        Ok(true)
+    }
+
+    /// Runs the stage on a blocking thread into a staging folder and commits its artifact.
+    fn run_one(
+        &mut self,
+        index: usize,
+        consumed: BTreeMap<String, String>,
+    ) -> Result<Option<ExecError>, ExecError> {
+        let planned = &self.plan.stages[index];
+        let kind = planned.spec.kind;
+        let reasons = match &planned.status {
+            Status::Run(reasons) => reasons.clone(),
+            Status::Cached(_) => Vec::new(),
+        };
+        self.bridge.emit(&Event::StageStart {
+            stage: kind.to_owned(),
+            key: planned.key.clone(),
+            why: reasons.iter().map(ToString::to_string).collect(),
+            reasons,
+        });
+        let stage_started = Instant::now();
+        self.store.remove(&planned.key)?;
+        let staging = self.store.begin(&planned.key)?;
+        self.store.save_record(&planned.key, &planned.record)?;
+        let context = self.context(index, &staging);
+        let stage = planned.stage.clone();
+        let outcome = self
+            .runtime
+            .block_on(self.runtime.spawn_blocking(move || stage.run(&context)))
+            .unwrap_or_else(|join| {
+                Err(StageError::Failed(format!(
+                    "the stage thread panicked: {join}"
+                )))
+            });
+        let seconds = stage_started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(outcome) => {
+                let manifest =
+                    self.store
+                        .commit(&staging, kind, outcome.summary.clone(), consumed)?;
+                self.outputs[index] = Some(manifest.digest.clone());
+                self.lock
+                    .stages
+                    .insert(kind.to_owned(), locked(planned, &manifest));
+                self.lock.write(&self.recipe.lock_path())?;
+                self.bridge.emit(&Event::StageDone {
+                    stage: kind.to_owned(),
+                    key: planned.key.clone(),
+                    seconds,
+                    output: manifest.digest.clone(),
+                    summary: outcome.summary,
+                });
+                self.available[index] = true;
+                self.report.ran.push(kind.to_owned());
+                Ok(None)
+            }
+            Err(error) => {
+                let interrupted =
+                    matches!(error, StageError::Cancelled) || self.cancel.load(Ordering::Relaxed);
+                let resumable = fs::read_dir(&staging.journal_dir)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                self.bridge.emit(&Event::StageFailed {
+                    stage: kind.to_owned(),
+                    key: planned.key.clone(),
+                    seconds,
+                    message: error_chain(&error),
+                    resumable,
+                });
+                Ok(Some(if interrupted {
+                    ExecError::Interrupted {
+                        stage: kind.to_owned(),
+                    }
+                } else {
+                    ExecError::StageFailed {
+                        stage: kind.to_owned(),
+                        source: error,
+                    }
+                }))
+            }
+        }
+    }
+
+    /// What the stage at `index` sees while it runs in `staging`.
+    fn context(&self, index: usize, staging: &crate::cache::store::Staging) -> StageContext {
+        let planned = &self.plan.stages[index];
+        StageContext {
+            env: StageEnv {
+                recipe: self.recipe.env.clone(),
+                hub: self.hub.clone(),
+                reporter: self.bridge.clone(),
+                stage: planned.spec.kind,
+            },
+            key: planned.key.clone(),
+            out_dir: staging.out_dir.clone(),
+            journal_dir: staging.journal_dir.clone(),
+            inputs: planned
+                .inputs
+                .iter()
+                .map(|(&artifact, &producer)| {
+                    (
+                        artifact,
+                        self.store.artifact_dir(&self.plan.stages[producer].key),
+                    )
+                })
+                .collect(),
+            shared_dir: self.store.shared_dir(),
+            recipe_text: provenance_text(self.recipe),
+            recipe_path: self.recipe.path.clone(),
+            upstream_keys: planned.record.upstream.clone(),
+            cancel: self.cancel.clone(),
+            runtime: self.runtime.clone(),
+        }
     }
 }
 
