@@ -302,6 +302,100 @@ impl Stage for Evaluate {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
+        let sets = self.sets(ctx)?;
+        let systems = self.systems(ctx)?;
+        let settings = PairedTestConfig {
+            resamples: self.params.resamples,
+            confidence: self.params.confidence,
+            alpha: 1.0 - self.params.confidence,
+            seed: self.seed,
+            ..PairedTestConfig::default()
+        };
+        let mut datasets = Vec::new();
+        for set in &sets {
+            ctx.check_cancelled()?;
+            datasets.push(self.score(ctx, set, &systems, &settings)?);
+        }
+        let mut report = Report::new(
+            format!("{}: evaluation", self.recipe_name),
+            settings,
+            datasets,
+            systems.training,
+        );
+        report.merge = systems.merge;
+        report.date = Some(jiff::Zoned::now().strftime("%Y-%m-%d").to_string());
+        self.conclude(ctx, &mut report);
+        report.write(&ctx.out_dir).map_err(eval_error)?;
+        tell(ctx, &report);
+        Ok(StageOutcome {
+            summary: summary(&report),
+        })
+    }
+}
+
+/// A model evaluate scores, and how the report names it.
+struct ModelUnderTest {
+    kind: SystemKind,
+    label: String,
+    reference: String,
+    encoder: SentenceEncoder,
+    digest: String,
+}
+
+/// Everything scored on each set, and what the training left that the report shows.
+struct Systems {
+    models: Vec<ModelUnderTest>,
+    /// The reranker's name and model, when the recipe trains one.
+    reranker: Option<(String, CrossEncoder)>,
+    trained_dims: Vec<usize>,
+    training: Option<TrainingCurve>,
+    merge: Option<MergeSearch>,
+}
+
+/// What the run shows of the report: the metrics table, each comparison in words, the
+/// regressions, the warnings and the verdict.
+fn tell(ctx: &StageContext, report: &Report) {
+    ctx.table(&metrics_table(report));
+    for dataset in &report.datasets {
+        for comparison in dataset
+            .comparisons
+            .iter()
+            .filter(|c| c.metric == Metric::NDCG_10)
+        {
+            ctx.info(format!("{}: {}", dataset.name, comparison.sentence));
+        }
+    }
+    if report.reranker_regression {
+        ctx.warn(format!(
+            "RERANKING MAKES RETRIEVAL WORSE beyond noise:\n  {}\nregister will not make the reranker ragd's default unless `register.allow_worse: true`",
+            report.reranker_regressions.join("\n  ")
+        ));
+    }
+    if report.regression {
+        ctx.warn(format!(
+            "THE FINE-TUNED MODEL IS WORSE THAN THE BASE beyond noise:\n  {}\nregister will not make it the default unless `register.allow_worse: true`",
+            report.regressions.join("\n  ")
+        ));
+    }
+    for warning in &report.warnings {
+        ctx.warn(format!("trust: {warning}"));
+    }
+    if let Some(verdict) = &report.verdict {
+        let text = format!(
+            "verdict: {}. {}\nnext: {}",
+            verdict.label, verdict.why, verdict.next
+        );
+        if verdict.label == VERDICT_WORSE {
+            ctx.warn(text);
+        } else {
+            ctx.info(text);
+        }
+    }
+}
+
+impl Evaluate {
+    /// The query sets: the held-out split, the user's labelled sets, the general check.
+    fn sets(&self, ctx: &StageContext) -> Result<Vec<EvalSet>, StageError> {
         let mut sets = Vec::new();
         if self.params.heldout
             && let Ok(data) = ctx.input(Artifact::TrainingData)
@@ -334,176 +428,180 @@ impl Stage for Evaluate {
                 "there is nothing to evaluate on: no held-out split (run `mine`) and no `evaluate.datasets`".to_owned(),
             ));
         }
+        Ok(sets)
+    }
 
+    /// The base (also at the fine-tuned model's length, like with like), the fine-tuned model
+    /// and the reranker, with the training's log and merge.
+    fn systems(&self, ctx: &StageContext) -> Result<Systems, StageError> {
         let base_dir = ctx
             .env
             .resolve_model(&self.base_model, SENTENCE_TRANSFORMER_FILES)?;
         let base_digest = io::model_digest(&base_dir)?;
-        let mut models = vec![(
-            SystemKind::Base,
-            SystemKind::Base.name().to_owned(),
-            self.base_model.clone(),
-            io::load_encoder_dir(&ctx.env, &base_dir)?,
-            base_digest.clone(),
-        )];
-        let mut trained_dims = Vec::new();
-        let mut training = None;
-        let mut merge = None;
+        let base = io::load_encoder_dir(&ctx.env, &base_dir)?;
+        let base_length = base.max_seq_length();
+        let mut systems = Systems {
+            models: vec![ModelUnderTest {
+                kind: SystemKind::Base,
+                label: SystemKind::Base.name().to_owned(),
+                reference: self.base_model.clone(),
+                encoder: base,
+                digest: base_digest.clone(),
+            }],
+            reranker: None,
+            trained_dims: Vec::new(),
+            training: None,
+            merge: None,
+        };
         if let Ok(artifact) = ctx.input(Artifact::Model) {
             let dir = artifact.join(MODEL_DIR);
             let tuned = io::load_encoder_dir(&ctx.env, &dir)?;
             // Like with like: truncation alone moves a model, so the base is also scored at the
             // length the fine-tuned model runs at.
             let length = tuned.max_seq_length();
-            if length != models[0].3.max_seq_length() {
+            if length != base_length {
                 let base = io::load_encoder_dir(&ctx.env, &base_dir)?
                     .with_max_seq_length(length)
                     .map_err(io::model_error)?;
-                models.push((
-                    SystemKind::Base,
-                    format!("{} ({length} tokens)", SystemKind::Base.name()),
-                    self.base_model.clone(),
-                    base,
-                    base_digest.clone(),
-                ));
+                systems.models.push(ModelUnderTest {
+                    kind: SystemKind::Base,
+                    label: format!("{} ({length} tokens)", SystemKind::Base.name()),
+                    reference: self.base_model.clone(),
+                    encoder: base,
+                    digest: base_digest,
+                });
             }
-            models.push((
-                SystemKind::FineTuned,
-                SystemKind::FineTuned.name().to_owned(),
-                dir.display().to_string(),
-                tuned,
-                io::model_digest(&dir)?,
-            ));
-            trained_dims = recorded_dimensions(&dir);
+            systems.models.push(ModelUnderTest {
+                kind: SystemKind::FineTuned,
+                label: SystemKind::FineTuned.name().to_owned(),
+                reference: dir.display().to_string(),
+                encoder: tuned,
+                digest: io::model_digest(&dir)?,
+            });
+            systems.trained_dims = recorded_dimensions(&dir);
             let merge_file = artifact.join(MERGE_FILE);
             if merge_file.is_file() {
-                merge = Some(serde_json::from_str::<MergeSearch>(
+                systems.merge = Some(serde_json::from_str::<MergeSearch>(
                     &fs_err::read_to_string(&merge_file)?,
                 )?);
             }
             let log = artifact.join(TRAIN_LOG_FILE);
             if log.is_file() {
-                training = Some(TrainingCurve::from_jsonl(&log).map_err(eval_error)?);
+                systems.training = Some(TrainingCurve::from_jsonl(&log).map_err(eval_error)?);
             }
         } else {
             ctx.info("no fine-tuned model in this recipe: scoring the base model only");
         }
-        let reranker = match ctx.input(Artifact::Reranker) {
-            Ok(artifact) => {
-                let dir = artifact.join(RERANKER_DIR);
-                Some((
-                    dir.display().to_string(),
-                    io::load_cross_encoder_dir(&ctx.env, &dir)?,
-                ))
-            }
-            Err(_) => None,
-        };
+        if let Ok(artifact) = ctx.input(Artifact::Reranker) {
+            let dir = artifact.join(RERANKER_DIR);
+            systems.reranker = Some((
+                dir.display().to_string(),
+                io::load_cross_encoder_dir(&ctx.env, &dir)?,
+            ));
+        }
+        Ok(systems)
+    }
 
-        let settings = PairedTestConfig {
-            resamples: self.params.resamples,
-            confidence: self.params.confidence,
-            alpha: 1.0 - self.params.confidence,
-            seed: self.seed,
-            ..PairedTestConfig::default()
-        };
+    /// Every system's scores on `set` (BM25, each model at each dimension, reranked), and the
+    /// paired comparisons between them.
+    fn score(
+        &self,
+        ctx: &StageContext,
+        set: &EvalSet,
+        systems: &Systems,
+        settings: &PairedTestConfig,
+    ) -> Result<Dataset, StageError> {
         let metrics = eval::default_metrics();
-        let mut datasets = Vec::new();
-        for set in &sets {
-            ctx.check_cancelled()?;
-            let mut dataset = Dataset::new(&set.name, set.documents.len(), set.query_ids());
-            dataset.role = set.role;
-            if self.params.bm25 {
-                let ranked = set.rank_bm25(ctx, eval::max_k(&metrics))?;
-                let scores = set.score(&ranked, &metrics);
-                let spec = SystemSpec {
-                    label: "bm25".to_owned(),
-                    kind: SystemKind::Bm25,
-                    model: None,
-                    dimension: None,
-                    reranker: None,
-                    max_seq_length: None,
+        let mut dataset = Dataset::new(&set.name, set.documents.len(), set.query_ids());
+        dataset.role = set.role;
+        if self.params.bm25 {
+            let ranked = set.rank_bm25(ctx, eval::max_k(&metrics))?;
+            let scores = set.score(&ranked, &metrics);
+            let spec = SystemSpec {
+                label: "bm25".to_owned(),
+                kind: SystemKind::Bm25,
+                model: None,
+                dimension: None,
+                reranker: None,
+                max_seq_length: None,
+            };
+            dataset
+                .add_system(spec, scores, settings)
+                .map_err(eval_error)?;
+        }
+        let mut reranked = Vec::new();
+        let mut scored_pairs = HashMap::new();
+        for tested in &systems.models {
+            let encoder = &tested.encoder;
+            let dims = self.dimensions(encoder.dim(), &systems.trained_dims);
+            let model = (encoder, tested.digest.as_str());
+            for (dim, ranked) in
+                set.rank_dense(ctx, model, &dims, self.params.batch_size, &metrics)?
+            {
+                let label = if dim == encoder.dim() {
+                    tested.label.clone()
+                } else {
+                    format!("{}@{dim}", tested.label)
                 };
+                let spec = SystemSpec {
+                    label: label.clone(),
+                    kind: tested.kind,
+                    model: Some(tested.reference.clone()),
+                    dimension: Some(dim),
+                    reranker: None,
+                    max_seq_length: Some(encoder.max_seq_length()),
+                };
+                let scores = set.score(&ranked, &metrics);
                 dataset
-                    .add_system(spec, scores, &settings)
+                    .add_system(spec, scores, settings)
                     .map_err(eval_error)?;
-            }
-            let mut reranked = Vec::new();
-            let mut scored_pairs = HashMap::new();
-            for (kind, stem, reference, encoder, digest) in &models {
-                let dims = self.dimensions(encoder.dim(), &trained_dims);
-                let model = (encoder, digest.as_str());
-                for (dim, ranked) in
-                    set.rank_dense(ctx, model, &dims, self.params.batch_size, &metrics)?
+                if let Some((name, cross_encoder)) = &systems.reranker
+                    && dim == encoder.dim()
                 {
-                    let label = if dim == encoder.dim() {
-                        stem.clone()
-                    } else {
-                        format!("{stem}@{dim}")
-                    };
+                    let top_k = self.params.rerank_top_k;
+                    let reader = (cross_encoder, &mut scored_pairs);
+                    let (ranked, seconds_per_query) =
+                        set.rerank(ctx, reader, &ranked, top_k, self.params.batch_size)?;
                     let spec = SystemSpec {
-                        label: label.clone(),
-                        kind: *kind,
-                        model: Some(reference.clone()),
+                        label: format!("{label}+rerank"),
+                        kind: SystemKind::Reranked,
+                        model: Some(tested.reference.clone()),
                         dimension: Some(dim),
-                        reranker: None,
+                        reranker: Some(RerankerRun {
+                            model: name.clone(),
+                            top_k,
+                            seconds_per_query,
+                        }),
                         max_seq_length: Some(encoder.max_seq_length()),
                     };
+                    reranked.push((label, spec.label.clone(), seconds_per_query));
                     let scores = set.score(&ranked, &metrics);
                     dataset
-                        .add_system(spec, scores, &settings)
+                        .add_system(spec, scores, settings)
                         .map_err(eval_error)?;
-                    if let Some((name, cross_encoder)) = &reranker
-                        && dim == encoder.dim()
-                    {
-                        let top_k = self.params.rerank_top_k;
-                        let reader = (cross_encoder, &mut scored_pairs);
-                        let (ranked, seconds_per_query) =
-                            set.rerank(ctx, reader, &ranked, top_k, self.params.batch_size)?;
-                        let spec = SystemSpec {
-                            label: format!("{label}+rerank"),
-                            kind: SystemKind::Reranked,
-                            model: Some(reference.clone()),
-                            dimension: Some(dim),
-                            reranker: Some(RerankerRun {
-                                model: name.clone(),
-                                top_k,
-                                seconds_per_query,
-                            }),
-                            max_seq_length: Some(encoder.max_seq_length()),
-                        };
-                        reranked.push((label, spec.label.clone(), seconds_per_query));
-                        let scores = set.score(&ranked, &metrics);
-                        dataset
-                            .add_system(spec, scores, &settings)
-                            .map_err(eval_error)?;
-                    }
                 }
             }
-            dataset
-                .compare_fine_tuned_with_base(&HEADLINE_METRICS, &settings)
-                .map_err(eval_error)?;
-            for (retriever, label, seconds) in reranked {
-                dataset
-                    .compare(&retriever, &label, &HEADLINE_METRICS, &settings)
-                    .map_err(eval_error)?;
-                ctx.info(format!(
-                    "{}: reranking the top {} of `{retriever}` took {:.0} ms per query",
-                    set.name,
-                    self.params.rerank_top_k,
-                    seconds * 1e3
-                ));
-            }
-            datasets.push(dataset);
         }
+        dataset
+            .compare_fine_tuned_with_base(&HEADLINE_METRICS, settings)
+            .map_err(eval_error)?;
+        for (retriever, label, seconds) in reranked {
+            dataset
+                .compare(&retriever, &label, &HEADLINE_METRICS, settings)
+                .map_err(eval_error)?;
+            ctx.info(format!(
+                "{}: reranking the top {} of `{retriever}` took {:.0} ms per query",
+                set.name,
+                self.params.rerank_top_k,
+                seconds * 1e3
+            ));
+        }
+        Ok(dataset)
+    }
 
-        let mut report = Report::new(
-            format!("{}: evaluation", self.recipe_name),
-            settings,
-            datasets,
-            training,
-        );
-        report.merge = merge;
-        report.date = Some(jiff::Zoned::now().strftime("%Y-%m-%d").to_string());
+    /// The verdict, and the warnings where the result rests on too little (from the training
+    /// data mine handed on).
+    fn conclude(&self, ctx: &StageContext, report: &mut Report) {
         let data = ctx.inputs.get(&Artifact::TrainingData);
         let provenance = data.and_then(|dir| io::Provenance::read(dir));
         report.conclude(VerdictRules {
@@ -513,13 +611,14 @@ impl Stage for Evaluate {
                 .is_some_and(|p| p.by_strategy.contains_key("llm")),
         });
         if report.training.is_some() {
+            let steps = report
+                .training
+                .as_ref()
+                .and_then(|curve| curve.points.last())
+                .map(|point| point.step);
             report.warn_where_untrustworthy(&TrainingFacts {
                 examples: data.map(|dir| io::count_lines(&dir.join(TRAIN_FILE)) as usize),
-                steps: report
-                    .training
-                    .as_ref()
-                    .and_then(|curve| curve.points.last())
-                    .map(|point| point.step),
+                steps,
                 filters: provenance
                     .into_iter()
                     .flat_map(|p| p.filters)
@@ -532,50 +631,8 @@ impl Stage for Evaluate {
                     .collect(),
             });
         }
-        report.write(&ctx.out_dir).map_err(eval_error)?;
-        ctx.table(&metrics_table(&report));
-        for dataset in &report.datasets {
-            for comparison in dataset
-                .comparisons
-                .iter()
-                .filter(|c| c.metric == Metric::NDCG_10)
-            {
-                ctx.info(format!("{}: {}", dataset.name, comparison.sentence));
-            }
-        }
-        if report.reranker_regression {
-            ctx.warn(format!(
-                "RERANKING MAKES RETRIEVAL WORSE beyond noise:\n  {}\nregister will not make the reranker ragd's default unless `register.allow_worse: true`",
-                report.reranker_regressions.join("\n  ")
-            ));
-        }
-        if report.regression {
-            ctx.warn(format!(
-                "THE FINE-TUNED MODEL IS WORSE THAN THE BASE beyond noise:\n  {}\nregister will not make it the default unless `register.allow_worse: true`",
-                report.regressions.join("\n  ")
-            ));
-        }
-        for warning in &report.warnings {
-            ctx.warn(format!("trust: {warning}"));
-        }
-        if let Some(verdict) = &report.verdict {
-            let text = format!(
-                "verdict: {}. {}\nnext: {}",
-                verdict.label, verdict.why, verdict.next
-            );
-            if verdict.label == VERDICT_WORSE {
-                ctx.warn(text);
-            } else {
-                ctx.info(text);
-            }
-        }
-        Ok(StageOutcome {
-            summary: summary(&report),
-        })
     }
-}
 
-impl Evaluate {
     /// The model's own dimension first, then every smaller trained or requested one, largest
     /// first.
     fn dimensions(&self, full: usize, trained: &[usize]) -> Vec<usize> {
