@@ -388,7 +388,6 @@ impl Stage for Train {
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
         let (examples, data_hash) = read_training_data(ctx, self.data.as_deref())?;
-
         let model_dir = ctx
             .env
             .resolve_model(&self.model, SENTENCE_TRANSFORMER_FILES)?;
@@ -402,13 +401,134 @@ impl Stage for Train {
         let tokenized = self.tokenize(&encoder, &examples, max_seq_length)?;
         ctx.check_cancelled()?;
 
+        let outcome = self.steps(ctx, &encoder, &model_dir, &selected, &tokenized)?;
+        if outcome.resumed_from.is_none() && selected.device.is_cpu() {
+            self.record_speed(ctx, &tokenized, &outcome, max_seq_length);
+        }
+        if let Some(step) = outcome.resumed_from {
+            ctx.info(format!("resumed from the checkpoint at step {step}"));
+        }
+        let encoder = encoder
+            .with_max_seq_length(max_seq_length)
+            .map_err(io::model_error)?;
+        let merge = self.merge(ctx, &encoder, &model_dir, &selected.device)?;
+        if let Some(merge) = &merge {
+            io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
+        }
+        let figures = TrainFigures {
+            examples: tokenized.len(),
+            steps: outcome.total_steps,
+            first_loss: outcome.log.first().map(|r| r.loss),
+            final_loss: outcome.final_loss(),
+            train_seconds: outcome.train_seconds,
+            peak_rss_bytes: outcome.peak_rss_bytes,
+            device: selected.description.clone(),
+            resumed_from: outcome.resumed_from,
+            merge_alpha: merge.as_ref().map(|m| m.alpha),
+        };
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "recipe_hash".to_owned(),
+            blake3::hash(ctx.recipe_text.as_bytes())
+                .to_hex()
+                .to_string()
+                .into(),
+        );
+        extra.insert("cache_key".to_owned(), ctx.key.clone().into());
+        extra.insert("resumed_from".to_owned(), outcome.resumed_from.into());
+        if let Some(merge) = &merge {
+            extra.insert("merge".to_owned(), serde_json::to_value(merge)?);
+        }
+        let metadata = TrainingMetadata {
+            base_model: self.model.clone(),
+            data_hash,
+            examples: figures.examples,
+            loss: self.config.loss.name(),
+            matryoshka_dims: self.config.loss.matryoshka_dims.clone(),
+            hyperparameters: self.params(),
+            steps: figures.steps,
+            final_loss: figures.final_loss,
+            train_seconds: figures.train_seconds,
+            peak_rss_bytes: figures.peak_rss_bytes,
+            device: figures.device.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+            extra,
+        };
+        save_model(
+            encoder.bert(),
+            encoder.pooling(),
+            &model_dir,
+            max_seq_length,
+            &ctx.out_dir.join(MODEL_DIR),
+            &metadata,
+            Some(&ctx.recipe_text),
+        )
+        .map_err(train_error)?;
+        ctx.table(&figures.table());
+        Ok(StageOutcome {
+            summary: serde_json::to_value(&figures)?,
+        })
+    }
+}
+
+/// What a training run did, once: the stage's summary (in the lock, reproducible parts only)
+/// and the table the run shows.
+#[derive(Debug, Serialize)]
+struct TrainFigures {
+    examples: usize,
+    steps: u64,
+    first_loss: Option<f64>,
+    final_loss: Option<f64>,
+    train_seconds: f64,
+    peak_rss_bytes: Option<u64>,
+    device: String,
+    resumed_from: Option<u64>,
+    merge_alpha: Option<f64>,
+}
+
+impl TrainFigures {
+    fn table(&self) -> Table {
+        let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
+        let row = |name: &str, value: String| vec![name.to_owned(), value];
+        Table {
+            title: "training".to_owned(),
+            columns: vec![String::new(), "value".to_owned()],
+            rows: vec![
+                row("examples", self.examples.to_string()),
+                row("steps", self.steps.to_string()),
+                row("first loss", figure(self.first_loss)),
+                row("final loss", figure(self.final_loss)),
+                row("seconds", format!("{:.1}", self.train_seconds)),
+                row(
+                    "peak memory",
+                    self.peak_rss_bytes.map_or_else(
+                        || "-".to_owned(),
+                        |b| format!("{:.0} MiB", b as f64 / (1024. * 1024.)),
+                    ),
+                ),
+            ],
+        }
+    }
+}
+
+impl Train {
+    /// The optimiser steps (resuming from the journal's checkpoint), with the base as the guide
+    /// when `train.guide: base`; the per-step log grows in the artifact as training goes.
+    fn steps(
+        &self,
+        ctx: &StageContext,
+        encoder: &SentenceEncoder,
+        model_dir: &Path,
+        selected: &device::SelectedDevice,
+        tokenized: &[TokenizedExample],
+    ) -> Result<TrainOutcome, StageError> {
         let model = TrainModel {
             bert: encoder.bert(),
             pooling: encoder.pooling(),
         };
         let guide = match self.params.guide {
             GuideSetting::Base => {
-                Some(SentenceEncoder::load(&model_dir, &selected.device).map_err(io::model_error)?)
+                Some(SentenceEncoder::load(model_dir, &selected.device).map_err(io::model_error)?)
             }
             GuideSetting::None => None,
         };
@@ -421,7 +541,7 @@ impl Stage for Train {
                 })
                 .map_err(train_error)?;
         }
-        let total = trainer.total_steps(&tokenized).map_err(train_error)?;
+        let total = trainer.total_steps(tokenized).map_err(train_error)?;
         let gradcache = if self.config.batch_size > self.config.mini_batch_size {
             format!(
                 ", GradCache over mini-batches of {}",
@@ -443,7 +563,7 @@ impl Stage for Train {
         let log_path = ctx.out_dir.join(TRAIN_LOG_FILE);
         let mut live_log = std::io::BufWriter::new(fs_err::File::create(&log_path)?);
         let mut log_error = None;
-        let outcome = trainer.run(&tokenized, Some(ctx.journal_dir.as_path()), &mut |record| {
+        let outcome = trainer.run(tokenized, Some(ctx.journal_dir.as_path()), &mut |record| {
             if log_error.is_none()
                 && let Err(error) = serde_json::to_writer(&mut live_log, record)
                     .map_err(std::io::Error::from)
@@ -466,109 +586,19 @@ impl Stage for Train {
             }
         });
         drop(bar);
-        drop(trainer);
-        drop(guide);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(TrainError::Stopped { .. }) => return Err(StageError::Cancelled),
             Err(error) => return Err(train_error(error)),
         };
-        if outcome.resumed_from.is_none() && selected.device.is_cpu() {
-            self.record_speed(ctx, &tokenized, &outcome, max_seq_length);
-        }
-        let encoder = encoder
-            .with_max_seq_length(max_seq_length)
-            .map_err(io::model_error)?;
-        let merge = self.merge(ctx, &encoder, &model_dir, &selected.device)?;
-        if let Some(merge) = &merge {
-            io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
-        }
-        if let Some(step) = outcome.resumed_from {
-            ctx.info(format!("resumed from the checkpoint at step {step}"));
-        }
         if let Some(error) = log_error {
             return Err(error.into());
         }
         drop(live_log);
         io::write_jsonl(&log_path, &outcome.log)?;
-        let mut extra = serde_json::Map::new();
-        extra.insert(
-            "recipe_hash".to_owned(),
-            blake3::hash(ctx.recipe_text.as_bytes())
-                .to_hex()
-                .to_string()
-                .into(),
-        );
-        extra.insert("cache_key".to_owned(), ctx.key.clone().into());
-        extra.insert("resumed_from".to_owned(), outcome.resumed_from.into());
-        if let Some(merge) = &merge {
-            extra.insert("merge".to_owned(), serde_json::to_value(merge)?);
-        }
-        let metadata = TrainingMetadata {
-            base_model: self.model.clone(),
-            data_hash,
-            examples: tokenized.len(),
-            loss: self.config.loss.name(),
-            matryoshka_dims: self.config.loss.matryoshka_dims.clone(),
-            hyperparameters: self.params(),
-            steps: outcome.total_steps,
-            final_loss: outcome.final_loss(),
-            train_seconds: outcome.train_seconds,
-            peak_rss_bytes: outcome.peak_rss_bytes,
-            device: selected.description.clone(),
-            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
-            extra,
-        };
-        save_model(
-            encoder.bert(),
-            encoder.pooling(),
-            &model_dir,
-            max_seq_length,
-            &ctx.out_dir.join(MODEL_DIR),
-            &metadata,
-            Some(&ctx.recipe_text),
-        )
-        .map_err(train_error)?;
-
-        let first_loss = outcome.log.first().map(|r| r.loss);
-        let summary = serde_json::json!({
-            "examples": tokenized.len(),
-            "steps": outcome.total_steps,
-            "first_loss": first_loss,
-            "final_loss": outcome.final_loss(),
-            "train_seconds": outcome.train_seconds,
-            "peak_rss_bytes": outcome.peak_rss_bytes,
-            "device": selected.description,
-            "resumed_from": outcome.resumed_from,
-            "merge_alpha": merge.as_ref().map(|m| m.alpha),
-        });
-        let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
-        ctx.table(&Table {
-            title: "training".to_owned(),
-            columns: vec!["".to_owned(), "value".to_owned()],
-            rows: vec![
-                vec!["examples".to_owned(), tokenized.len().to_string()],
-                vec!["steps".to_owned(), outcome.total_steps.to_string()],
-                vec!["first loss".to_owned(), figure(first_loss)],
-                vec!["final loss".to_owned(), figure(outcome.final_loss())],
-                vec![
-                    "seconds".to_owned(),
-                    format!("{:.1}", outcome.train_seconds),
-                ],
-                vec![
-                    "peak memory".to_owned(),
-                    outcome.peak_rss_bytes.map_or_else(
-                        || "-".to_owned(),
-                        |b| format!("{:.0} MiB", b as f64 / (1024. * 1024.)),
-                    ),
-                ],
-            ],
-        });
-        Ok(StageOutcome { summary })
+        Ok(outcome)
     }
-}
 
-impl Train {
     /// Keeps what this run measured of training speed and memory, for later estimates.
     fn record_speed(
         &self,
