@@ -40,166 +40,8 @@ pub struct DagNode {
 impl Dag {
     /// Resolves every stage's inputs; missing inputs and cycles are located recipe problems.
     pub fn build(recipe: &Recipe) -> Result<Self, RecipeError> {
-        let mut problems: Vec<Problem> = Vec::new();
-        let count = recipe.stages.len();
-        let mut edges: Vec<BTreeMap<Artifact, usize>> = vec![BTreeMap::new(); count];
-        let section_path = |i: usize| vec![recipe.stages[i].spec.section.to_owned()];
-        for (i, entry) in recipe.stages.iter().enumerate() {
-            let from_positions = entry.from.as_ref().map(|names| {
-                names
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(n, name)| {
-                        let position = recipe
-                            .stages
-                            .iter()
-                            .position(|s| s.spec.is_named(name));
-                        if position.is_none() {
-                            problems.push(recipe.problem(
-                                ProblemKind::MissingInput,
-                                &[entry.spec.section.to_owned(), "from".to_owned(), n.to_string()],
-                                format!("`{}.from` names `{name}`, which is not a section of this recipe", entry.spec.section),
-                                "no such section",
-                                None,
-                            ));
-                        }
-                        position.map(|p| (n, p))
-                    })
-                    .collect::<Vec<_>>()
-            });
-            for input in entry.stage.inputs() {
-                let producer = match &from_positions {
-                    Some(listed) => listed
-                        .iter()
-                        .map(|&(_, p)| p)
-                        .find(|&p| recipe.stages[p].spec.produces == input.artifact),
-                    None => (0..i)
-                        .rev()
-                        .find(|&p| recipe.stages[p].spec.produces == input.artifact),
-                };
-                match producer {
-                    Some(p) => {
-                        edges[i].insert(input.artifact, p);
-                    }
-                    None if input.required => {
-                        // Sections of this recipe that produce it, left out of `from:`.
-                        let present: Vec<String> = recipe
-                            .stages
-                            .iter()
-                            .filter(|s| s.spec.produces == input.artifact)
-                            .map(|s| format!("`{}`", s.spec.section))
-                            .collect();
-                        let (message, mut help) = if from_positions.is_some() && !present.is_empty()
-                        {
-                            (
-                                format!(
-                                    "stage `{}` needs {}, which none of the sections in its `from:` produces",
-                                    entry.spec.kind,
-                                    input.artifact.name()
-                                ),
-                                format!(
-                                    "add {} to `{}.from`",
-                                    present.join(" or "),
-                                    entry.spec.section
-                                ),
-                            )
-                        } else {
-                            let producers: Vec<String> = crate::stages::REGISTRY
-                                .iter()
-                                .filter(|s| s.produces == input.artifact)
-                                .map(|s| format!("`{}:`", s.section))
-                                .collect();
-                            (
-                                format!(
-                                    "stage `{}` needs {}, which no stage of this recipe produces",
-                                    entry.spec.kind,
-                                    input.artifact.name()
-                                ),
-                                format!("add a {} section", producers.join(" or ")),
-                            )
-                        };
-                        if let Some(key) = input.instead {
-                            help.push_str(&format!(", or set `{}.{key}`", entry.spec.section));
-                        }
-                        problems.push(recipe.problem(
-                            ProblemKind::MissingInput,
-                            &section_path(i),
-                            message,
-                            format!("needs {}", input.artifact.name()),
-                            Some(help),
-                        ));
-                    }
-                    None => {}
-                }
-            }
-            if let Some(listed) = &from_positions {
-                let needed: Vec<Artifact> =
-                    entry.stage.inputs().iter().map(|i| i.artifact).collect();
-                for &(n, p) in listed {
-                    if !needed.contains(&recipe.stages[p].spec.produces) {
-                        problems.push(recipe.problem(
-                            ProblemKind::MissingInput,
-                            &[
-                                entry.spec.section.to_owned(),
-                                "from".to_owned(),
-                                n.to_string(),
-                            ],
-                            format!(
-                                "`{}` produces {}, which stage `{}` does not read",
-                                recipe.stages[p].spec.section,
-                                recipe.stages[p].spec.produces.name(),
-                                entry.spec.kind
-                            ),
-                            "not an input of this stage",
-                            None,
-                        ));
-                    }
-                }
-            }
-        }
-        if !problems.is_empty() {
-            return Err(RecipeError::invalid(recipe.path.clone(), problems));
-        }
-
-        let mut graph: DiGraph<usize, Artifact> = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..count).map(|i| graph.add_node(i)).collect();
-        for (consumer, inputs) in edges.iter().enumerate() {
-            for (&artifact, &producer) in inputs {
-                graph.add_edge(nodes[producer], nodes[consumer], artifact);
-            }
-        }
-        let order = match stable_toposort(&graph, count) {
-            Some(order) => order,
-            None => {
-                let cycle = petgraph::algo::kosaraju_scc(&graph)
-                    .into_iter()
-                    .find(|scc| scc.len() > 1)
-                    .unwrap_or_default();
-                let mut members: Vec<usize> = cycle.iter().map(|n| graph[*n]).collect();
-                members.sort_unstable();
-                let names: Vec<String> = members
-                    .iter()
-                    .map(|&i| format!("`{}`", recipe.stages[i].spec.kind))
-                    .collect();
-                let at = members
-                    .iter()
-                    .copied()
-                    .find(|&i| recipe.stages[i].from.is_some())
-                    .unwrap_or(members.first().copied().unwrap_or(0));
-                let mut path = section_path(at);
-                path.push("from".to_owned());
-                return Err(RecipeError::invalid(
-                    recipe.path.clone(),
-                    vec![recipe.problem(
-                        ProblemKind::Cycle,
-                        &path,
-                        format!("stages {} read each other's output in a cycle", names.join(", ")),
-                        "this closes the cycle",
-                        Some("a stage can only read from stages that do not depend on it; fix the `from:` lists".to_owned()),
-                    )],
-                ));
-            }
-        };
+        let edges = resolve_inputs(recipe)?;
+        let order = execution_order(recipe, &edges)?;
         let position: BTreeMap<usize, usize> = order
             .iter()
             .enumerate()
@@ -217,6 +59,183 @@ impl Dag {
             })
             .collect();
         Ok(Self { nodes })
+    }
+}
+
+/// Per section of the recipe (in its order), the section producing each artifact it reads: the
+/// nearest before it, or one its `from:` lists. Every problem is reported at once.
+fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, RecipeError> {
+    let mut problems: Vec<Problem> = Vec::new();
+    let count = recipe.stages.len();
+    let mut edges: Vec<BTreeMap<Artifact, usize>> = vec![BTreeMap::new(); count];
+    let section_path = |i: usize| vec![recipe.stages[i].spec.section.to_owned()];
+    for (i, entry) in recipe.stages.iter().enumerate() {
+        let from_positions = entry.from.as_ref().map(|names| {
+            names
+                .iter()
+                .enumerate()
+                .filter_map(|(n, name)| {
+                    let position = recipe.stages.iter().position(|s| s.spec.is_named(name));
+                    if position.is_none() {
+                        problems.push(recipe.problem(
+                            ProblemKind::MissingInput,
+                            &[
+                                entry.spec.section.to_owned(),
+                                "from".to_owned(),
+                                n.to_string(),
+                            ],
+                            format!(
+                                "`{}.from` names `{name}`, which is not a section of this recipe",
+                                entry.spec.section
+                            ),
+                            "no such section",
+                            None,
+                        ));
+                    }
+                    position.map(|p| (n, p))
+                })
+                .collect::<Vec<_>>()
+        });
+        for input in entry.stage.inputs() {
+            let producer = match &from_positions {
+                Some(listed) => listed
+                    .iter()
+                    .map(|&(_, p)| p)
+                    .find(|&p| recipe.stages[p].spec.produces == input.artifact),
+                None => (0..i)
+                    .rev()
+                    .find(|&p| recipe.stages[p].spec.produces == input.artifact),
+            };
+            match producer {
+                Some(p) => {
+                    edges[i].insert(input.artifact, p);
+                }
+                None if input.required => {
+                    // Sections of this recipe that produce it, left out of `from:`.
+                    let present: Vec<String> = recipe
+                        .stages
+                        .iter()
+                        .filter(|s| s.spec.produces == input.artifact)
+                        .map(|s| format!("`{}`", s.spec.section))
+                        .collect();
+                    let (message, mut help) = if from_positions.is_some() && !present.is_empty() {
+                        (
+                            format!(
+                                "stage `{}` needs {}, which none of the sections in its `from:` produces",
+                                entry.spec.kind,
+                                input.artifact.name()
+                            ),
+                            format!(
+                                "add {} to `{}.from`",
+                                present.join(" or "),
+                                entry.spec.section
+                            ),
+                        )
+                    } else {
+                        let producers: Vec<String> = crate::stages::REGISTRY
+                            .iter()
+                            .filter(|s| s.produces == input.artifact)
+                            .map(|s| format!("`{}:`", s.section))
+                            .collect();
+                        (
+                            format!(
+                                "stage `{}` needs {}, which no stage of this recipe produces",
+                                entry.spec.kind,
+                                input.artifact.name()
+                            ),
+                            format!("add a {} section", producers.join(" or ")),
+                        )
+                    };
+                    if let Some(key) = input.instead {
+                        help.push_str(&format!(", or set `{}.{key}`", entry.spec.section));
+                    }
+                    problems.push(recipe.problem(
+                        ProblemKind::MissingInput,
+                        &section_path(i),
+                        message,
+                        format!("needs {}", input.artifact.name()),
+                        Some(help),
+                    ));
+                }
+                None => {}
+            }
+        }
+        if let Some(listed) = &from_positions {
+            let needed: Vec<Artifact> = entry.stage.inputs().iter().map(|i| i.artifact).collect();
+            for &(n, p) in listed {
+                if !needed.contains(&recipe.stages[p].spec.produces) {
+                    problems.push(recipe.problem(
+                        ProblemKind::MissingInput,
+                        &[
+                            entry.spec.section.to_owned(),
+                            "from".to_owned(),
+                            n.to_string(),
+                        ],
+                        format!(
+                            "`{}` produces {}, which stage `{}` does not read",
+                            recipe.stages[p].spec.section,
+                            recipe.stages[p].spec.produces.name(),
+                            entry.spec.kind
+                        ),
+                        "not an input of this stage",
+                        None,
+                    ));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(RecipeError::invalid(recipe.path.clone(), problems));
+    }
+    Ok(edges)
+}
+
+/// The order stages run in (topological, ties in canonical order); a cycle of `from:` lists is
+/// a problem located at the list that closes it.
+fn execution_order(
+    recipe: &Recipe,
+    edges: &[BTreeMap<Artifact, usize>],
+) -> Result<Vec<usize>, RecipeError> {
+    let count = recipe.stages.len();
+    let section_path = |i: usize| vec![recipe.stages[i].spec.section.to_owned()];
+    let mut graph: DiGraph<usize, Artifact> = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..count).map(|i| graph.add_node(i)).collect();
+    for (consumer, inputs) in edges.iter().enumerate() {
+        for (&artifact, &producer) in inputs {
+            graph.add_edge(nodes[producer], nodes[consumer], artifact);
+        }
+    }
+    match stable_toposort(&graph, count) {
+        Some(order) => Ok(order),
+        None => {
+            let cycle = petgraph::algo::kosaraju_scc(&graph)
+                .into_iter()
+                .find(|scc| scc.len() > 1)
+                .unwrap_or_default();
+            let mut members: Vec<usize> = cycle.iter().map(|n| graph[*n]).collect();
+            members.sort_unstable();
+            let names: Vec<String> = members
+                .iter()
+                .map(|&i| format!("`{}`", recipe.stages[i].spec.kind))
+                .collect();
+            let at = members
+                .iter()
+                .copied()
+                .find(|&i| recipe.stages[i].from.is_some())
+                .unwrap_or(members.first().copied().unwrap_or(0));
+            let mut path = section_path(at);
+            path.push("from".to_owned());
+            Err(RecipeError::invalid(
+                    recipe.path.clone(),
+                    vec![recipe.problem(
+                        ProblemKind::Cycle,
+                        &path,
+                        format!("stages {} read each other's output in a cycle", names.join(", ")),
+                        "this closes the cycle",
+                        Some("a stage can only read from stages that do not depend on it; fix the `from:` lists".to_owned()),
+                    )],
+                ))
+        }
     }
 }
 
