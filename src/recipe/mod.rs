@@ -275,42 +275,7 @@ impl Loader {
             .filter_map(|u| u.path.first().map(String::as_str))
             .collect();
 
-        // Split the header from the stage sections.
-        let mut header_map = serde_yaml::Mapping::new();
-        let mut sections = Vec::new();
-        for (key, value) in std::mem::take(mapping) {
-            let name = key.as_str().unwrap_or_default().to_owned();
-            match stages::by_section(&name) {
-                Some(spec) => sections.push((spec, value)),
-                None => {
-                    header_map.insert(key, value);
-                }
-            }
-        }
-        let header: Header =
-            match serde_path_to_error::deserialize(serde_yaml::Value::Mapping(header_map)) {
-                Ok(header) => header,
-                Err(error) => {
-                    let path = path_of(&error);
-                    let message = error.into_inner().to_string();
-                    self.type_problem(&path, &message);
-                    return None;
-                }
-            };
-        if header.version != FORMAT_VERSION {
-            self.problems.push(self.locator.problem(
-                ProblemKind::Value,
-                &["version".to_owned()],
-                format!(
-                    "recipe format version {} is not supported; this ragd-pipe reads version {FORMAT_VERSION}",
-                    header.version
-                ),
-                "unsupported version",
-                None,
-                false,
-            ));
-            return None;
-        }
+        let (header, sections) = self.split_sections(mapping)?;
 
         let dir = self
             .path
@@ -354,10 +319,87 @@ impl Loader {
             return None;
         }
 
+        let mut built = self.build_sections(sections, &env, &misspelt_in);
+        built.sort_by_key(|s| {
+            stages::REGISTRY
+                .iter()
+                .position(|spec| std::ptr::eq(spec, s.spec))
+        });
+        let workdir = dir.join(&header.workdir);
+        let path = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
+        Some(Recipe {
+            path,
+            text: Arc::new(text.to_owned()),
+            overrides: overrides.to_vec(),
+            env,
+            workdir,
+            stages: built,
+            locator: std::mem::replace(
+                &mut self.locator,
+                Locator {
+                    source: RecipeSource::new("", Arc::new(String::new())),
+                    spans: SpanIndex::default(),
+                    overrides: Vec::new(),
+                },
+            ),
+        })
+    }
+
+    /// Splits the recipe's mapping into its header (checked) and its stage sections.
+    fn split_sections(
+        &mut self,
+        mapping: &mut serde_yaml::Mapping,
+    ) -> Option<(Header, Vec<(&'static StageSpec, serde_yaml::Value)>)> {
+        let mut header_map = serde_yaml::Mapping::new();
+        let mut sections = Vec::new();
+        for (key, value) in std::mem::take(mapping) {
+            let name = key.as_str().unwrap_or_default().to_owned();
+            match stages::by_section(&name) {
+                Some(spec) => sections.push((spec, value)),
+                None => {
+                    header_map.insert(key, value);
+                }
+            }
+        }
+        let header: Header =
+            match serde_path_to_error::deserialize(serde_yaml::Value::Mapping(header_map)) {
+                Ok(header) => header,
+                Err(error) => {
+                    let path = path_of(&error);
+                    let message = error.into_inner().to_string();
+                    self.type_problem(&path, &message);
+                    return None;
+                }
+            };
+        if header.version != FORMAT_VERSION {
+            self.problems.push(self.locator.problem(
+                ProblemKind::Value,
+                &["version".to_owned()],
+                format!(
+                    "recipe format version {} is not supported; this ragd-pipe reads version {FORMAT_VERSION}",
+                    header.version
+                ),
+                "unsupported version",
+                None,
+                false,
+            ));
+            return None;
+        }
+        Some((header, sections))
+    }
+
+    /// Builds each stage section, recording its problems; `misspelt_in` names sections with a
+    /// misspelt key, whose "is required" would repeat that problem.
+    fn build_sections(
+        &mut self,
+        sections: Vec<(&'static StageSpec, serde_yaml::Value)>,
+        env: &RecipeEnv,
+        misspelt_in: &[&str],
+    ) -> Vec<RecipeStage> {
         let mut built = Vec::new();
         for (spec, mut value) in sections {
             let from = self.take_from(spec, &mut value);
-            match (spec.build)(value, &env) {
+            match (spec.build)(value, env) {
                 Ok(stage) => built.push(RecipeStage {
                     spec,
                     stage: Arc::from(stage),
@@ -394,29 +436,7 @@ impl Loader {
                 }
             }
         }
-        built.sort_by_key(|s| {
-            stages::REGISTRY
-                .iter()
-                .position(|spec| std::ptr::eq(spec, s.spec))
-        });
-        let workdir = dir.join(&header.workdir);
-        let path = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
-        Some(Recipe {
-            path,
-            text: Arc::new(text.to_owned()),
-            overrides: overrides.to_vec(),
-            env,
-            workdir,
-            stages: built,
-            locator: std::mem::replace(
-                &mut self.locator,
-                Locator {
-                    source: RecipeSource::new("", Arc::new(String::new())),
-                    spans: SpanIndex::default(),
-                    overrides: Vec::new(),
-                },
-            ),
-        })
+        built
     }
 
     /// Parses the YAML, turning a syntax error into a located problem.
