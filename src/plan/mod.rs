@@ -22,7 +22,7 @@ use crate::cache::key::{ExternalDigest, KeyRecord};
 use crate::cache::lock::LockFile;
 use crate::cache::store::{Manifest, Store, Verification};
 use crate::recipe::{Problem, ProblemKind, Recipe, RecipeError};
-use crate::stages::{Artifact, External, Stage, StageEnv, StageError, StageSpec};
+use crate::stages::{Artifact, External, Input, Stage, StageEnv, StageError, StageSpec};
 
 /// The stages of a recipe and which stage feeds which.
 pub struct Dag {
@@ -68,7 +68,6 @@ fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, Rec
     let mut problems: Vec<Problem> = Vec::new();
     let count = recipe.stages.len();
     let mut edges: Vec<BTreeMap<Artifact, usize>> = vec![BTreeMap::new(); count];
-    let section_path = |i: usize| vec![recipe.stages[i].spec.section.to_owned()];
     for (i, entry) in recipe.stages.iter().enumerate() {
         let from_positions = entry.from.as_ref().map(|names| {
             names
@@ -111,51 +110,7 @@ fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, Rec
                     edges[i].insert(input.artifact, p);
                 }
                 None if input.required => {
-                    // Sections of this recipe that produce it, left out of `from:`.
-                    let present: Vec<String> = recipe
-                        .stages
-                        .iter()
-                        .filter(|s| s.spec.produces == input.artifact)
-                        .map(|s| format!("`{}`", s.spec.section))
-                        .collect();
-                    let (message, mut help) = if from_positions.is_some() && !present.is_empty() {
-                        (
-                            format!(
-                                "stage `{}` needs {}, which none of the sections in its `from:` produces",
-                                entry.spec.kind,
-                                input.artifact.name()
-                            ),
-                            format!(
-                                "add {} to `{}.from`",
-                                present.join(" or "),
-                                entry.spec.section
-                            ),
-                        )
-                    } else {
-                        let producers: Vec<String> = crate::stages::REGISTRY
-                            .iter()
-                            .filter(|s| s.produces == input.artifact)
-                            .map(|s| format!("`{}:`", s.section))
-                            .collect();
-                        (
-                            format!(
-                                "stage `{}` needs {}, which no stage of this recipe produces",
-                                entry.spec.kind,
-                                input.artifact.name()
-                            ),
-                            format!("add a {} section", producers.join(" or ")),
-                        )
-                    };
-                    if let Some(key) = input.instead {
-                        help.push_str(&format!(", or set `{}.{key}`", entry.spec.section));
-                    }
-                    problems.push(recipe.problem(
-                        ProblemKind::MissingInput,
-                        &section_path(i),
-                        message,
-                        format!("needs {}", input.artifact.name()),
-                        Some(help),
-                    ));
+                    problems.push(missing_input(recipe, i, &input, from_positions.is_some()))
                 }
                 None => {}
             }
@@ -188,6 +143,57 @@ fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, Rec
         return Err(RecipeError::invalid(recipe.path.clone(), problems));
     }
     Ok(edges)
+}
+
+/// The problem of stage `i` missing its required `input`: which sections could supply it, or
+/// which section to add.
+fn missing_input(recipe: &Recipe, i: usize, input: &Input, has_from: bool) -> Problem {
+    let entry = &recipe.stages[i];
+    // Sections of this recipe that produce it, left out of `from:`.
+    let present: Vec<String> = recipe
+        .stages
+        .iter()
+        .filter(|s| s.spec.produces == input.artifact)
+        .map(|s| format!("`{}`", s.spec.section))
+        .collect();
+    let (message, mut help) = if has_from && !present.is_empty() {
+        (
+            format!(
+                "stage `{}` needs {}, which none of the sections in its `from:` produces",
+                entry.spec.kind,
+                input.artifact.name()
+            ),
+            format!(
+                "add {} to `{}.from`",
+                present.join(" or "),
+                entry.spec.section
+            ),
+        )
+    } else {
+        let producers: Vec<String> = crate::stages::REGISTRY
+            .iter()
+            .filter(|s| s.produces == input.artifact)
+            .map(|s| format!("`{}:`", s.section))
+            .collect();
+        (
+            format!(
+                "stage `{}` needs {}, which no stage of this recipe produces",
+                entry.spec.kind,
+                input.artifact.name()
+            ),
+            format!("add a {} section", producers.join(" or ")),
+        )
+    };
+    if let Some(key) = input.instead {
+        help.push_str(&format!(", or set `{}.{key}`", entry.spec.section));
+    }
+    recipe.problem(
+        ProblemKind::MissingInput,
+        &[entry.spec.section.to_owned()],
+        message,
+        format!("needs {}", input.artifact.name()),
+        Some(help),
+    )
 }
 
 /// The order stages run in (topological, ties in canonical order); a cycle of `from:` lists is
