@@ -235,31 +235,7 @@ impl Loader {
         if !self.problems.is_empty() {
             return None;
         }
-        let mapping = match &mut root {
-            serde_yaml::Value::Mapping(mapping) => mapping,
-            serde_yaml::Value::Null => {
-                self.problems.push(self.locator.problem(
-                    ProblemKind::Value,
-                    &[],
-                    "the recipe is empty",
-                    "nothing here",
-                    Some("a recipe needs at least one stage section, e.g. `chunk:`".to_owned()),
-                    false,
-                ));
-                return None;
-            }
-            _ => {
-                self.problems.push(self.locator.problem(
-                    ProblemKind::Type,
-                    &[],
-                    "a recipe is a mapping of keys to values",
-                    "expected `key: value` lines",
-                    None,
-                    false,
-                ));
-                return None;
-            }
-        };
+        let mapping = self.root_mapping(&mut root)?;
 
         // Unknown keys are reported, then dropped, so that the values around them are checked
         // too and one `validate` reports every problem.
@@ -343,6 +319,38 @@ impl Loader {
                 },
             ),
         })
+    }
+
+    /// The recipe's top level, which must be a mapping of sections.
+    fn root_mapping<'v>(
+        &mut self,
+        root: &'v mut serde_yaml::Value,
+    ) -> Option<&'v mut serde_yaml::Mapping> {
+        match root {
+            serde_yaml::Value::Mapping(mapping) => Some(mapping),
+            serde_yaml::Value::Null => {
+                self.problems.push(self.locator.problem(
+                    ProblemKind::Value,
+                    &[],
+                    "the recipe is empty",
+                    "nothing here",
+                    Some("a recipe needs at least one stage section, e.g. `chunk:`".to_owned()),
+                    false,
+                ));
+                None
+            }
+            _ => {
+                self.problems.push(self.locator.problem(
+                    ProblemKind::Type,
+                    &[],
+                    "a recipe is a mapping of keys to values",
+                    "expected `key: value` lines",
+                    None,
+                    false,
+                ));
+                None
+            }
+        }
     }
 
     /// Splits the recipe's mapping into its header (checked) and its stage sections.
