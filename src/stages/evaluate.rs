@@ -616,8 +616,17 @@ impl Evaluate {
                 .as_ref()
                 .and_then(|curve| curve.points.last())
                 .map(|point| point.step);
+            // f32 weights: four bytes a parameter.
+            let parameters = ctx
+                .input(Artifact::Model)
+                .ok()
+                .and_then(|dir| {
+                    fs_err::metadata(dir.join(MODEL_DIR).join("model.safetensors")).ok()
+                })
+                .map(|m| m.len() / 4);
             report.warn_where_untrustworthy(&TrainingFacts {
                 examples: data.map(|dir| io::count_lines(&dir.join(TRAIN_FILE)) as usize),
+                parameters,
                 steps,
                 filters: provenance
                     .into_iter()

@@ -20,6 +20,7 @@ use super::progress::RunProgress;
 use super::wizard::{self, DataChoice, WizardChoices};
 use super::{ApiError, App, resolve_local};
 use crate::exec;
+use crate::model::gguf::{self, GgufType};
 use crate::recipe::Recipe;
 use crate::registry;
 
@@ -295,6 +296,47 @@ pub(super) async fn delete_model(
     }
     let path = registry::remove(&app.registry, &name).map_err(|e| registry_problem(&e))?;
     Ok(Json(serde_json::json!({ "removed": path })))
+}
+
+/// `GET /api/models/{name}/gguf`: the model as one f16 GGUF file for llama.cpp and Ollama, as a
+/// download: the registered folder's own when `register` wrote one, else exported now into the
+/// dashboard's state (`models export NAME --format gguf` does the same).
+pub(super) async fn model_gguf(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    let details = registry::show(&app.registry, &name).map_err(|e| registry_problem(&e))?;
+    let file_name = format!("{name}-{}.gguf", GgufType::F16);
+    let registered = details.entry.path.join(&file_name);
+    let path = if registered.is_file() {
+        registered
+    } else {
+        let model_dir = details.entry.path.clone();
+        let out = app.store.exports_dir().join(&file_name);
+        tokio::task::spawn_blocking(move || -> Result<PathBuf, ApiError> {
+            let unprocessable = |why: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why);
+            let cannot = |e: crate::model::error::ModelError| unprocessable(crate::error_chain(&e));
+            if let Some(why) = gguf::not_exportable(&model_dir).map_err(cannot)? {
+                return Err(unprocessable(format!("no GGUF for `{name}`: {why}")));
+            }
+            gguf::export_bert(&model_dir, &out, GgufType::F16, &name).map_err(cannot)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+    };
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let disposition = format!("attachment; filename=\"{file_name}\"");
+    Ok(axum::response::IntoResponse::into_response((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        bytes,
+    )))
 }
 
 fn registry_problem(error: &registry::RegistryError) -> ApiError {

@@ -163,6 +163,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/runs/{id}/rerun", post(api::rerun))
         .route("/api/wizard/review", post(api::review))
         .route("/api/models/{name}/use", post(api::use_model))
+        .route("/api/models/{name}/gguf", get(api::model_gguf))
         .route(
             "/api/models/{name}",
             axum::routing::delete(api::delete_model),

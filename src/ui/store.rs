@@ -191,6 +191,11 @@ impl UiStore {
         self.root.join("recipes")
     }
 
+    /// Where models exported for download are written.
+    pub(crate) fn exports_dir(&self) -> PathBuf {
+        self.root.join("exports")
+    }
+
     /// Runs left `running` by a dashboard that stopped become `interrupted` (their process is
     /// gone or no longer ours); queued runs stay queued.
     pub(crate) fn recover(&self) -> Result<usize, UiError> {

@@ -266,8 +266,10 @@ function showEstimate(estimate, problem) {
     }
     body.append(row);
   }
-  $("#estimate-total").textContent =
-    `About ${duration(estimate.seconds)} in all, at most ${memory(estimate.peak_bytes)} of memory (${BASIS[estimate.basis]}).`;
+  const nothing = estimate.stages.every((line) => !line.estimate && !line.problem);
+  $("#estimate-total").textContent = nothing
+    ? "Nothing to run: every stage's work is in the store."
+    : `About ${duration(estimate.seconds)} in all, at most ${memory(estimate.peak_bytes)} of memory (${BASIS[estimate.basis]}).`;
 }
 
 // The wizard: data, base model, preset, review (the recipe, editable), launch.
