@@ -141,6 +141,21 @@ pub fn passage_of(title: &str, text: &str) -> String {
     }
 }
 
+/// What a saved model's metadata records of the run that made it: the recipe's hash and the
+/// stage's cache key (which names every input).
+pub fn run_provenance(ctx: &StageContext) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "recipe_hash".to_owned(),
+        blake3::hash(ctx.recipe_text.as_bytes())
+            .to_hex()
+            .to_string()
+            .into(),
+    );
+    extra.insert("cache_key".to_owned(), ctx.key.clone().into());
+    extra
+}
+
 /// The records of a JSONL file (its non-empty lines), 0 when it cannot be read: for estimates.
 pub fn count_lines(path: &Path) -> u64 {
     fs_err::read_to_string(path).map_or(0, |text| {

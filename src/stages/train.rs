@@ -426,15 +426,7 @@ impl Stage for Train {
             resumed_from: outcome.resumed_from,
             merge_alpha: merge.as_ref().map(|m| m.alpha),
         };
-        let mut extra = serde_json::Map::new();
-        extra.insert(
-            "recipe_hash".to_owned(),
-            blake3::hash(ctx.recipe_text.as_bytes())
-                .to_hex()
-                .to_string()
-                .into(),
-        );
-        extra.insert("cache_key".to_owned(), ctx.key.clone().into());
+        let mut extra = io::run_provenance(ctx);
         extra.insert("resumed_from".to_owned(), outcome.resumed_from.into());
         if let Some(merge) = &merge {
             extra.insert("merge".to_owned(), serde_json::to_value(merge)?);

@@ -471,16 +471,8 @@ impl TrainReranker {
     ) -> Result<(), StageError> {
         io::write_jsonl(&ctx.out_dir.join(RERANK_LOG_FILE), &outcome.log)?;
         io::write_jsonl(&ctx.out_dir.join(RERANK_EVALS_FILE), &outcome.evals)?;
-        let mut extra = serde_json::Map::new();
+        let mut extra = io::run_provenance(ctx);
         extra.insert("kind".to_owned(), "cross-encoder".into());
-        extra.insert(
-            "recipe_hash".to_owned(),
-            blake3::hash(ctx.recipe_text.as_bytes())
-                .to_hex()
-                .to_string()
-                .into(),
-        );
-        extra.insert("cache_key".to_owned(), ctx.key.clone().into());
         extra.insert(
             "head".to_owned(),
             match model.origin() {
