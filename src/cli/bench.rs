@@ -79,12 +79,15 @@ pub struct EncoderArgs {
     /// Sentences encoded for the throughput figure.
     #[arg(long, default_value_t = 320)]
     pub sentences: usize,
-    /// Tokens per sequence, special tokens included.
-    #[arg(long, default_value_t = 128)]
-    pub tokens: usize,
-    /// (anchor, positive) pairs per training step; encoding batches twice as many sentences.
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
+    /// Shapes to time, each `PAIRSxTOKENS`: (anchor, positive) pairs per training step (encoding
+    /// batches twice as many sentences) and tokens per sequence, special tokens included.
+    #[arg(long, value_delimiter = ',', default_value = "16x128,32x256", value_parser = parse_shape)]
+    pub shapes: Vec<Shape>,
+    /// Peer figures to compare with, measured side by side on this machine (PyTorch, ONNX
+    /// Runtime, …): `{"PEER": {"16x128": {"step_seconds": 1.75, "sentences_per_second": 83,
+    /// "peak_bytes": 3.1e9}}}`, any field optional.
+    #[arg(long, value_name = "FILE")]
+    pub compare_json: Option<PathBuf>,
     /// Also time each kernel alone at the training step's shapes.
     #[arg(long)]
     pub profile: bool,
@@ -93,10 +96,63 @@ pub struct EncoderArgs {
     pub reference: bool,
 }
 
-/// PyTorch 2.15 + sentence-transformers on the same 2-core CPU, MiniLM-L6 (issue 6): one MNRL +
-/// AdamW step at 16 pairs x 128 tokens, and encoding at 128 tokens.
-const PYTORCH_SECONDS_PER_STEP: f64 = 1.58;
-const PYTORCH_SENTENCES_PER_SECOND: f64 = 92.;
+/// A benchmark shape: pairs per training step and tokens per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub pairs: usize,
+    pub tokens: usize,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.pairs, self.tokens)
+    }
+}
+
+fn parse_shape(text: &str) -> Result<Shape, String> {
+    let bad = || format!("`{text}` is not PAIRSxTOKENS, e.g. 16x128");
+    let (pairs, tokens) = text.split_once('x').ok_or_else(bad)?;
+    let pairs: usize = pairs.trim().parse().map_err(|_| bad())?;
+    let tokens: usize = tokens.trim().parse().map_err(|_| bad())?;
+    if pairs == 0 || tokens < 3 {
+        return Err(bad());
+    }
+    Ok(Shape { pairs, tokens })
+}
+
+/// A peer's figures at one shape, as `--compare-json` gives them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct PeerFigures {
+    step_seconds: Option<f64>,
+    sentences_per_second: Option<f64>,
+    peak_bytes: Option<f64>,
+}
+
+/// Peers by name, their figures by shape (`16x128`).
+type Peers = std::collections::BTreeMap<String, std::collections::BTreeMap<String, PeerFigures>>;
+
+/// Ours against one peer's: our step time over theirs (below 1 is faster), our throughput over
+/// theirs (above 1 is faster), our peak memory over theirs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+struct Ratios {
+    step_time: Option<f64>,
+    encode_throughput: Option<f64>,
+    peak_memory: Option<f64>,
+}
+
+fn ratios(ours: &bench::BenchReport, peer: &PeerFigures) -> Ratios {
+    Ratios {
+        step_time: peer.step_seconds.map(|p| ours.median_step.total / p),
+        encode_throughput: peer
+            .sentences_per_second
+            .map(|p| ours.sentences_per_second / p),
+        peak_memory: peer
+            .peak_bytes
+            .zip(ours.peak_step_bytes)
+            .map(|(p, o)| o as f64 / p),
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct RerunArgs {
@@ -187,38 +243,60 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         &mut |_| {},
     )
     .map_err(|e| fail(format!("cannot get `{}`: {e}", args.model)))?;
-    let options = BenchOptions {
-        model_dir,
-        steps: args.steps.max(1),
-        sentences: args.sentences,
-        tokens: args.tokens,
-        pairs: args.batch,
-        profile: args.profile,
-        implementation: if args.reference {
-            Implementation::Reference
-        } else {
-            Implementation::from_env()
-        },
+    let peers: Peers = match &args.compare_json {
+        Some(path) => {
+            let text = fs_err::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            serde_json::from_str(&text)
+                .map_err(|e| fail(format!("`{}` is not peer figures: {e}", path.display())))?
+        }
+        None => Peers::new(),
     };
-    let report = bench::run(&options, &mut |line| printer.status(line))
-        .map_err(|e| fail(crate::error_chain(&e)))?;
-    let step_ratio = PYTORCH_SECONDS_PER_STEP / report.median_step.total;
-    let encode_ratio = report.sentences_per_second / PYTORCH_SENTENCES_PER_SECOND;
-    if printer.json {
-        printer.json_line(&serde_json::json!({
-            "type": "bench", "bench": "encoder", "report": report,
-            "speedup_vs_pytorch": { "step": step_ratio, "encode": encode_ratio },
-        }));
-        return Ok(());
+    for shape in &args.shapes {
+        let options = BenchOptions {
+            model_dir: model_dir.clone(),
+            steps: args.steps.max(1),
+            sentences: args.sentences,
+            tokens: shape.tokens,
+            pairs: shape.pairs,
+            profile: args.profile,
+            implementation: if args.reference {
+                Implementation::Reference
+            } else {
+                Implementation::from_env()
+            },
+        };
+        let report = bench::run(&options, &mut |line| printer.status(line))
+            .map_err(|e| fail(crate::error_chain(&e)))?;
+        let compared: std::collections::BTreeMap<&str, Ratios> = peers
+            .iter()
+            .filter_map(|(peer, shapes)| {
+                let figures = shapes.get(&shape.to_string())?;
+                Some((peer.as_str(), ratios(&report, figures)))
+            })
+            .collect();
+        if printer.json {
+            printer.json_line(&serde_json::json!({
+                "type": "bench", "bench": "encoder", "shape": shape.to_string(),
+                "report": report, "compared": compared,
+            }));
+            continue;
+        }
+        printer.result(&encoder_text(&report, &compared));
     }
+    Ok(())
+}
+
+/// One shape's figures for people, with the ratios against each peer.
+fn encoder_text(
+    report: &bench::BenchReport,
+    compared: &std::collections::BTreeMap<&str, Ratios>,
+) -> String {
     let step = report.median_step;
     let mut text = format!(
         "{} kernels, matmul {}, {} threads\n\
          training step ({} pairs x {} tokens, MNRL + AdamW): median {:.3} s/step \
-         (forward {:.3}, backward {:.3}, optimiser {:.3}; {:.3} cpu-s; {} steps) \
-         = {:.2}x PyTorch's {} s\n\
-         encoding ({} tokens): {:.1} sentences/s ({} in {:.2} s, {:.2} cpu-s) \
-         = {:.2}x PyTorch's {}\n",
+         (forward {:.3}, backward {:.3}, optimiser {:.3}; {:.3} cpu-s; {} steps)\n\
+         encoding ({} tokens): {:.1} sentences/s ({} in {:.2} s, {:.2} cpu-s)\n",
         report.implementation,
         report.matmul,
         report.threads,
@@ -230,20 +308,25 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         step.optimizer,
         step.cpu,
         report.steps.len(),
-        step_ratio,
-        PYTORCH_SECONDS_PER_STEP,
         report.tokens,
         report.sentences_per_second,
         report.sentences,
         report.encode_seconds,
         report.encode_cpu_seconds,
-        encode_ratio,
-        PYTORCH_SENTENCES_PER_SECOND,
     );
     if let Some(peak) = report.peak_step_bytes {
         text.push_str(&format!(
             "peak memory of the training steps: {:.0} MiB (the whole process)\n",
             peak as f64 / f64::from(1 << 20)
+        ));
+    }
+    let ratio = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"));
+    for (peer, ratios) in compared {
+        text.push_str(&format!(
+            "against {peer}: step time {}, encoding throughput {}, peak memory {}\n",
+            ratio(ratios.step_time),
+            ratio(ratios.encode_throughput),
+            ratio(ratios.peak_memory)
         ));
     }
     if !report.profile.is_empty() {
@@ -270,8 +353,7 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
             table(&columns, &rows, "  ")
         ));
     }
-    printer.result(&text);
-    Ok(())
+    text
 }
 
 /// Deterministic markdown files of ~2 KB: a heading, a few paragraphs of pseudo-random words.
@@ -532,4 +614,65 @@ fn tempfile_dir(prefix: &str) -> Result<PathBuf, Failure> {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
     fs_err::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_read_as_pairs_x_tokens() {
+        assert_eq!(
+            parse_shape("32x256"),
+            Ok(Shape {
+                pairs: 32,
+                tokens: 256
+            })
+        );
+        assert!(parse_shape("32").is_err());
+        assert!(parse_shape("0x128").is_err());
+    }
+
+    #[test]
+    fn peer_figures_read_by_peer_and_shape_and_refuse_unknown_fields() {
+        let peers: Peers = serde_json::from_str(
+            r#"{"pytorch": {"16x128": {"step_seconds": 1.75, "sentences_per_second": 83}}}"#,
+        )
+        .expect("peer figures");
+        let figures = peers["pytorch"]["16x128"];
+        assert_eq!(figures.step_seconds, Some(1.75));
+        assert_eq!(figures.peak_bytes, None);
+        assert!(serde_json::from_str::<Peers>(r#"{"p": {"16x128": {"steps": 1}}}"#).is_err());
+    }
+
+    #[test]
+    fn ratios_put_ours_over_the_peers() {
+        let ours = bench::BenchReport {
+            implementation: "fused",
+            matmul: "f32",
+            threads: 2,
+            tokens: 128,
+            pairs: 16,
+            steps: Vec::new(),
+            median_step: bench::StepTime {
+                total: 1.4,
+                ..bench::StepTime::default()
+            },
+            peak_step_bytes: Some(2_000_000_000),
+            sentences: 320,
+            encode_seconds: 3.2,
+            encode_cpu_seconds: 6.4,
+            sentences_per_second: 100.,
+            profile: Vec::new(),
+        };
+        let peer = PeerFigures {
+            step_seconds: Some(1.75),
+            sentences_per_second: Some(80.),
+            peak_bytes: None,
+        };
+        let r = ratios(&ours, &peer);
+        assert!((r.step_time.expect("step") - 0.8).abs() < 1e-12);
+        assert!((r.encode_throughput.expect("encode") - 1.25).abs() < 1e-12);
+        assert_eq!(r.peak_memory, None);
+    }
 }
