@@ -9,7 +9,7 @@
 pub mod bench;
 pub mod bert;
 pub mod checkpoint;
-mod config_file;
+pub(crate) mod config_file;
 pub mod cross_encoder;
 pub mod device;
 pub mod encoder;

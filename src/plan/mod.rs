@@ -69,6 +69,14 @@ fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, Rec
     let count = recipe.stages.len();
     let mut edges: Vec<BTreeMap<Artifact, usize>> = vec![BTreeMap::new(); count];
     for (i, entry) in recipe.stages.iter().enumerate() {
+        // Where the `n`th name of this section's `from:` list is written.
+        let from_entry = |n: usize| {
+            [
+                entry.spec.section.to_owned(),
+                "from".to_owned(),
+                n.to_string(),
+            ]
+        };
         let from_positions = entry.from.as_ref().map(|names| {
             names
                 .iter()
@@ -78,11 +86,7 @@ fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, Rec
                     if position.is_none() {
                         problems.push(recipe.problem(
                             ProblemKind::MissingInput,
-                            &[
-                                entry.spec.section.to_owned(),
-                                "from".to_owned(),
-                                n.to_string(),
-                            ],
+                            &from_entry(n),
                             format!(
                                 "`{}.from` names `{name}`, which is not a section of this recipe",
                                 entry.spec.section
@@ -121,11 +125,7 @@ fn resolve_inputs(recipe: &Recipe) -> Result<Vec<BTreeMap<Artifact, usize>>, Rec
                 if !needed.contains(&recipe.stages[p].spec.produces) {
                     problems.push(recipe.problem(
                         ProblemKind::MissingInput,
-                        &[
-                            entry.spec.section.to_owned(),
-                            "from".to_owned(),
-                            n.to_string(),
-                        ],
+                        &from_entry(n),
                         format!(
                             "`{}` produces {}, which stage `{}` does not read",
                             recipe.stages[p].spec.section,

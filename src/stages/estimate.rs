@@ -452,16 +452,24 @@ impl Speeds {
     }
 }
 
-/// Bytes of a model folder's weights (safetensors, else a PyTorch file).
+/// Bytes of a model folder's weights (the files the registry counts as weights).
 fn weight_bytes(dir: &Path) -> u64 {
-    ["model.safetensors", "pytorch_model.bin"]
+    crate::registry::WEIGHT_FILES
         .iter()
         .find_map(|name| fs_err::metadata(dir.join(name)).ok())
         .map_or(0, |m| m.len())
 }
 
 /// A number from one of a model folder's JSON files (`config.json`'s `hidden_size`).
-pub fn model_number(dir: &Path, file: &str, key: &str) -> Option<u64> {
-    let text = fs_err::read_to_string(dir.join(file)).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?[key].as_u64()
+fn model_number(dir: &Path, file: &str, key: &str) -> Option<u64> {
+    crate::model::config_file::read_json::<serde_json::Value>(&dir.join(file)).ok()?[key].as_u64()
+}
+
+/// Training examples a training stage will see: its `data` file's rows when the recipe gives
+/// one, else what mine hands on.
+pub fn training_examples(input: &EstimateInput, data: Option<&Path>) -> u64 {
+    match data {
+        Some(path) => super::io::count_lines(path),
+        None => input.sizes.examples.unwrap_or(0),
+    }
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::estimate::{Estimate, EstimateInput, Speeds, texts_per_example};
+use super::estimate::{self, Estimate, EstimateInput, Speeds, texts_per_example};
 use super::io::{
     self, HELDOUT_FILE, MERGE_FILE, MODEL_DIR, TRAIN_FILE, TRAIN_LOG_FILE, TrainingExample,
 };
@@ -338,10 +338,7 @@ impl Stage for Train {
     }
 
     fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
-        let examples = match &self.data {
-            Some(path) => io::count_lines(path),
-            None => input.sizes.examples.unwrap_or(0),
-        };
+        let examples = estimate::training_examples(input, self.data.as_deref());
         let negatives = if self.params.hard_negatives {
             input.sizes.negatives.unwrap_or(0)
         } else {

@@ -24,7 +24,7 @@ use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::estimate::{Estimate, EstimateInput};
+use super::estimate::{self, Estimate, EstimateInput};
 use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, RERANKER_DIR, TrainingExample};
 use super::train::{
     check_weight_decay, data_file, keyed_params, model_and_data_externals, read_training_data,
@@ -262,10 +262,7 @@ impl Stage for TrainReranker {
     }
 
     fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
-        let examples = match &self.data {
-            Some(path) => io::count_lines(path),
-            None => input.sizes.examples.unwrap_or(0),
-        };
+        let examples = estimate::training_examples(input, self.data.as_deref());
         let negatives = input.sizes.negatives.unwrap_or(1).min(
             self.params
                 .negatives_per_query
