@@ -118,7 +118,12 @@ fn the_whole_pipeline_runs_registers_and_reruns_nothing() {
         first.stderr
     );
     assert!(first.stderr.contains("\nverdict: "), "{}", first.stderr);
-    assert!(first.stderr.contains("trust: Only "), "{}", first.stderr);
+    assert!(
+        first.stderr.contains("trust: Only ")
+            && first.stderr.contains("for a model of 23 M parameters"),
+        "{}",
+        first.stderr
+    );
     // The report opens with its header and verdict; the model folder carries it, and every
     // file of the folder is as readable as the others.
     let report = project.run(&["report", "recipe.yaml"]);

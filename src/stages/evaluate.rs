@@ -316,6 +316,20 @@ impl Stage for Evaluate {
             ctx.check_cancelled()?;
             datasets.push(self.score(ctx, set, &systems, &settings)?);
         }
+        // The fine-tuned model's size, counted from its loaded weights.
+        let parameters = systems
+            .models
+            .iter()
+            .find(|m| m.kind == SystemKind::FineTuned)
+            .map(|m| {
+                m.encoder
+                    .bert()
+                    .vars()
+                    .all_vars()
+                    .iter()
+                    .map(|v| v.elem_count() as u64)
+                    .sum()
+            });
         let mut report = Report::new(
             format!("{}: evaluation", self.recipe_name),
             settings,
@@ -324,7 +338,7 @@ impl Stage for Evaluate {
         );
         report.merge = systems.merge;
         report.date = Some(jiff::Zoned::now().strftime("%Y-%m-%d").to_string());
-        self.conclude(ctx, &mut report);
+        self.conclude(ctx, &mut report, parameters);
         report.write(&ctx.out_dir).map_err(eval_error)?;
         tell(ctx, &report);
         Ok(StageOutcome {
@@ -601,7 +615,7 @@ impl Evaluate {
 
     /// The verdict, and the warnings where the result rests on too little (from the training
     /// data mine handed on).
-    fn conclude(&self, ctx: &StageContext, report: &mut Report) {
+    fn conclude(&self, ctx: &StageContext, report: &mut Report, parameters: Option<u64>) {
         let data = ctx.inputs.get(&Artifact::TrainingData);
         let provenance = data.and_then(|dir| io::Provenance::read(dir));
         report.conclude(VerdictRules {
@@ -616,14 +630,6 @@ impl Evaluate {
                 .as_ref()
                 .and_then(|curve| curve.points.last())
                 .map(|point| point.step);
-            // f32 weights: four bytes a parameter.
-            let parameters = ctx
-                .input(Artifact::Model)
-                .ok()
-                .and_then(|dir| {
-                    fs_err::metadata(dir.join(MODEL_DIR).join("model.safetensors")).ok()
-                })
-                .map(|m| m.len() / 4);
             report.warn_where_untrustworthy(&TrainingFacts {
                 examples: data.map(|dir| io::count_lines(&dir.join(TRAIN_FILE)) as usize),
                 parameters,
