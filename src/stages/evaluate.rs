@@ -686,6 +686,7 @@ impl Evaluate {
                                 example
                                     .negatives
                                     .iter()
+                                    .chain(&example.extra_positives)
                                     .map(|n| (n.id.clone(), n.text.clone())),
                             )
                     })
@@ -697,7 +698,10 @@ impl Evaluate {
         let mut relevant = HashMap::new();
         for (index, example) in heldout.into_iter().enumerate() {
             let id = format!("heldout-{index}");
-            relevant.insert(id.clone(), HashSet::from([example.positive_id]));
+            let answers = std::iter::once(example.positive_id)
+                .chain(example.extra_positives.into_iter().map(|p| p.id))
+                .collect();
+            relevant.insert(id.clone(), answers);
             queries.push((id, example.query));
         }
         Ok(Some(EvalSet {

@@ -94,9 +94,10 @@ impl QueryRecord {
     }
 }
 
-/// A hard negative of a training example.
+/// A passage a training example names besides its positive: a hard negative, or another
+/// passage that answers the query.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Negative {
+pub struct LinkedPassage {
     pub id: String,
     pub text: String,
 }
@@ -108,7 +109,11 @@ pub struct TrainingExample {
     pub positive: String,
     pub positive_id: String,
     #[serde(default)]
-    pub negatives: Vec<Negative>,
+    pub negatives: Vec<LinkedPassage>,
+    /// Passages that answer the query too (mine's `continuation_positive`: the chunk after the
+    /// positive in its document); training and the held-out qrels count them as right answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_positives: Vec<LinkedPassage>,
     pub source_document: String,
 }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput};
 use super::io::{
-    self, CHUNKS_FILE, HELDOUT_FILE, Negative, QUERIES_FILE, QueryRecord, TRAIN_FILE,
+    self, CHUNKS_FILE, HELDOUT_FILE, LinkedPassage, QUERIES_FILE, QueryRecord, TRAIN_FILE,
     TrainingExample,
 };
 use super::{
@@ -84,6 +84,12 @@ pub struct MineParams {
     /// Texts per batch when encoding with the base model.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Give each query a second positive: the chunk after its own in the same section (same
+    /// document and heading), which a question about a passage often also answers. Training
+    /// counts both as right answers, and the held-out split's qrels list both. (Off, it stays
+    /// out of the cache key: mining cached before it existed stays valid.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continuation_positive: bool,
 }
 
 impl Default for MineParams {
@@ -230,6 +236,14 @@ impl Stage for Mine {
             .map(|(i, c)| (c.id.as_str(), i))
             .collect();
 
+        let continuation = |chunk_id: &str| {
+            let at = *position.get(chunk_id)?;
+            continuation_of(&chunks, at).filter(|_| self.params.continuation_positive)
+        };
+        let linked = |i: usize| LinkedPassage {
+            id: chunks[i].id.clone(),
+            text: passages[i].clone(),
+        };
         let candidates = self.candidates(ctx, &chunks, &passages, &train)?;
         ctx.check_cancelled()?;
         let mut stats = MineStats {
@@ -243,27 +257,19 @@ impl Stage for Mine {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let mut examples = Vec::with_capacity(train.len());
         for (query, scored) in train.iter().zip(candidates) {
-            let positive_position = position.get(query.chunk_id.as_str()).copied();
-            let chosen = self.select(
-                query,
-                positive_position,
-                scored,
-                &chunks,
-                &mut stats,
-                &mut rng,
-            );
+            let positives = Positives {
+                own: position.get(query.chunk_id.as_str()).copied(),
+                continuation: continuation(&query.chunk_id),
+            };
+            let chosen = self.select(query, positives, scored, &chunks, &mut stats, &mut rng);
             *stats.negatives_histogram.entry(chosen.len()).or_default() += 1;
+            stats.continuation_positives += usize::from(positives.continuation.is_some());
             examples.push(TrainingExample {
                 query: query.query.clone(),
                 positive: query.positive.clone(),
                 positive_id: query.chunk_id.clone(),
-                negatives: chosen
-                    .into_iter()
-                    .map(|i| Negative {
-                        id: chunks[i].id.clone(),
-                        text: passages[i].clone(),
-                    })
-                    .collect(),
+                negatives: chosen.into_iter().map(linked).collect(),
+                extra_positives: positives.continuation.into_iter().map(linked).collect(),
                 source_document: query.source.clone(),
             });
         }
@@ -274,6 +280,7 @@ impl Stage for Mine {
                 positive: q.positive.clone(),
                 positive_id: q.chunk_id.clone(),
                 negatives: Vec::new(),
+                extra_positives: continuation(&q.chunk_id).into_iter().map(linked).collect(),
                 source_document: q.source.clone(),
             })
             .collect();
@@ -297,6 +304,13 @@ impl Stage for Mine {
 
 /// A candidate chunk (position) with its score on the common scale.
 type Scored = Vec<(usize, f32)>;
+
+/// The positions of a query's right answers among the chunks, which are never its negatives.
+#[derive(Debug, Clone, Copy)]
+struct Positives {
+    own: Option<usize>,
+    continuation: Option<usize>,
+}
 
 impl Mine {
     /// Merged, scored candidates per training query (best first), plus the positive's score as
@@ -384,7 +398,7 @@ impl Mine {
     fn select(
         &self,
         query: &QueryRecord,
-        positive: Option<usize>,
+        positives: Positives,
         (scored, positive_score): (Scored, Option<f32>),
         chunks: &[Chunk],
         stats: &mut MineStats,
@@ -394,8 +408,10 @@ impl Mine {
         let mut kept = Vec::new();
         for (rank, (doc, score)) in scored.into_iter().enumerate() {
             stats.candidates += 1;
-            let drop = if Some(doc) == positive || chunks[doc].id == query.chunk_id {
+            let drop = if Some(doc) == positives.own || chunks[doc].id == query.chunk_id {
                 Some("the positive itself")
+            } else if Some(doc) == positives.continuation {
+                Some("the positive's continuation")
             } else if rank < p.range_min || rank >= p.range_max {
                 Some("outside the rank window")
             } else if p.exclude_same_document && chunks[doc].doc_id == query.doc_id {
@@ -424,6 +440,13 @@ impl Mine {
         kept.truncate(p.negatives_per_query);
         kept
     }
+}
+
+/// The chunk continuing the section of chunk `at`: the next one, when it has the same document
+/// and heading path (chunks are written in reading order).
+fn continuation_of(chunks: &[Chunk], at: usize) -> Option<usize> {
+    let next = chunks.get(at + 1)?;
+    (next.doc_id == chunks[at].doc_id && next.title == chunks[at].title).then_some(at + 1)
 }
 
 /// The highest score a negative may have: `pos − |pos| × m`. With `pos × (1 − m)` instead, a
@@ -493,6 +516,8 @@ struct MineStats {
     dropped: BTreeMap<String, usize>,
     /// Negatives per training example → number of examples.
     negatives_histogram: BTreeMap<usize, usize>,
+    /// Training examples given their chunk's continuation as a second positive.
+    continuation_positives: usize,
 }
 
 impl MineStats {
@@ -523,6 +548,12 @@ impl MineStats {
             .map(|(k, n)| format!("{k}: {n}"))
             .collect();
         rows.push(vec!["negatives per query".to_owned(), histogram.join(", ")]);
+        if self.continuation_positives > 0 {
+            rows.push(vec![
+                "second positive (continuation)".to_owned(),
+                self.continuation_positives.to_string(),
+            ]);
+        }
         Table {
             title: "mining".to_owned(),
             columns: vec!["what".to_owned(), "count".to_owned()],
@@ -565,6 +596,22 @@ mod tests {
             text: format!("text of {id}"),
             n_tokens: 3,
         }
+    }
+
+    #[test]
+    fn a_continuation_is_the_next_chunk_of_the_same_section() {
+        let mut chunks = vec![
+            chunk("a1", "d1"),
+            chunk("a2", "d1"),
+            chunk("b1", "d2"),
+            chunk("b2", "d2"),
+            chunk("c1", "d3"),
+        ];
+        chunks[3].title = "Another heading".to_owned();
+        assert_eq!(continuation_of(&chunks, 0), Some(1));
+        assert_eq!(continuation_of(&chunks, 1), None, "the next document");
+        assert_eq!(continuation_of(&chunks, 2), None, "another section");
+        assert_eq!(continuation_of(&chunks, 4), None, "the last chunk");
     }
 
     #[test]
@@ -613,7 +660,10 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let chosen = stage.select(
             &q,
-            Some(0),
+            Positives {
+                own: Some(0),
+                continuation: None,
+            },
             (scored, Some(0.5)),
             &chunks,
             &mut stats,

@@ -707,6 +707,7 @@ impl Train {
             if self.params.hard_negatives {
                 passages.extend(example.negatives.iter().map(|n| n.text.as_str()));
             }
+            passages.extend(example.extra_positives.iter().map(|p| p.text.as_str()));
         }
         let tokenizer = encoder.sentence_tokenizer();
         let tokenize = |texts: &[&str], role| {
@@ -736,6 +737,14 @@ impl Train {
                 } else {
                     Vec::new()
                 },
+                extra_positives: example
+                    .extra_positives
+                    .iter()
+                    .map(|p| TokenizedText {
+                        id: p.id.clone(),
+                        ids: next(),
+                    })
+                    .collect(),
             })
             .collect())
     }
@@ -1115,6 +1124,7 @@ mod tests {
             positive: positive.to_owned(),
             positive_id: positive.to_owned(),
             negatives: Vec::new(),
+            extra_positives: Vec::new(),
             source_document: "d".to_owned(),
         };
         let rows = vec![

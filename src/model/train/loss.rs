@@ -5,11 +5,13 @@
 //!
 //! Candidates are the batch's positives (row `i` is anchor `i`'s answer) followed by any hard
 //! negatives, which every anchor sees as extra wrong answers. Scores are cosine similarities
-//! times `scale`; the loss is the cross-entropy of picking the right candidate. The
+//! times `scale`; the loss is the cross-entropy of picking the right candidate. An anchor with
+//! several right answers ([`BatchLabels::targets`]) averages the log-probability of each
+//! (SupCon's `L_out`, Khosla et al. 2020), which is the plain cross-entropy for one. The
 //! cross-entropy runs in f64: at a loss near 2e-4 (a well-trained model on easy pairs) the f32
 //! `log_sum_exp - diagonal` loses most of its digits to cancellation.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Which ranking loss a run minimises.
@@ -62,26 +64,27 @@ impl LossConfig {
     /// The scalar loss of `anchors` (`[n, dim]`) against `candidates` (`[n + k, dim]`: the `n`
     /// positives, then `k` hard negatives). Differentiable with respect to both.
     pub fn loss(&self, anchors: &Tensor, candidates: &Tensor) -> Result<Tensor> {
-        self.masked_loss(anchors, candidates, None)
+        self.labelled_loss(anchors, candidates, &BatchLabels::default())
     }
 
-    /// [`Self::loss`] with the candidates `mask` (from [`guide_mask`], `[n, n + k]`) leaves out
-    /// of each anchor's softmax. In the symmetric loss, the positives' side is not masked.
-    pub fn masked_loss(
+    /// [`Self::loss`] with what `labels` says of the candidates: masked ones left out of each
+    /// anchor's softmax, several right answers per anchor. The symmetric loss's other direction
+    /// (positives picking their anchor) sees neither.
+    pub fn labelled_loss(
         &self,
         anchors: &Tensor,
         candidates: &Tensor,
-        mask: Option<&Tensor>,
+        labels: &BatchLabels,
     ) -> Result<Tensor> {
         match &self.matryoshka_dims {
-            None => self.ranking_loss(anchors, candidates, mask),
+            None => self.ranking_loss(anchors, candidates, labels),
             Some(dims) => {
                 let mut total: Option<Tensor> = None;
                 for &dim in dims {
                     let loss = self.ranking_loss(
                         &anchors.narrow(1, 0, dim)?,
                         &candidates.narrow(1, 0, dim)?,
-                        mask,
+                        labels,
                     )?;
                     total = Some(match total {
                         Some(sum) => (sum + loss)?,
@@ -100,16 +103,20 @@ impl LossConfig {
         &self,
         anchors: &Tensor,
         candidates: &Tensor,
-        mask: Option<&Tensor>,
+        labels: &BatchLabels,
     ) -> Result<Tensor> {
         let n = anchors.dim(0)?;
         let scores = unit_rows(anchors)?
             .matmul(&unit_rows(candidates)?.t()?)?
             .to_dtype(DType::F64)?
             .affine(self.scale, 0.)?;
-        let forward = match mask {
-            Some(mask) => cross_entropy_on_diagonal(&(&scores + mask.to_dtype(DType::F64)?)?)?,
-            None => cross_entropy_on_diagonal(&scores)?,
+        let masked = match &labels.mask {
+            Some(mask) => (&scores + mask.to_dtype(DType::F64)?)?,
+            None => scores.clone(),
+        };
+        let forward = match &labels.targets {
+            Some(targets) => cross_entropy_on_targets(&masked, targets)?,
+            None => cross_entropy_on_diagonal(&masked)?,
         };
         if !self.symmetric {
             return Ok(forward);
@@ -120,6 +127,38 @@ impl LossConfig {
     }
 }
 
+/// What a batch says of its candidates beyond "anchor `i`'s answer is candidate `i`".
+#[derive(Debug, Clone, Default)]
+pub struct BatchLabels {
+    /// From the guide ([`guide_mask`], `[n, n + k]`): candidates left out of each anchor's
+    /// softmax.
+    pub mask: Option<Tensor>,
+    /// From [`targets`] (`[n, n + k]`, f64): each anchor's right answers, weighted to sum to 1.
+    /// `None`: candidate `i` only.
+    pub targets: Option<Tensor>,
+}
+
+/// The weights of [`BatchLabels::targets`]: anchor `i`'s own candidate `i` and the candidates
+/// `extra[i]` lists, equal shares each; `[extra.len(), width]`.
+pub fn targets(extra: &[Vec<usize>], width: usize, device: &Device) -> Result<Tensor> {
+    let n = extra.len();
+    let mut weights = vec![0f64; n * width];
+    for (i, more) in extra.iter().enumerate() {
+        let mut columns = vec![i];
+        columns.extend(more.iter().copied().filter(|&j| j != i));
+        columns.sort_unstable();
+        columns.dedup();
+        if let Some(&beyond) = columns.iter().find(|&&j| j >= width) {
+            candle_core::bail!("anchor {i}'s positive {beyond} is not among {width} candidates");
+        }
+        let share = 1.0 / columns.len() as f64;
+        for j in columns {
+            weights[i * width + j] = share;
+        }
+    }
+    Tensor::from_vec(weights, (n, width), device)
+}
+
 /// What a masked candidate's score becomes: far enough below any scaled cosine that its
 /// softmax weight is 0, finite so no gradient turns into NaN.
 const MASKED: f64 = -1e4;
@@ -128,7 +167,13 @@ const MASKED: f64 = -1e4;
 /// (`[n + k, dim]`): [`MASKED`] where the guide scores a candidate other than the anchor's own
 /// positive at or above that positive minus `margin` (a duplicate of the positive, a near-paraphrase,
 /// an unlabelled answer), 0 elsewhere; `[n, n + k]`, f64.
-pub fn guide_mask(anchors: &Tensor, candidates: &Tensor, margin: f64) -> Result<Tensor> {
+/// Candidates `extra` lists as further right answers of an anchor are never masked.
+pub fn guide_mask(
+    anchors: &Tensor,
+    candidates: &Tensor,
+    margin: f64,
+    extra: &[Vec<usize>],
+) -> Result<Tensor> {
     let n = anchors.dim(0)?;
     let sims = unit_rows(&anchors.to_dtype(DType::F64)?)?
         .matmul(&unit_rows(&candidates.to_dtype(DType::F64)?)?.t()?)?;
@@ -138,7 +183,8 @@ pub fn guide_mask(anchors: &Tensor, candidates: &Tensor, margin: f64) -> Result<
     for (i, row) in rows.iter().enumerate() {
         let threshold = row[i] - margin;
         for (j, &sim) in row.iter().enumerate() {
-            if j != i && sim >= threshold {
+            let right_answer = j == i || extra.get(i).is_some_and(|more| more.contains(&j));
+            if !right_answer && sim >= threshold {
                 mask[i * width + j] = MASKED;
             }
         }
@@ -169,6 +215,20 @@ fn cross_entropy_on_diagonal(scores: &Tensor) -> Result<Tensor> {
     let eye = Tensor::eye(n, scores.dtype(), scores.device())?;
     let diagonal = (scores.narrow(1, 0, n)? * eye)?.sum_keepdim(D::Minus1)?;
     (log_sum_exp - diagonal)?.mean_all()
+}
+
+/// Mean over rows `i` of `-Σ_j targets[i][j] · log softmax(scores[i])[j]`: with weights summing
+/// to 1 per row, the mean log-probability of the row's right answers.
+fn cross_entropy_on_targets(scores: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let log_sum_exp = scores
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)?;
+    let picked = (scores * targets.to_dtype(scores.dtype())?)?.sum_keepdim(D::Minus1)?;
+    (log_sum_exp - picked)?.mean_all()
 }
 
 #[cfg(test)]
@@ -275,7 +335,7 @@ mod tests {
         // other's anchor though it is the right one.
         let candidates: [&[f64]; 4] = [CANDIDATES[0], CANDIDATES[0], CANDIDATES[2], CANDIDATES[3]];
         let anchors: [&[f64]; 3] = [ANCHORS[0], ANCHORS[0], ANCHORS[2]];
-        let mask = guide_mask(&matrix(&anchors), &matrix(&candidates), 0.0).expect("mask");
+        let mask = guide_mask(&matrix(&anchors), &matrix(&candidates), 0.0, &[]).expect("mask");
         let rows = mask.to_vec2::<f64>().expect("rows");
         assert_eq!(rows[0][1], MASKED, "{rows:?}");
         assert_eq!(rows[1][0], MASKED, "{rows:?}");
@@ -291,7 +351,14 @@ mod tests {
             ..LossConfig::default()
         };
         let masked = config
-            .masked_loss(&matrix(&anchors), &matrix(&candidates), Some(&mask))
+            .labelled_loss(
+                &matrix(&anchors),
+                &matrix(&candidates),
+                &BatchLabels {
+                    mask: Some(mask),
+                    targets: None,
+                },
+            )
             .expect("loss");
         let without = |i: usize| -> f64 {
             let kept: Vec<&[f64]> = candidates
@@ -317,6 +384,63 @@ mod tests {
             .loss(&matrix(&anchors), &matrix(&candidates))
             .expect("loss");
         assert!(value(&unmasked) > value(&masked) + 0.1);
+    }
+
+    #[test]
+    fn several_positives_average_their_log_probabilities() {
+        // Anchor 0 has candidates 0 and 3 as answers; anchors 1 and 2 their own only.
+        let extra = vec![vec![3], vec![], vec![]];
+        let labels = BatchLabels {
+            mask: None,
+            targets: Some(targets(&extra, 4, &Device::Cpu).expect("targets")),
+        };
+        let config = LossConfig {
+            scale: 7.,
+            ..LossConfig::default()
+        };
+        let loss = config
+            .labelled_loss(&matrix(&ANCHORS), &matrix(&CANDIDATES), &labels)
+            .expect("loss");
+        let row = |i: usize, answers: &[usize]| -> f64 {
+            let logits: Vec<f64> = CANDIDATES
+                .iter()
+                .map(|c| 7. * cosine(ANCHORS[i], c))
+                .collect();
+            let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+            answers.iter().map(|&j| lse - logits[j]).sum::<f64>() / answers.len() as f64
+        };
+        let want = (row(0, &[0, 3]) + row(1, &[1]) + row(2, &[2])) / 3.;
+        assert!(
+            (value(&loss) - want).abs() < 1e-12,
+            "{} vs {want}",
+            value(&loss)
+        );
+        // One answer each: the plain loss.
+        let single = BatchLabels {
+            mask: None,
+            targets: Some(targets(&[vec![], vec![], vec![]], 4, &Device::Cpu).expect("targets")),
+        };
+        let plain = config
+            .loss(&matrix(&ANCHORS), &matrix(&CANDIDATES))
+            .expect("loss");
+        let labelled = config
+            .labelled_loss(&matrix(&ANCHORS), &matrix(&CANDIDATES), &single)
+            .expect("loss");
+        assert!((value(&plain) - value(&labelled)).abs() < 1e-12);
+        // A column beyond the candidates is refused.
+        assert!(targets(&[vec![4]], 4, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn the_guide_never_masks_an_anchors_other_answers() {
+        // Candidate 3 is as close to anchor 0 as its own positive: a duplicate answer.
+        let candidates: [&[f64]; 4] = [CANDIDATES[0], CANDIDATES[1], CANDIDATES[2], CANDIDATES[0]];
+        let plain = guide_mask(&matrix(&ANCHORS), &matrix(&candidates), 0.0, &[]).expect("mask");
+        assert_eq!(plain.to_vec2::<f64>().expect("rows")[0][3], MASKED);
+        let extra = vec![vec![3], vec![], vec![]];
+        let spared =
+            guide_mask(&matrix(&ANCHORS), &matrix(&candidates), 0.0, &extra).expect("mask");
+        assert_eq!(spared.to_vec2::<f64>().expect("rows")[0][3], 0.0);
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct TokenizedExample {
     /// Identifies the positive passage: no batch holds two examples with the same one.
     pub positive_id: String,
     pub negatives: Vec<TokenizedText>,
+    /// Other passages that answer the anchor: right answers in its loss, wrong ones in the
+    /// other anchors'.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_positives: Vec<TokenizedText>,
 }
 
 /// A passage as token ids, with its identity.

@@ -105,6 +105,7 @@ fn one_step_matches_pytorch_and_the_saved_model_reloads() {
                 positive: ids[1].clone(),
                 positive_id: i.to_string(),
                 negatives: Vec::new(),
+                extra_positives: Vec::new(),
             }
         })
         .collect();

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::TrainError;
 use super::journal::{self, Loaded, Snapshot};
+use super::loss::BatchLabels;
 use super::optim::{self, AdamW, Param, Schedule};
 use super::sampler::{self, SamplerConfig};
 use super::{TokenizedExample, TrainConfig};
@@ -145,8 +146,13 @@ impl<'a> Trainer<'a> {
         Ok(self)
     }
 
-    /// The guide's mask of `groups` (anchors, candidates), or `None` without a guide.
-    fn guide_mask(&self, groups: &[Vec<&[u32]>; 2]) -> Result<Option<Tensor>, TrainError> {
+    /// The guide's mask of `groups` (anchors, candidates; `extra` the anchors' other right
+    /// answers), or `None` without a guide.
+    fn guide_mask(
+        &self,
+        groups: &[Vec<&[u32]>; 2],
+        extra: &[Vec<usize>],
+    ) -> Result<Option<Tensor>, TrainError> {
         let (Some(guide), Some(margin)) = (&self.guide, self.config.loss.guide_margin) else {
             return Ok(None);
         };
@@ -164,7 +170,7 @@ impl<'a> Trainer<'a> {
                 Tensor::cat(&parts, 0).during(|| "joining the guide's embeddings".to_owned())?,
             );
         }
-        let mask = super::loss::guide_mask(&embedded[0], &embedded[1], margin)
+        let mask = super::loss::guide_mask(&embedded[0], &embedded[1], margin, extra)
             .and_then(|m| m.to_device(self.model.bert.device()))
             .during(|| "the guide's mask".to_owned())?;
         Ok(Some(mask))
@@ -301,9 +307,21 @@ impl<'a> Trainer<'a> {
         batch: &[&TokenizedExample],
         step: u64,
     ) -> Result<(f64, Vec<Tensor>), TrainError> {
-        let (anchors, candidates) = batch_rows(batch);
-        let groups = [anchors, candidates];
-        let guide_mask = self.guide_mask(&groups)?;
+        let rows = batch_rows(batch);
+        let groups = [rows.anchors, rows.candidates];
+        let targets = if rows.extra.iter().any(|more| !more.is_empty()) {
+            let device = self.model.bert.device();
+            Some(
+                super::loss::targets(&rows.extra, groups[1].len(), device)
+                    .during(|| "the batch's right answers".to_owned())?,
+            )
+        } else {
+            None
+        };
+        let labels = BatchLabels {
+            mask: self.guide_mask(&groups, &rows.extra)?,
+            targets,
+        };
         let mini = self.config.mini_batch_size;
         let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let loss = if batch.len() <= mini {
@@ -311,7 +329,7 @@ impl<'a> Trainer<'a> {
             let loss = self
                 .config
                 .loss
-                .masked_loss(&a?, &c?, guide_mask.as_ref())
+                .labelled_loss(&a?, &c?, &labels)
                 .during(|| "the loss".to_owned())?;
             let store = loss.backward().during(|| "the backward pass".to_owned())?;
             self.accumulate(&store, &mut sums)?;
@@ -330,11 +348,7 @@ impl<'a> Trainer<'a> {
             let loss = self
                 .config
                 .loss
-                .masked_loss(
-                    embedded[0].as_tensor(),
-                    embedded[1].as_tensor(),
-                    guide_mask.as_ref(),
-                )
+                .labelled_loss(embedded[0].as_tensor(), embedded[1].as_tensor(), &labels)
                 .during(|| "the loss".to_owned())?;
             let store = loss
                 .backward()
@@ -539,19 +553,42 @@ impl Iterator for Batches<'_> {
     }
 }
 
-fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> (Vec<&'e [u32]>, Vec<&'e [u32]>) {
+/// A batch as rows to embed: anchors, and candidates (the positives in batch order, then each
+/// other passage once); `extra[i]` lists the candidate columns that also answer anchor `i`.
+struct BatchRows<'e> {
+    anchors: Vec<&'e [u32]>,
+    candidates: Vec<&'e [u32]>,
+    extra: Vec<Vec<usize>>,
+}
+
+fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> BatchRows<'e> {
     let anchors = batch.iter().map(|e| e.anchor.as_slice()).collect();
-    let mut seen: std::collections::HashSet<&str> =
-        batch.iter().map(|e| e.positive_id.as_str()).collect();
+    let mut column: std::collections::HashMap<&str, usize> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.positive_id.as_str(), i))
+        .collect();
     let mut candidates: Vec<&[u32]> = batch.iter().map(|e| e.positive.as_slice()).collect();
-    for example in batch {
-        for negative in &example.negatives {
-            if seen.insert(negative.id.as_str()) {
-                candidates.push(negative.ids.as_slice());
+    let mut place = |text: &'e super::TokenizedText| {
+        *column.entry(text.id.as_str()).or_insert_with(|| {
+            candidates.push(text.ids.as_slice());
+            candidates.len() - 1
+        })
+    };
+    let extra = batch
+        .iter()
+        .map(|example| {
+            for negative in &example.negatives {
+                place(negative);
             }
-        }
+            example.extra_positives.iter().map(&mut place).collect()
+        })
+        .collect();
+    BatchRows {
+        anchors,
+        candidates,
+        extra,
     }
-    (anchors, candidates)
 }
 
 /// Token ids padded on the right to the longest row, and the attention mask.
@@ -618,7 +655,8 @@ mod tests {
     use crate::model::train::TokenizedText;
 
     /// Random examples over the tiny model's 50-token vocabulary: `[CLS]`-like 1 first, lengths
-    /// 3 to 9, two hard negatives each (one shared with the next example).
+    /// 3 to 9, two hard negatives each (one shared with the next example); every third example
+    /// has a second positive of its own, and the one after it the next example's positive.
     fn tiny_examples(n: usize, seed: u64) -> Vec<TokenizedExample> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let text = |rng: &mut ChaCha8Rng| {
@@ -632,6 +670,17 @@ mod tests {
                 anchor: text(&mut rng),
                 positive: text(&mut rng),
                 positive_id: format!("p{i}"),
+                extra_positives: match i % 3 {
+                    0 => vec![TokenizedText {
+                        id: format!("x{i}"),
+                        ids: text(&mut rng),
+                    }],
+                    1 => vec![TokenizedText {
+                        id: format!("p{}", (i + 1) % n),
+                        ids: text(&mut rng),
+                    }],
+                    _ => Vec::new(),
+                },
                 negatives: vec![
                     TokenizedText {
                         id: format!("n{i}"),
@@ -644,6 +693,20 @@ mod tests {
                 ],
             })
             .collect()
+    }
+
+    #[test]
+    fn a_second_positive_shares_the_column_of_the_same_passage() {
+        let examples = tiny_examples(4, 3);
+        let batch: Vec<&TokenizedExample> = examples.iter().collect();
+        let rows = batch_rows(&batch);
+        // Four positives, then each other passage once: n0..n3 and x0, x3.
+        assert_eq!(rows.candidates.len(), 4 + 4 + 2);
+        // Example 0's own second positive got a column of its own; example 1's is example 2's
+        // positive, column 2; example 3's own again.
+        assert_eq!(rows.extra[1], vec![2]);
+        assert!(rows.extra[0][0] >= 4 && rows.extra[3][0] >= 4);
+        assert!(rows.extra[2].is_empty());
     }
 
     fn tiny_config(batch_size: usize, mini_batch_size: usize) -> TrainConfig {
