@@ -302,6 +302,97 @@ fn a_bad_recipe_ends_worse_or_is_rescued_by_the_merge_and_is_never_the_default()
     assert_eq!(general["query_ids"].as_array().map(Vec::len), Some(40));
 }
 
+/// Issue 12: a chunk's continuation as a second positive, and a second round of mining with the
+/// first round's model, retrained from the base; evaluate reports both rounds.
+#[test]
+fn two_rounds_with_continuations_train_twice_and_report_both() {
+    let project = project();
+    let run = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--set",
+        "mine.rounds=2",
+        "--set",
+        "mine.continuation_positive=true",
+    ]);
+    run.success();
+    assert!(run.stderr.contains("round 1 of 2"), "{}", run.stderr);
+    assert!(run.stderr.contains("round 2 of 2"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("mining, second round"),
+        "{}",
+        run.stderr
+    );
+    let store = project.path(".ragd-pipe");
+    let files = walk(&store);
+    let find = |name: &str| {
+        files
+            .iter()
+            .find(|p| p.ends_with(name))
+            .unwrap_or_else(|| panic!("{name} in the store"))
+            .clone()
+    };
+    let rows = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("readable")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect()
+    };
+    // Mine gave second positives, never also negatives.
+    let first = rows(&find("train.jsonl"));
+    let with_continuation = first
+        .iter()
+        .filter(|row| {
+            row["extra_positives"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+        .count();
+    assert!(with_continuation > 0, "some chunk has a continuation");
+    // The second round kept each example's query and positives and mined its negatives again.
+    let second = rows(&find("round1/second_round_train.jsonl"));
+    assert_eq!(second.len(), first.len());
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(a["query"], b["query"]);
+        assert_eq!(a["positive_id"], b["positive_id"]);
+        assert_eq!(a["extra_positives"], b["extra_positives"]);
+        let answers: Vec<&serde_json::Value> = std::iter::once(&b["positive_id"])
+            .chain(
+                b["extra_positives"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| &p["id"]),
+            )
+            .collect();
+        for negative in b["negatives"].as_array().expect("negatives") {
+            assert!(!answers.contains(&&negative["id"]), "{b}");
+        }
+    }
+    assert!(find("round1/model/model.safetensors").is_file());
+    // Both rounds are scored against the base; the verdict reads the final one.
+    let report = json(&project, &report_path(&project));
+    let labelled = report["datasets"]
+        .as_array()
+        .expect("datasets")
+        .iter()
+        .find(|d| d["name"] == "labelled")
+        .expect("the labelled set");
+    let candidates: Vec<&str> = labelled["comparisons"]
+        .as_array()
+        .expect("comparisons")
+        .iter()
+        .filter_map(|c| c["candidate"].as_str())
+        .collect();
+    assert!(
+        candidates.contains(&"fine-tuned (round 1)"),
+        "{candidates:?}"
+    );
+    assert!(candidates.contains(&"fine-tuned"), "{candidates:?}");
+    assert!(report["verdict"]["why"].is_string());
+}
+
 /// The run said it would not make `e2e` ragd's default, and left ragd's config alone.
 fn assert_not_made_default(project: &Project, stderr: &str) {
     assert!(

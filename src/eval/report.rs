@@ -65,6 +65,9 @@ pub enum SystemKind {
     Base,
     /// The embedding model after fine-tuning.
     FineTuned,
+    /// The first round's model of a two-round fine-tune (`mine.rounds: 2`): reported beside
+    /// the final one, never the one the verdict or the regression guard reads.
+    FirstRound,
     /// A dense system's top results reordered by a cross-encoder.
     Reranked,
 }
@@ -75,6 +78,7 @@ impl SystemKind {
             Self::Bm25 => "BM25",
             Self::Base => "base",
             Self::FineTuned => "fine-tuned",
+            Self::FirstRound => "fine-tuned (round 1)",
             Self::Reranked => "retrieve+rerank",
         }
     }
@@ -275,8 +279,8 @@ impl Dataset {
         Ok(())
     }
 
-    /// Compares every fine-tuned system with the base system of the same dimension, the
-    /// comparison the regression guard watches. When the base was scored at several lengths,
+    /// Compares every fine-tuned system (a first round's too) with the base system of the same
+    /// dimension, the comparison the regression guard watches. When the base was scored at several lengths,
     /// the one with the best mean of the first of `metrics` is the baseline: a gain is then the
     /// fine-tune's, not a truncation's.
     pub fn compare_fine_tuned_with_base(
@@ -293,7 +297,7 @@ impl Dataset {
         let pairs: Vec<(String, String)> = self
             .systems
             .iter()
-            .filter(|system| system.kind == SystemKind::FineTuned)
+            .filter(|system| matches!(system.kind, SystemKind::FineTuned | SystemKind::FirstRound))
             .filter_map(|tuned| {
                 self.systems
                     .iter()

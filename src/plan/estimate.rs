@@ -11,7 +11,7 @@ use super::Plan;
 use crate::cache::store::Store;
 use crate::error_chain;
 use crate::stages::estimate::{Basis, Estimate, EstimateInput, Sizes, Speeds};
-use crate::stages::io::{CHUNKS_FILE, QUERIES_FILE, TRAIN_FILE, count_lines};
+use crate::stages::io::{CHUNKS_FILE, QUERIES_FILE, SECOND_ROUND_FILE, TRAIN_FILE, count_lines};
 use crate::stages::{Artifact, StageEnv};
 
 /// One stage's line of the estimate.
@@ -102,6 +102,7 @@ fn merged(a: Sizes, b: Sizes) -> Sizes {
         queries: a.queries.or(b.queries),
         examples: a.examples.or(b.examples),
         negatives: a.negatives.or(b.negatives),
+        rounds: a.rounds.or(b.rounds),
     }
 }
 
@@ -125,6 +126,11 @@ fn counted(sizes: Sizes, artifact: Artifact, dir: &Path) -> Sizes {
             Sizes {
                 examples: Some(count_lines(&train)),
                 negatives: Some(first_negatives(&train)),
+                rounds: Some(if dir.join(SECOND_ROUND_FILE).is_file() {
+                    2
+                } else {
+                    1
+                }),
                 ..sizes
             }
         }

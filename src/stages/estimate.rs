@@ -31,6 +31,8 @@ pub struct Sizes {
     pub examples: Option<u64>,
     /// Hard negatives per training example.
     pub negatives: Option<u64>,
+    /// Rounds of mining and training (`mine.rounds`).
+    pub rounds: Option<u64>,
 }
 
 /// Texts of a training example as the cost of full-length passages: its positive, its negatives,

@@ -26,7 +26,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput};
-use super::io::{self, CHUNKS_FILE, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
+use super::io::{self, CHUNKS_FILE, FIRST_ROUND_DIR, HELDOUT_FILE, TRAIN_FILE, TrainingExample};
 use super::io::{MERGE_FILE, MODEL_DIR, RERANKER_DIR, TRAIN_LOG_FILE};
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
@@ -483,6 +483,16 @@ impl Evaluate {
                     reference: self.base_model.clone(),
                     encoder: base,
                     digest: base_digest,
+                });
+            }
+            let first_round = artifact.join(FIRST_ROUND_DIR).join(MODEL_DIR);
+            if first_round.is_dir() {
+                systems.models.push(ModelUnderTest {
+                    kind: SystemKind::FirstRound,
+                    label: SystemKind::FirstRound.name().to_owned(),
+                    reference: first_round.display().to_string(),
+                    encoder: io::load_encoder_dir(&ctx.env, &first_round)?,
+                    digest: io::model_digest(&first_round)?,
                 });
             }
             systems.models.push(ModelUnderTest {

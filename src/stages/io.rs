@@ -28,6 +28,13 @@ pub const PROVENANCE_FILE: &str = "provenance.json";
 pub const MODEL_DIR: &str = "model";
 pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
 pub const MERGE_FILE: &str = "merge.json";
+/// With `mine.rounds: 2`, what mine leaves for train's second round ([`super::mine::SecondRound`]:
+/// the settings, beside a copy of the chunks).
+pub const SECOND_ROUND_FILE: &str = "second_round.json";
+/// With `mine.rounds: 2`, the first round's model, log and the training data mined with it for
+/// the second round, in train's artifact.
+pub const FIRST_ROUND_DIR: &str = "round1";
+pub const SECOND_ROUND_TRAIN_FILE: &str = "second_round_train.jsonl";
 /// [`Artifact::Reranker`](super::Artifact::Reranker): the cross-encoder folder.
 pub const RERANKER_DIR: &str = "reranker";
 /// [`Artifact::Evaluation`](super::Artifact::Evaluation): the report register reads for the

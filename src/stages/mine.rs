@@ -11,6 +11,7 @@
 //! Output: `train.jsonl` and `heldout.jsonl` in ragd's training-data format, and `stats.json`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -19,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput};
 use super::io::{
-    self, CHUNKS_FILE, HELDOUT_FILE, LinkedPassage, QUERIES_FILE, QueryRecord, TRAIN_FILE,
-    TrainingExample,
+    self, CHUNKS_FILE, HELDOUT_FILE, LinkedPassage, QUERIES_FILE, QueryRecord, SECOND_ROUND_FILE,
+    TRAIN_FILE, TrainingExample,
 };
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
@@ -28,6 +29,7 @@ use super::{
 };
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex, Hit};
+use crate::model::encoder::SentenceEncoder;
 use crate::model::prompts::TextRole;
 
 /// How negatives are picked from the filtered candidates.
@@ -90,6 +92,170 @@ pub struct MineParams {
     /// out of the cache key: mining cached before it existed stays valid.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub continuation_positive: bool,
+    /// 2: after training on these negatives, train mines them again with the model it trained
+    /// (harder negatives: what that model still confuses) and trains again from the base on
+    /// them; evaluate reports both rounds. 1: one round. (At 1 it stays out of the cache key.)
+    #[serde(default = "one_round", skip_serializing_if = "is_one_round")]
+    pub rounds: u32,
+}
+
+fn one_round() -> u32 {
+    1
+}
+fn is_one_round(rounds: &u32) -> bool {
+    *rounds == 1
+}
+
+/// What `mine.rounds: 2` leaves for train in mine's artifact: the settings to mine with again
+/// (`second_round.json`) and the chunks to mine from (`chunks.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecondRound {
+    pub params: MineParams,
+    pub seed: u64,
+}
+
+impl SecondRound {
+    /// The second round `dir` (mine's artifact) asks for, with its chunks; `None` for one round.
+    pub fn read(dir: &Path) -> Result<Option<(Self, Vec<Chunk>)>, StageError> {
+        let file = dir.join(SECOND_ROUND_FILE);
+        if !file.is_file() {
+            return Ok(None);
+        }
+        let round: Self = serde_json::from_str(&fs_err::read_to_string(file)?)?;
+        let chunks = io::read_jsonl(&dir.join(CHUNKS_FILE))?;
+        Ok(Some((round, chunks)))
+    }
+
+    /// Each training example's negatives mined again by `encoder` (the first round's model) with
+    /// the same settings; its positives kept. Shows the round's mining table.
+    pub fn mine_again(
+        &self,
+        ctx: &StageContext,
+        encoder: &SentenceEncoder,
+        chunks: &[Chunk],
+        examples: &[TrainingExample],
+    ) -> Result<Vec<TrainingExample>, StageError> {
+        let passages: Vec<String> = chunks.iter().map(io::passage).collect();
+        let position = positions(chunks);
+        let views: Vec<QueryView> = examples
+            .iter()
+            .map(|e| QueryView {
+                text: &e.query,
+                chunk_id: &e.positive_id,
+                doc_id: position
+                    .get(e.positive_id.as_str())
+                    .map_or(e.source_document.as_str(), |&i| chunks[i].doc_id.as_str()),
+            })
+            .collect();
+        let embedded = if self.params.dense {
+            let texts: Vec<&str> = passages.iter().map(String::as_str).collect();
+            let bar = ctx.progress(
+                "encoding chunks with the first round's model",
+                Some(texts.len() as u64),
+            );
+            let docs = encoder
+                .encode_as(
+                    &texts,
+                    TextRole::Passage,
+                    self.params.batch_size,
+                    &mut |n| bar.set(n as u64),
+                )
+                .map_err(io::model_error)?;
+            drop(bar);
+            Some(embed_queries(
+                ctx,
+                encoder,
+                docs,
+                &views,
+                self.params.batch_size,
+            )?)
+        } else {
+            None
+        };
+        let candidates = self
+            .params
+            .candidates(ctx, chunks, &passages, &views, embedded)?;
+        let mut stats = MineStats {
+            queries: examples.len(),
+            train_queries: examples.len(),
+            ..MineStats::default()
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(1));
+        let mut again = Vec::with_capacity(examples.len());
+        for ((example, view), scored) in examples.iter().zip(&views).zip(candidates) {
+            let positives = Positives {
+                own: position.get(example.positive_id.as_str()).copied(),
+                continuation: example
+                    .extra_positives
+                    .first()
+                    .and_then(|p| position.get(p.id.as_str()).copied()),
+            };
+            let chosen = self
+                .params
+                .select(view, positives, scored, chunks, &mut stats, &mut rng);
+            *stats.negatives_histogram.entry(chosen.len()).or_default() += 1;
+            again.push(TrainingExample {
+                negatives: chosen
+                    .into_iter()
+                    .map(|i| LinkedPassage {
+                        id: chunks[i].id.clone(),
+                        text: passages[i].clone(),
+                    })
+                    .collect(),
+                ..example.clone()
+            });
+        }
+        let mut table = stats.table();
+        table.title = "mining, second round".to_owned();
+        ctx.table(&table);
+        Ok(again)
+    }
+}
+
+/// What mining needs of a query: its text, its positive chunk and that chunk's document.
+struct QueryView<'a> {
+    text: &'a str,
+    chunk_id: &'a str,
+    doc_id: &'a str,
+}
+
+/// The mining model's unit-length embeddings of every chunk and query, row after row.
+struct Embedded {
+    dim: usize,
+    docs: Vec<f32>,
+    queries: Vec<f32>,
+}
+
+/// The queries of `views` embedded by `encoder`, beside the chunks' `docs`.
+fn embed_queries(
+    ctx: &StageContext,
+    encoder: &SentenceEncoder,
+    docs: crate::model::encoder::Embeddings,
+    views: &[QueryView],
+    batch_size: usize,
+) -> Result<Embedded, StageError> {
+    ctx.check_cancelled()?;
+    let texts: Vec<&str> = views.iter().map(|q| q.text).collect();
+    let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
+    let queries = encoder
+        .encode_as(&texts, TextRole::Query, batch_size, &mut |n| {
+            bar.set(n as u64);
+        })
+        .map_err(io::model_error)?;
+    Ok(Embedded {
+        dim: encoder.dim(),
+        docs: docs.into_vec(),
+        queries: queries.into_vec(),
+    })
+}
+
+/// Chunk id → position.
+fn positions(chunks: &[Chunk]) -> HashMap<&str, usize> {
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.as_str(), i))
+        .collect()
 }
 
 impl Default for MineParams {
@@ -156,6 +322,9 @@ impl StageDef for Mine {
         if params.batch_size == 0 {
             invalid.push(Invalid::new(&["batch_size"], "must be at least 1"));
         }
+        if !(1..=2).contains(&params.rounds) {
+            invalid.push(Invalid::new(&["rounds"], "must be 1 or 2"));
+        }
         for (key, value) in [
             ("margin", params.margin),
             ("relative_margin", params.relative_margin),
@@ -209,6 +378,7 @@ impl Stage for Mine {
         estimate.sizes.examples =
             Some((queries as f64 * (1. - self.params.heldout_fraction)).round() as u64);
         estimate.sizes.negatives = Some(self.params.negatives_per_query as u64);
+        estimate.sizes.rounds = Some(u64::from(self.params.rounds));
         Ok(estimate)
     }
 
@@ -230,11 +400,7 @@ impl Stage for Mine {
         }
         let (train, heldout) = split_by_document(&queries, self.params.heldout_fraction, self.seed);
         let passages: Vec<String> = chunks.iter().map(io::passage).collect();
-        let position: HashMap<&str, usize> = chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.id.as_str(), i))
-            .collect();
+        let position = positions(&chunks);
 
         let continuation = |chunk_id: &str| {
             let at = *position.get(chunk_id)?;
@@ -244,7 +410,31 @@ impl Stage for Mine {
             id: chunks[i].id.clone(),
             text: passages[i].clone(),
         };
-        let candidates = self.candidates(ctx, &chunks, &passages, &train)?;
+        let views: Vec<QueryView> = train
+            .iter()
+            .map(|q| QueryView {
+                text: &q.query,
+                chunk_id: &q.chunk_id,
+                doc_id: &q.doc_id,
+            })
+            .collect();
+        let embedded = if self.params.dense {
+            let texts: Vec<&str> = passages.iter().map(String::as_str).collect();
+            let (encoder, docs) =
+                io::encode_corpus(ctx, &self.base_model, &texts, self.params.batch_size)?;
+            Some(embed_queries(
+                ctx,
+                &encoder,
+                docs,
+                &views,
+                self.params.batch_size,
+            )?)
+        } else {
+            None
+        };
+        let candidates = self
+            .params
+            .candidates(ctx, &chunks, &passages, &views, embedded)?;
         ctx.check_cancelled()?;
         let mut stats = MineStats {
             queries: queries.len(),
@@ -256,12 +446,14 @@ impl Stage for Mine {
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let mut examples = Vec::with_capacity(train.len());
-        for (query, scored) in train.iter().zip(candidates) {
+        for ((query, view), scored) in train.iter().zip(&views).zip(candidates) {
             let positives = Positives {
                 own: position.get(query.chunk_id.as_str()).copied(),
                 continuation: continuation(&query.chunk_id),
             };
-            let chosen = self.select(query, positives, scored, &chunks, &mut stats, &mut rng);
+            let chosen = self
+                .params
+                .select(view, positives, scored, &chunks, &mut stats, &mut rng);
             *stats.negatives_histogram.entry(chosen.len()).or_default() += 1;
             stats.continuation_positives += usize::from(positives.continuation.is_some());
             examples.push(TrainingExample {
@@ -289,6 +481,14 @@ impl Stage for Mine {
             provenance.write(&ctx.out_dir)?;
         }
         io::write_jsonl(&ctx.out_dir.join(HELDOUT_FILE), &held)?;
+        if self.params.rounds == 2 {
+            let round = SecondRound {
+                params: self.params.clone(),
+                seed: self.seed,
+            };
+            io::write_json(&ctx.out_dir.join(SECOND_ROUND_FILE), &round)?;
+            io::write_jsonl(&ctx.out_dir.join(CHUNKS_FILE), &chunks)?;
+        }
         io::write_json(&ctx.out_dir.join("stats.json"), &stats)?;
         ctx.table(&stats.table());
         if examples.is_empty() {
@@ -312,47 +512,34 @@ struct Positives {
     continuation: Option<usize>,
 }
 
-impl Mine {
-    /// Merged, scored candidates per training query (best first), plus the positive's score as
-    /// the last element when it is not among them, so margins can be checked.
+impl MineParams {
+    /// Merged, scored candidates per query (best first), plus the positive's score when the
+    /// mining model (`embedded`: dense search) or BM25 scores it, so margins can be checked.
     fn candidates(
         &self,
         ctx: &StageContext,
         chunks: &[Chunk],
         passages: &[String],
-        train: &[&QueryRecord],
+        queries: &[QueryView],
+        embedded: Option<Embedded>,
     ) -> Result<Vec<(Scored, Option<f32>)>, StageError> {
-        let k = self.params.range_max + 1;
-        let texts: Vec<&str> = train.iter().map(|q| q.query.as_str()).collect();
-        let mut lists: Vec<Scored> = vec![Vec::new(); train.len()];
+        let k = self.range_max + 1;
+        let texts: Vec<&str> = queries.iter().map(|q| q.text).collect();
+        let mut lists: Vec<Scored> = vec![Vec::new(); queries.len()];
 
-        let mut dense = None;
-        if self.params.dense {
-            let corpus_texts: Vec<&str> = passages.iter().map(String::as_str).collect();
-            let (encoder, docs) =
-                io::encode_corpus(ctx, &self.base_model, &corpus_texts, self.params.batch_size)?;
-            ctx.check_cancelled()?;
-            let bar = ctx.progress("encoding queries", Some(texts.len() as u64));
-            let queries = encoder
-                .encode_as(&texts, TextRole::Query, self.params.batch_size, &mut |n| {
-                    bar.set(n as u64);
-                })
-                .map_err(io::model_error)?;
-            drop(bar);
-            let dim = encoder.dim();
-            let docs = docs.into_vec();
-            let index = DenseIndex::new(dim, docs.clone()).map_err(io::index_error)?;
+        if let Some(embedded) = &embedded {
+            let index =
+                DenseIndex::new(embedded.dim, embedded.docs.clone()).map_err(io::index_error)?;
             let bar = ctx.progress("dense search", Some(texts.len() as u64));
             let hits = index
-                .search_batch(queries.as_slice(), k, &|n| bar.inc(n as u64))
+                .search_batch(&embedded.queries, k, &|n| bar.inc(n as u64))
                 .map_err(io::index_error)?;
             drop(bar);
             for (list, hits) in lists.iter_mut().zip(&hits) {
                 list.extend(hits.iter().map(|h| (h.doc, h.score)));
             }
-            dense = Some((dim, docs, queries));
         }
-        if self.params.bm25 {
+        if self.bm25 {
             let docs: Vec<(&str, &str)> = chunks
                 .iter()
                 .zip(passages)
@@ -369,17 +556,14 @@ impl Mine {
             }
         }
         // Put every candidate (and the positive) on one scale: cosine when dense search ran.
-        let position: HashMap<&str, usize> = chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.id.as_str(), i))
-            .collect();
-        let mut out = Vec::with_capacity(train.len());
+        let position = positions(chunks);
+        let mut out = Vec::with_capacity(queries.len());
         for (q, mut list) in lists.into_iter().enumerate() {
-            let positive = position.get(train[q].chunk_id.as_str()).copied();
-            let positive_score = match &dense {
-                Some((dim, docs, queries)) => {
-                    let query = &queries.as_slice()[q * dim..(q + 1) * dim];
+            let positive = position.get(queries[q].chunk_id).copied();
+            let positive_score = match &embedded {
+                Some(Embedded { dim, docs, queries }) => {
+                    let dim = *dim;
+                    let query = &queries[q * dim..(q + 1) * dim];
                     let score = |doc: usize| dot(&docs[doc * dim..(doc + 1) * dim], query);
                     for (doc, s) in &mut list {
                         *s = score(*doc);
@@ -397,14 +581,13 @@ impl Mine {
     /// Applies the window, filters and sampling to one query's candidates; returns positions.
     fn select(
         &self,
-        query: &QueryRecord,
+        query: &QueryView,
         positives: Positives,
         (scored, positive_score): (Scored, Option<f32>),
         chunks: &[Chunk],
         stats: &mut MineStats,
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> Vec<usize> {
-        let p = &self.params;
         let mut kept = Vec::new();
         for (rank, (doc, score)) in scored.into_iter().enumerate() {
             stats.candidates += 1;
@@ -412,17 +595,17 @@ impl Mine {
                 Some("the positive itself")
             } else if Some(doc) == positives.continuation {
                 Some("the positive's continuation")
-            } else if rank < p.range_min || rank >= p.range_max {
+            } else if rank < self.range_min || rank >= self.range_max {
                 Some("outside the rank window")
-            } else if p.exclude_same_document && chunks[doc].doc_id == query.doc_id {
+            } else if self.exclude_same_document && chunks[doc].doc_id == query.doc_id {
                 Some("same document as the positive")
-            } else if p.max_score.is_some_and(|max| score > max) {
+            } else if self.max_score.is_some_and(|max| score > max) {
                 Some("above max_score")
-            } else if let (Some(m), Some(pos)) = (p.margin, positive_score)
+            } else if let (Some(m), Some(pos)) = (self.margin, positive_score)
                 && score > pos - m
             {
                 Some("within margin of the positive")
-            } else if let (Some(m), Some(pos)) = (p.relative_margin, positive_score)
+            } else if let (Some(m), Some(pos)) = (self.relative_margin, positive_score)
                 && score > relative_threshold(pos, m)
             {
                 Some("within relative margin of the positive")
@@ -434,10 +617,10 @@ impl Mine {
                 None => kept.push(doc),
             }
         }
-        if p.sampling == Sampling::Random {
+        if self.sampling == Sampling::Random {
             kept.shuffle(rng);
         }
-        kept.truncate(p.negatives_per_query);
+        kept.truncate(self.negatives_per_query);
         kept
     }
 }
@@ -658,8 +841,13 @@ mod tests {
         let scored = vec![(0, 0.5), (1, 0.48), (2, 0.47), (3, 0.30)];
         let mut stats = MineStats::default();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        let chosen = stage.select(
-            &q,
+        let view = QueryView {
+            text: &q.query,
+            chunk_id: &q.chunk_id,
+            doc_id: &q.doc_id,
+        };
+        let chosen = stage.params.select(
+            &view,
             Positives {
                 own: Some(0),
                 continuation: None,

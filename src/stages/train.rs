@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use super::estimate::{self, Estimate, EstimateInput, Speeds, texts_per_example};
 use super::io::{
-    self, HELDOUT_FILE, MERGE_FILE, MODEL_DIR, TRAIN_FILE, TRAIN_LOG_FILE, TrainingExample,
+    self, FIRST_ROUND_DIR, HELDOUT_FILE, MERGE_FILE, MODEL_DIR, SECOND_ROUND_TRAIN_FILE,
+    TRAIN_FILE, TRAIN_LOG_FILE, TrainingExample,
 };
+use super::mine::SecondRound;
 use super::{
     Artifact, External, Input, Invalid, RecipeEnv, Stage, StageContext, StageDef, StageEnv,
     StageError, StageOutcome, Table,
@@ -360,7 +362,13 @@ impl Stage for Train {
             trained = trained.min(max_steps * self.config.batch_size as u64);
         }
         let texts = trained as f64 * texts_per_example(negatives);
-        let mut seconds = speed.train(texts as u64, tokens);
+        let rounds = input.sizes.rounds.unwrap_or(1).max(1);
+        let mut seconds = rounds as f64 * speed.train(texts as u64, tokens);
+        if rounds > 1 {
+            // Mining again: the first round's model embeds every chunk and training query.
+            let chunks = input.sizes.chunks.unwrap_or(0);
+            seconds += speed.encode(chunks + examples, tokens);
+        }
         let mut peak_bytes = speed.train_peak(mini_batch, 2 + negatives as usize, tokens);
         if self.params.guide == GuideSetting::Base {
             // The guide, a second copy of the base, encodes every text without gradients.
@@ -397,8 +405,65 @@ impl Stage for Train {
             .unwrap_or(encoder.max_seq_length());
         let tokenized = self.tokenize(&encoder, &examples, max_seq_length)?;
         ctx.check_cancelled()?;
-
-        let outcome = self.steps(ctx, &encoder, &model_dir, &selected, &tokenized)?;
+        let second_round = match self.data {
+            Some(_) => None,
+            None => SecondRound::read(ctx.input(Artifact::TrainingData)?)?,
+        };
+        let only_round = RoundFiles {
+            journal: ctx.journal_dir.clone(),
+            log: ctx.out_dir.join(TRAIN_LOG_FILE),
+            name: "",
+        };
+        let (encoder, tokenized, outcome) = match second_round {
+            None => {
+                let outcome = self.steps(
+                    ctx,
+                    &encoder,
+                    &model_dir,
+                    &selected,
+                    &tokenized,
+                    &only_round,
+                )?;
+                (encoder, tokenized, outcome)
+            }
+            Some((round, chunks)) => {
+                let first_dir = ctx.out_dir.join(FIRST_ROUND_DIR);
+                fs_err::create_dir_all(&first_dir)?;
+                let first = RoundFiles {
+                    log: first_dir.join(TRAIN_LOG_FILE),
+                    name: ", round 1 of 2",
+                    ..only_round
+                };
+                let outcome =
+                    self.steps(ctx, &encoder, &model_dir, &selected, &tokenized, &first)?;
+                let encoder = encoder
+                    .with_max_seq_length(max_seq_length)
+                    .map_err(io::model_error)?;
+                let figures = TrainFigures::new(&tokenized, &outcome, &selected, None);
+                self.save(
+                    ctx,
+                    &encoder,
+                    &model_dir,
+                    &first_dir,
+                    data_hash.clone(),
+                    &figures,
+                )?;
+                let again = round.mine_again(ctx, &encoder, &chunks, &examples)?;
+                io::write_jsonl(&first_dir.join(SECOND_ROUND_TRAIN_FILE), &again)?;
+                drop(encoder);
+                ctx.check_cancelled()?;
+                let base =
+                    SentenceEncoder::load(&model_dir, &selected.device).map_err(io::model_error)?;
+                let tokenized = self.tokenize(&base, &again, max_seq_length)?;
+                let second = RoundFiles {
+                    journal: ctx.journal_dir.join("round-2"),
+                    log: ctx.out_dir.join(TRAIN_LOG_FILE),
+                    name: ", round 2 of 2 (from the base, on the second round's negatives)",
+                };
+                let outcome = self.steps(ctx, &base, &model_dir, &selected, &tokenized, &second)?;
+                (base, tokenized, outcome)
+            }
+        };
         if outcome.resumed_from.is_none() && selected.device.is_cpu() {
             self.record_speed(ctx, &tokenized, &outcome, max_seq_length);
         }
@@ -412,52 +477,20 @@ impl Stage for Train {
         if let Some(merge) = &merge {
             io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
         }
-        let figures = TrainFigures {
-            examples: tokenized.len(),
-            steps: outcome.total_steps,
-            first_loss: outcome.log.first().map(|r| r.loss),
-            final_loss: outcome.final_loss(),
-            train_seconds: outcome.train_seconds,
-            peak_rss_bytes: outcome.peak_rss_bytes,
-            device: selected.description.clone(),
-            resumed_from: outcome.resumed_from,
-            merge_alpha: merge.as_ref().map(|m| m.alpha),
-        };
-        let mut extra = io::run_provenance(ctx);
-        extra.insert("resumed_from".to_owned(), outcome.resumed_from.into());
-        if let Some(merge) = &merge {
-            extra.insert("merge".to_owned(), serde_json::to_value(merge)?);
-        }
-        let metadata = TrainingMetadata {
-            base_model: self.model.clone(),
-            data_hash,
-            examples: figures.examples,
-            loss: self.config.loss.name(),
-            matryoshka_dims: self.config.loss.matryoshka_dims.clone(),
-            hyperparameters: self.params(),
-            steps: figures.steps,
-            final_loss: figures.final_loss,
-            train_seconds: figures.train_seconds,
-            peak_rss_bytes: figures.peak_rss_bytes,
-            device: figures.device.clone(),
-            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
-            extra,
-        };
-        save_model(
-            encoder.bert(),
-            encoder.pooling(),
-            &model_dir,
-            max_seq_length,
-            &ctx.out_dir.join(MODEL_DIR),
-            &metadata,
-            Some(&ctx.recipe_text),
-        )
-        .map_err(train_error)?;
+        let figures = TrainFigures::new(&tokenized, &outcome, &selected, merge.as_ref());
+        self.save(ctx, &encoder, &model_dir, &ctx.out_dir, data_hash, &figures)?;
         ctx.table(&figures.table());
         Ok(StageOutcome {
             summary: serde_json::to_value(&figures)?,
         })
     }
+}
+
+/// Where a training round keeps its checkpoints and its step log, and how the run names it.
+struct RoundFiles {
+    journal: PathBuf,
+    log: PathBuf,
+    name: &'static str,
 }
 
 /// What a training run did, once: the stage's summary (in the lock, reproducible parts only)
@@ -476,6 +509,25 @@ struct TrainFigures {
 }
 
 impl TrainFigures {
+    fn new(
+        tokenized: &[TokenizedExample],
+        outcome: &TrainOutcome,
+        selected: &device::SelectedDevice,
+        merge: Option<&MergeSearch>,
+    ) -> Self {
+        Self {
+            examples: tokenized.len(),
+            steps: outcome.total_steps,
+            first_loss: outcome.log.first().map(|r| r.loss),
+            final_loss: outcome.final_loss(),
+            train_seconds: outcome.train_seconds,
+            peak_rss_bytes: outcome.peak_rss_bytes,
+            device: selected.description.clone(),
+            resumed_from: outcome.resumed_from,
+            merge_alpha: merge.map(|m| m.alpha),
+        }
+    }
+
     fn table(&self) -> Table {
         let figure = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"));
         let row = |name: &str, value: String| vec![name.to_owned(), value];
@@ -501,6 +553,51 @@ impl TrainFigures {
 }
 
 impl Train {
+    /// Saves `encoder` (trained from the base in `base_dir`) as a sentence-transformers folder
+    /// `model/` in `dir`, with its training metadata and model card.
+    fn save(
+        &self,
+        ctx: &StageContext,
+        encoder: &SentenceEncoder,
+        base_dir: &Path,
+        dir: &Path,
+        data_hash: String,
+        figures: &TrainFigures,
+    ) -> Result<(), StageError> {
+        let mut extra = io::run_provenance(ctx);
+        extra.insert("resumed_from".to_owned(), figures.resumed_from.into());
+        let merge = dir.join(MERGE_FILE);
+        if merge.is_file() {
+            let search: MergeSearch = serde_json::from_str(&fs_err::read_to_string(merge)?)?;
+            extra.insert("merge".to_owned(), serde_json::to_value(search)?);
+        }
+        let metadata = TrainingMetadata {
+            base_model: self.model.clone(),
+            data_hash,
+            examples: figures.examples,
+            loss: self.config.loss.name(),
+            matryoshka_dims: self.config.loss.matryoshka_dims.clone(),
+            hyperparameters: self.params(),
+            steps: figures.steps,
+            final_loss: figures.final_loss,
+            train_seconds: figures.train_seconds,
+            peak_rss_bytes: figures.peak_rss_bytes,
+            device: figures.device.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+            extra,
+        };
+        save_model(
+            encoder.bert(),
+            encoder.pooling(),
+            base_dir,
+            encoder.max_seq_length(),
+            &dir.join(MODEL_DIR),
+            &metadata,
+            Some(&ctx.recipe_text),
+        )
+        .map_err(train_error)
+    }
+
     /// The optimiser steps (resuming from the journal's checkpoint), with the base as the guide
     /// when `train.guide: base`; the per-step log grows in the artifact as training goes.
     fn steps(
@@ -510,6 +607,7 @@ impl Train {
         model_dir: &Path,
         selected: &device::SelectedDevice,
         tokenized: &[TokenizedExample],
+        round: &RoundFiles,
     ) -> Result<TrainOutcome, StageError> {
         let model = TrainModel {
             bert: encoder.bert(),
@@ -540,19 +638,20 @@ impl Train {
             String::new()
         };
         ctx.info(format!(
-            "training `{}` on {}: {} examples, {total} steps of {}{gradcache}",
+            "training `{}` on {}{}: {} examples, {total} steps of {}{gradcache}",
             self.model,
             selected.description,
+            round.name,
             tokenized.len(),
             self.config.batch_size
         ));
         let bar = ctx.progress("training", Some(total));
         // The log grows a line per step as training goes (to follow with `tail -f`); the
         // complete log, steps before a resume included, replaces it at the end.
-        let log_path = ctx.out_dir.join(TRAIN_LOG_FILE);
-        let mut live_log = std::io::BufWriter::new(fs_err::File::create(&log_path)?);
+        let log_path = &round.log;
+        let mut live_log = std::io::BufWriter::new(fs_err::File::create(log_path)?);
         let mut log_error = None;
-        let outcome = trainer.run(tokenized, Some(ctx.journal_dir.as_path()), &mut |record| {
+        let outcome = trainer.run(tokenized, Some(round.journal.as_path()), &mut |record| {
             if log_error.is_none()
                 && let Err(error) = serde_json::to_writer(&mut live_log, record)
                     .map_err(std::io::Error::from)
@@ -584,7 +683,7 @@ impl Train {
             return Err(error.into());
         }
         drop(live_log);
-        io::write_jsonl(&log_path, &outcome.log)?;
+        io::write_jsonl(log_path, &outcome.log)?;
         Ok(outcome)
     }
 
