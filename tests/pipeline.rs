@@ -393,6 +393,53 @@ fn two_rounds_with_continuations_train_twice_and_report_both() {
     assert!(report["verdict"]["why"].is_string());
 }
 
+/// Issue 14: mine rescores its candidates with a cross-encoder (here all-MiniLM-L6-v2's
+/// encoder with a seeded head: no cross-encoder weights exist offline), whose scores then pick
+/// the negatives: they differ from those the base model's cosine picks.
+#[test]
+fn mine_rescores_candidates_with_a_cross_encoder() {
+    let project = project();
+    let minings = |project: &Project| -> Vec<std::path::PathBuf> {
+        walk(&project.path(".ragd-pipe"))
+            .into_iter()
+            .filter(|p| p.ends_with("train.jsonl"))
+            .collect()
+    };
+    let negatives = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("readable")
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON"))
+            .map(|row| row["negatives"].clone())
+            .collect()
+    };
+    project
+        .run(&["run", "recipe.yaml", "--until", "mine"])
+        .success();
+    let first = minings(&project);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    let cross_encoder = crate::train::base_model_dir();
+    let reference = format!("mine.cross_encoder={}", cross_encoder.display());
+    let run = project.run(&["run", "recipe.yaml", "--set", &reference, "--until", "mine"]);
+    run.success();
+    assert!(
+        run.stderr.contains("the cross-encoder") && run.stderr.contains("rescored"),
+        "{}",
+        run.stderr
+    );
+    let second = minings(&project)
+        .into_iter()
+        .find(|p| !first.contains(p))
+        .expect("a second mining");
+    let (by_cosine, by_cross_encoder) = (negatives(&first[0]), negatives(&second));
+    assert_eq!(by_cosine.len(), by_cross_encoder.len());
+    assert_ne!(
+        by_cosine, by_cross_encoder,
+        "the cross-encoder's scores chose"
+    );
+}
+
 /// The run said it would not make `e2e` ragd's default, and left ragd's config alone.
 fn assert_not_made_default(project: &Project, stderr: &str) {
     assert!(

@@ -30,6 +30,7 @@ use super::{
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex, Hit};
 use crate::model::encoder::SentenceEncoder;
+use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 use crate::model::prompts::TextRole;
 
 /// How negatives are picked from the filtered candidates.
@@ -97,6 +98,14 @@ pub struct MineParams {
     /// them; evaluate reports both rounds. 1: one round. (At 1 it stays out of the cache key.)
     #[serde(default = "one_round", skip_serializing_if = "is_one_round")]
     pub rounds: u32,
+    /// A cross-encoder (hub id or folder: e.g. `cross-encoder/ms-marco-MiniLM-L6-v2`, or a
+    /// reranker an earlier run registered) that rescores each query's candidates in the window
+    /// and its positive, as sentence-transformers' `mine_hard_negatives` does: the sigmoid of
+    /// its logit replaces the retrievers' score, so `max_score`, `margin` and `relative_margin`
+    /// drop what it reads as nearly as relevant as the positive (likely unlabelled answers).
+    /// Costs a cross-encoder pass per candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_encoder: Option<String>,
 }
 
 fn one_round() -> u32 {
@@ -141,6 +150,7 @@ impl SecondRound {
             .iter()
             .map(|e| QueryView {
                 text: &e.query,
+                positive: &e.positive,
                 chunk_id: &e.positive_id,
                 doc_id: position
                     .get(e.positive_id.as_str())
@@ -217,6 +227,8 @@ struct QueryView<'a> {
     text: &'a str,
     chunk_id: &'a str,
     doc_id: &'a str,
+    /// The text training pulls the query towards, which a cross-encoder scores.
+    positive: &'a str,
 }
 
 /// The mining model's unit-length embeddings of every chunk and query, row after row.
@@ -383,10 +395,18 @@ impl Stage for Mine {
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
-        if !self.params.dense {
-            return Ok(Vec::new());
+        let mut externals = Vec::new();
+        if self.params.dense {
+            externals.push(External::base_model(env, &self.base_model)?);
         }
-        Ok(vec![External::base_model(env, &self.base_model)?])
+        if let Some(reference) = &self.params.cross_encoder {
+            externals.push(External::Model {
+                label: "cross_encoder".to_owned(),
+                reference: reference.clone(),
+                path: env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?,
+            });
+        }
+        Ok(externals)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome, StageError> {
@@ -414,6 +434,7 @@ impl Stage for Mine {
             .iter()
             .map(|q| QueryView {
                 text: &q.query,
+                positive: &q.positive,
                 chunk_id: &q.chunk_id,
                 doc_id: &q.doc_id,
             })
@@ -575,7 +596,10 @@ impl MineParams {
             list.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             out.push((list, positive_score));
         }
-        Ok(out)
+        match &self.cross_encoder {
+            Some(reference) => rescore(ctx, reference, passages, queries, out, self.range_max),
+            None => Ok(out),
+        }
     }
 
     /// Applies the window, filters and sampling to one query's candidates; returns positions.
@@ -624,6 +648,55 @@ impl MineParams {
         kept
     }
 }
+
+/// Each query's first `window` candidates and its positive scored again by the cross-encoder
+/// `reference` (the sigmoid of its logit, sentence-transformers' default activation), best first.
+fn rescore(
+    ctx: &StageContext,
+    reference: &str,
+    passages: &[String],
+    queries: &[QueryView],
+    candidates: Vec<(Scored, Option<f32>)>,
+    window: usize,
+) -> Result<Vec<(Scored, Option<f32>)>, StageError> {
+    let dir = ctx
+        .env
+        .resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
+    let cross_encoder = io::load_cross_encoder_dir(&ctx.env, &dir)?;
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for (query, (list, _)) in queries.iter().zip(&candidates) {
+        pairs.push((query.text, query.positive));
+        for &(doc, _) in list.iter().take(window) {
+            pairs.push((query.text, passages[doc].as_str()));
+        }
+    }
+    let bar = ctx.progress("cross-encoder rescoring", Some(pairs.len() as u64));
+    let logits = cross_encoder
+        .score(&pairs, CROSS_ENCODER_BATCH, &mut |n| bar.set(n as u64))
+        .map_err(io::model_error)?;
+    drop(bar);
+    ctx.info(format!(
+        "the cross-encoder `{reference}` rescored {} candidates and {} positives",
+        pairs.len() - queries.len(),
+        queries.len()
+    ));
+    let mut scores = logits.into_iter().map(|l| 1.0 / (1.0 + (-l).exp()));
+    let mut out = Vec::with_capacity(candidates.len());
+    for (list, _) in candidates {
+        let positive = scores.next();
+        let mut rescored: Scored = list
+            .into_iter()
+            .take(window)
+            .map(|(doc, _)| (doc, scores.next().unwrap_or(f32::NEG_INFINITY)))
+            .collect();
+        rescored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.push((rescored, positive));
+    }
+    Ok(out)
+}
+
+/// Pairs per cross-encoder batch while rescoring.
+const CROSS_ENCODER_BATCH: usize = 32;
 
 /// The chunk continuing the section of chunk `at`: the next one, when it has the same document
 /// and heading path (chunks are written in reading order).
@@ -843,6 +916,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let view = QueryView {
             text: &q.query,
+            positive: &q.positive,
             chunk_id: &q.chunk_id,
             doc_id: &q.doc_id,
         };
