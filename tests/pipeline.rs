@@ -440,6 +440,50 @@ fn mine_rescores_candidates_with_a_cross_encoder() {
     );
 }
 
+/// Issue 14: train distils a cross-encoder's margins (MarginMSE) into the bi-encoder on top of
+/// the ranking loss; the teacher is all-MiniLM-L6-v2's encoder with a seeded head.
+#[test]
+fn train_distils_a_cross_encoders_margins() {
+    let project = project();
+    let teacher = crate::train::base_model_dir();
+    let run = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--set",
+        &format!(
+            "train.distill={{teacher: '{}', weight: 0.5}}",
+            teacher.display()
+        ),
+        "--until",
+        "train",
+    ]);
+    run.success();
+    assert!(run.stderr.contains("for MarginMSE"), "{}", run.stderr);
+    let metadata = walk(&project.path(".ragd-pipe"))
+        .into_iter()
+        .find(|p| p.ends_with("model/training_metadata.json"))
+        .expect("the trained model's metadata");
+    let metadata: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(metadata).expect("readable")).expect("JSON");
+    let loss = metadata["loss"].as_str().expect("the loss's name");
+    assert!(loss.contains("0.5 × MarginMSE"), "{loss}");
+    // Without mined negatives there is nothing to distil: refused where the recipe says so.
+    let refused = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--set",
+        &format!("train.distill={{teacher: '{}'}}", teacher.display()),
+        "--set",
+        "train.hard_negatives=false",
+    ]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("hard_negatives"),
+        "{}",
+        refused.stderr
+    );
+}
+
 /// The run said it would not make `e2e` ragd's default, and left ragd's config alone.
 fn assert_not_made_default(project: &Project, stderr: &str) {
     assert!(

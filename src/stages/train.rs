@@ -127,6 +127,27 @@ pub struct TrainParams {
     /// out; 0 leaves out only negatives the guide scores at or above the positive (duplicates).
     #[serde(default)]
     pub guide_margin: f64,
+    /// Distil a cross-encoder's judgement into the model (MarginMSE): for each example's mined
+    /// negatives, the model's margin between positive and negative is pulled towards the
+    /// cross-encoder's, on top of the ranking loss. Needs `hard_negatives`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillParams>,
+}
+
+/// `train.distill`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct DistillParams {
+    /// The teacher: a cross-encoder (hub id or folder, e.g. `cross-encoder/ms-marco-MiniLM-L6-v2`
+    /// or a reranker an earlier run registered).
+    pub teacher: String,
+    /// The MarginMSE term's weight against the ranking loss.
+    #[serde(default = "default_distill_weight")]
+    pub weight: f64,
+}
+
+fn default_distill_weight() -> f64 {
+    1.0
 }
 
 /// `train.guide`.
@@ -211,6 +232,8 @@ const MERGE_ALPHAS: [f64; 5] = [1.0, 0.75, 0.5, 0.25, 0.0];
 /// At most this many passages make the corpus α is scored on: the held-out examples' own,
 /// then training positives as distractors.
 const MERGE_CORPUS_LIMIT: usize = 2000;
+/// Pairs per batch when the teacher scores.
+const TEACHER_BATCH: usize = 32;
 /// Texts per batch when scoring a merge.
 const MERGE_ENCODE_BATCH: usize = 64;
 
@@ -253,6 +276,7 @@ impl StageDef for Train {
                 symmetric: params.symmetric,
                 matryoshka_dims: params.matryoshka_dims.clone(),
                 guide_margin: (params.guide == GuideSetting::Base).then_some(params.guide_margin),
+                distill_weight: params.distill.as_ref().map(|d| d.weight),
             },
             seed: env.seed,
             dropout: true,
@@ -277,6 +301,20 @@ impl StageDef for Train {
                 &["merge"],
                 format!("{alpha} is not between 0 and 1 (or `auto`, or `none`)"),
             ));
+        }
+        if let Some(distill) = &params.distill {
+            if !(distill.weight.is_finite() && distill.weight > 0.0) {
+                invalid.push(Invalid::new(
+                    &["distill", "weight"],
+                    "must be a positive number",
+                ));
+            }
+            if !params.hard_negatives {
+                invalid.push(
+                    Invalid::new(&["distill"], "needs mined negatives to distil margins over")
+                        .with_help("set `hard_negatives: true`"),
+                );
+            }
         }
         if !(params.guide_margin.is_finite() && params.guide_margin >= 0.0) {
             invalid.push(Invalid::new(&["guide_margin"], "must be zero or positive"));
@@ -336,7 +374,15 @@ impl Stage for Train {
     }
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
-        model_and_data_externals(env, &self.model, self.data.as_deref())
+        let mut externals = model_and_data_externals(env, &self.model, self.data.as_deref())?;
+        if let Some(distill) = &self.params.distill {
+            externals.push(External::Model {
+                label: "distill.teacher".to_owned(),
+                reference: distill.teacher.clone(),
+                path: env.resolve_model(&distill.teacher, SENTENCE_TRANSFORMER_FILES)?,
+            });
+        }
+        Ok(externals)
     }
 
     fn estimate(&self, input: &EstimateInput) -> Result<Estimate, StageError> {
@@ -370,6 +416,10 @@ impl Stage for Train {
             seconds += speed.encode(chunks + examples, tokens);
         }
         let mut peak_bytes = speed.train_peak(mini_batch, 2 + negatives as usize, tokens);
+        if self.params.distill.is_some() {
+            // The teacher, a cross-encoder, reads each (query, positive) and (query, negative).
+            seconds += rounds as f64 * speed.encode(examples * (1 + negatives), tokens);
+        }
         if self.params.guide == GuideSetting::Base {
             // The guide, a second copy of the base, encodes every text without gradients.
             seconds += speed.encode(texts as u64, tokens);
@@ -403,7 +453,8 @@ impl Stage for Train {
             .params
             .max_seq_length
             .unwrap_or(encoder.max_seq_length());
-        let tokenized = self.tokenize(&encoder, &examples, max_seq_length)?;
+        let mut tokenized = self.tokenize(&encoder, &examples, max_seq_length)?;
+        self.teach(ctx, &examples, &mut tokenized)?;
         ctx.check_cancelled()?;
         let second_round = match self.data {
             Some(_) => None,
@@ -454,7 +505,8 @@ impl Stage for Train {
                 ctx.check_cancelled()?;
                 let base =
                     SentenceEncoder::load(&model_dir, &selected.device).map_err(io::model_error)?;
-                let tokenized = self.tokenize(&base, &again, max_seq_length)?;
+                let mut tokenized = self.tokenize(&base, &again, max_seq_length)?;
+                self.teach(ctx, &again, &mut tokenized)?;
                 let second = RoundFiles {
                     journal: ctx.journal_dir.join("round-2"),
                     log: ctx.out_dir.join(TRAIN_LOG_FILE),
@@ -844,8 +896,55 @@ impl Train {
                         ids: next(),
                     })
                     .collect(),
+                teacher_margins: Vec::new(),
             })
             .collect())
+    }
+
+    /// With `distill`, the teacher's margin (its logit for the positive minus that for the
+    /// negative) for every negative of every example, into `tokenized` (made from `examples`).
+    fn teach(
+        &self,
+        ctx: &StageContext,
+        examples: &[TrainingExample],
+        tokenized: &mut [TokenizedExample],
+    ) -> Result<(), StageError> {
+        let Some(distill) = &self.params.distill else {
+            return Ok(());
+        };
+        let dir = ctx
+            .env
+            .resolve_model(&distill.teacher, SENTENCE_TRANSFORMER_FILES)?;
+        let teacher = io::load_cross_encoder_dir(&ctx.env, &dir)?;
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for example in examples {
+            pairs.push((&example.query, &example.positive));
+            pairs.extend(
+                example
+                    .negatives
+                    .iter()
+                    .map(|n| (example.query.as_str(), n.text.as_str())),
+            );
+        }
+        let bar = ctx.progress("the teacher's scores", Some(pairs.len() as u64));
+        let logits = teacher
+            .score(&pairs, TEACHER_BATCH, &mut |n| bar.set(n as u64))
+            .map_err(io::model_error)?;
+        drop(bar);
+        let mut logits = logits.into_iter();
+        for (example, tokenized) in examples.iter().zip(tokenized) {
+            let positive = logits.next().unwrap_or_default();
+            tokenized.teacher_margins = (&mut logits)
+                .take(example.negatives.len())
+                .map(|negative| positive - negative)
+                .collect();
+        }
+        ctx.info(format!(
+            "the teacher `{}` scored {} pairs for MarginMSE",
+            distill.teacher,
+            pairs.len()
+        ));
+        Ok(())
     }
 }
 

@@ -30,6 +30,12 @@ pub struct LossConfig {
     /// likely false negatives. `None` trains without a guide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guide_margin: Option<f64>,
+    /// MarginMSE distillation (Hofstätter et al. 2020): this weight times the mean squared
+    /// difference between the student's margin `scale·(cos(q, positive) − cos(q, negative))` and
+    /// a teacher's (a cross-encoder's logit difference, [`BatchLabels::margins`]) is added to the
+    /// ranking loss. `None` trains without a teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill_weight: Option<f64>,
 }
 
 impl Default for LossConfig {
@@ -39,6 +45,7 @@ impl Default for LossConfig {
             symmetric: false,
             matryoshka_dims: None,
             guide_margin: None,
+            distill_weight: None,
         }
     }
 }
@@ -54,6 +61,10 @@ impl LossConfig {
         let base = match self.guide_margin {
             Some(margin) => format!("GISTEmbed-guided {base} (margin {margin})"),
             None => base.to_owned(),
+        };
+        let base = match self.distill_weight {
+            Some(weight) => format!("{base} + {weight} × MarginMSE from a cross-encoder"),
+            None => base,
         };
         match &self.matryoshka_dims {
             Some(dims) => format!("MatryoshkaLoss({base}, dims {dims:?})"),
@@ -114,10 +125,13 @@ impl LossConfig {
             Some(mask) => (&scores + mask.to_dtype(DType::F64)?)?,
             None => scores.clone(),
         };
-        let forward = match &labels.targets {
+        let mut forward = match &labels.targets {
             Some(targets) => cross_entropy_on_targets(&masked, targets)?,
             None => cross_entropy_on_diagonal(&masked)?,
         };
+        if let (Some(weight), Some(margins)) = (self.distill_weight, &labels.margins) {
+            forward = (forward + (margins.mean_squared_error(&scores)? * weight)?)?;
+        }
         if !self.symmetric {
             return Ok(forward);
         }
@@ -136,6 +150,52 @@ pub struct BatchLabels {
     /// From [`targets`] (`[n, n + k]`, f64): each anchor's right answers, weighted to sum to 1.
     /// `None`: candidate `i` only.
     pub targets: Option<Tensor>,
+    /// A teacher's margins between anchors' positives and their own negatives, for
+    /// [`LossConfig::distill_weight`].
+    pub margins: Option<TeacherMargins>,
+}
+
+/// A teacher's margin for (anchor, its positive, one of its negatives) triples, by the
+/// positions of the two scores in the flattened `[n, n + k]` score matrix.
+#[derive(Debug, Clone)]
+pub struct TeacherMargins {
+    positive: Tensor,
+    negative: Tensor,
+    target: Tensor,
+}
+
+impl TeacherMargins {
+    /// `triples`: (anchor row, negative's candidate column, the teacher's margin); `width`: the
+    /// candidates. The anchor's positive is candidate `row`.
+    pub fn new(triples: &[(usize, usize, f32)], width: usize, device: &Device) -> Result<Self> {
+        let index = |column: &dyn Fn(&(usize, usize, f32)) -> usize| -> Result<Tensor> {
+            let positions = triples
+                .iter()
+                .map(|t| u32::try_from(t.0 * width + column(t)))
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .map_err(candle_core::Error::wrap)?;
+            Tensor::new(positions, device)
+        };
+        if let Some(beyond) = triples.iter().find(|t| t.1 >= width || t.0 >= width) {
+            candle_core::bail!("margin triple {beyond:?} is outside {width} candidates");
+        }
+        Ok(Self {
+            positive: index(&|t| t.0)?,
+            negative: index(&|t| t.1)?,
+            target: Tensor::new(
+                triples.iter().map(|t| f64::from(t.2)).collect::<Vec<_>>(),
+                device,
+            )?,
+        })
+    }
+
+    /// Mean over triples of `(scores[row, row] − scores[row, negative] − teacher)²`.
+    fn mean_squared_error(&self, scores: &Tensor) -> Result<Tensor> {
+        let flat = scores.flatten_all()?;
+        let student =
+            (flat.index_select(&self.positive, 0)? - flat.index_select(&self.negative, 0)?)?;
+        (student - &self.target)?.sqr()?.mean_all()
+    }
 }
 
 /// The weights of [`BatchLabels::targets`]: anchor `i`'s own candidate `i` and the candidates
@@ -313,6 +373,7 @@ mod tests {
             symmetric: false,
             matryoshka_dims: Some(vec![4, 2]),
             guide_margin: None,
+            distill_weight: None,
         };
         let loss = config
             .loss(&matrix(&ANCHORS), &matrix(&CANDIDATES))
@@ -356,7 +417,7 @@ mod tests {
                 &matrix(&candidates),
                 &BatchLabels {
                     mask: Some(mask),
-                    targets: None,
+                    ..BatchLabels::default()
                 },
             )
             .expect("loss");
@@ -393,6 +454,7 @@ mod tests {
         let labels = BatchLabels {
             mask: None,
             targets: Some(targets(&extra, 4, &Device::Cpu).expect("targets")),
+            margins: None,
         };
         let config = LossConfig {
             scale: 7.,
@@ -419,6 +481,7 @@ mod tests {
         let single = BatchLabels {
             mask: None,
             targets: Some(targets(&[vec![], vec![], vec![]], 4, &Device::Cpu).expect("targets")),
+            margins: None,
         };
         let plain = config
             .loss(&matrix(&ANCHORS), &matrix(&CANDIDATES))
@@ -429,6 +492,36 @@ mod tests {
         assert!((value(&plain) - value(&labelled)).abs() < 1e-12);
         // A column beyond the candidates is refused.
         assert!(targets(&[vec![4]], 4, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn margin_mse_adds_the_weighted_squared_margin_error() {
+        // Anchor 0 against its negative candidate 3 (teacher margin 2.5), anchor 2 against
+        // candidate 1 (teacher margin -1.0).
+        let triples = [(0, 3, 2.5f32), (2, 1, -1.0)];
+        let labels = BatchLabels {
+            margins: Some(TeacherMargins::new(&triples, 4, &Device::Cpu).expect("margins")),
+            ..BatchLabels::default()
+        };
+        let config = LossConfig {
+            scale: 7.,
+            distill_weight: Some(0.5),
+            ..LossConfig::default()
+        };
+        let loss = config
+            .labelled_loss(&matrix(&ANCHORS), &matrix(&CANDIDATES), &labels)
+            .expect("loss");
+        let student = |i: usize, j: usize| {
+            7. * (cosine(ANCHORS[i], CANDIDATES[i]) - cosine(ANCHORS[i], CANDIDATES[j]))
+        };
+        let mse = ((student(0, 3) - 2.5).powi(2) + (student(2, 1) + 1.0).powi(2)) / 2.;
+        let want = naive(&ANCHORS, &CANDIDATES, 7.) + 0.5 * mse;
+        assert!(
+            (value(&loss) - want).abs() < 1e-9,
+            "{} vs {want}",
+            value(&loss)
+        );
+        assert!(TeacherMargins::new(&[(0, 4, 1.0)], 4, &Device::Cpu).is_err());
     }
 
     #[test]

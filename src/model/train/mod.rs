@@ -34,6 +34,10 @@ pub struct TokenizedExample {
     /// other anchors'.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_positives: Vec<TokenizedText>,
+    /// A teacher's margin (positive's score minus the negative's) for each of `negatives`, in
+    /// order, for MarginMSE ([`LossConfig::distill_weight`]); empty without a teacher.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teacher_margins: Vec<f32>,
 }
 
 /// A passage as token ids, with its identity.

@@ -106,6 +106,7 @@ fn one_step_matches_pytorch_and_the_saved_model_reloads() {
                 positive_id: i.to_string(),
                 negatives: Vec::new(),
                 extra_positives: Vec::new(),
+                teacher_margins: Vec::new(),
             }
         })
         .collect();

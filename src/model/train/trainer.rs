@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::TrainError;
 use super::journal::{self, Loaded, Snapshot};
-use super::loss::BatchLabels;
+use super::loss::{BatchLabels, TeacherMargins};
 use super::optim::{self, AdamW, Param, Schedule};
 use super::sampler::{self, SamplerConfig};
 use super::{TokenizedExample, TrainConfig};
@@ -318,9 +318,17 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
+        let margins = match self.config.loss.distill_weight {
+            Some(_) if !rows.margins.is_empty() => Some(
+                TeacherMargins::new(&rows.margins, groups[1].len(), self.model.bert.device())
+                    .during(|| "the teacher's margins".to_owned())?,
+            ),
+            _ => None,
+        };
         let labels = BatchLabels {
             mask: self.guide_mask(&groups, &rows.extra)?,
             targets,
+            margins,
         };
         let mini = self.config.mini_batch_size;
         let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
@@ -559,6 +567,8 @@ struct BatchRows<'e> {
     anchors: Vec<&'e [u32]>,
     candidates: Vec<&'e [u32]>,
     extra: Vec<Vec<usize>>,
+    /// (anchor, its negative's column, the teacher's margin) for examples with margins.
+    margins: Vec<(usize, usize, f32)>,
 }
 
 fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> BatchRows<'e> {
@@ -575,11 +585,16 @@ fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> BatchRows<'e> {
             candidates.len() - 1
         })
     };
+    let mut margins = Vec::new();
     let extra = batch
         .iter()
-        .map(|example| {
-            for negative in &example.negatives {
-                place(negative);
+        .enumerate()
+        .map(|(i, example)| {
+            for (k, negative) in example.negatives.iter().enumerate() {
+                let column = place(negative);
+                if let Some(&margin) = example.teacher_margins.get(k) {
+                    margins.push((i, column, margin));
+                }
             }
             example.extra_positives.iter().map(&mut place).collect()
         })
@@ -588,6 +603,7 @@ fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> BatchRows<'e> {
         anchors,
         candidates,
         extra,
+        margins,
     }
 }
 
@@ -681,6 +697,7 @@ mod tests {
                     }],
                     _ => Vec::new(),
                 },
+                teacher_margins: Vec::new(),
                 negatives: vec![
                     TokenizedText {
                         id: format!("n{i}"),
