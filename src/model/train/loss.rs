@@ -265,13 +265,7 @@ fn unit_rows(x: &Tensor) -> Result<Tensor> {
 /// Mean over rows `i` of `-log softmax(scores[i])[i]`.
 fn cross_entropy_on_diagonal(scores: &Tensor) -> Result<Tensor> {
     let (n, _) = scores.dims2()?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let log_sum_exp = scores
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&max)?;
+    let log_sum_exp = log_sum_exp(scores)?;
     let eye = Tensor::eye(n, scores.dtype(), scores.device())?;
     let diagonal = (scores.narrow(1, 0, n)? * eye)?.sum_keepdim(D::Minus1)?;
     (log_sum_exp - diagonal)?.mean_all()
@@ -280,15 +274,19 @@ fn cross_entropy_on_diagonal(scores: &Tensor) -> Result<Tensor> {
 /// Mean over rows `i` of `-Σ_j targets[i][j] · log softmax(scores[i])[j]`: with weights summing
 /// to 1 per row, the mean log-probability of the row's right answers.
 fn cross_entropy_on_targets(scores: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let picked = (scores * targets.to_dtype(scores.dtype())?)?.sum_keepdim(D::Minus1)?;
+    (log_sum_exp(scores)? - picked)?.mean_all()
+}
+
+/// `log Σ_j exp(scores[i][j])` per row, shifted by the row's maximum so nothing overflows.
+fn log_sum_exp(scores: &Tensor) -> Result<Tensor> {
     let max = scores.max_keepdim(D::Minus1)?.detach();
-    let log_sum_exp = scores
+    scores
         .broadcast_sub(&max)?
         .exp()?
         .sum_keepdim(D::Minus1)?
         .log()?
-        .broadcast_add(&max)?;
-    let picked = (scores * targets.to_dtype(scores.dtype())?)?.sum_keepdim(D::Minus1)?;
-    (log_sum_exp - picked)?.mean_all()
+        .broadcast_add(&max)
 }
 
 #[cfg(test)]
