@@ -92,6 +92,16 @@ pub(super) fn verdict_line(report: &serde_json::Value) -> String {
         }
         return line;
     }
+    let fine_tuned = report["datasets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|d| d["systems"].as_array().into_iter().flatten())
+        .any(|s| s["kind"] == "fine-tuned");
+    if !fine_tuned && report["datasets"].is_array() {
+        return "verdict: — no fine-tuned model to judge: the base model was scored alone"
+            .to_owned();
+    }
     match report["regression"].as_bool() {
         Some(true) => format!(
             "verdict: worse — the fine-tuned model is worse than the base model beyond noise ({})",
@@ -228,6 +238,8 @@ mod tests {
             "verdict: better — nDCG@10 rose by 0.04 — use it"
         );
         assert!(verdict_line(&json!({"regression": false})).contains("no regression"));
+        let base_only = json!({"regression": false, "datasets": [{"systems": [{"kind": "base"}]}]});
+        assert!(verdict_line(&base_only).contains("scored alone"));
         assert!(
             verdict_line(&json!({"regression": true, "regressions": ["held-out: worse"]}))
                 .ends_with("(held-out: worse)")

@@ -185,9 +185,13 @@ impl SecondRound {
         let candidates = self
             .params
             .candidates(ctx, chunks, &passages, &views, embedded)?;
+        let mut documents: Vec<&str> = views.iter().map(|v| v.doc_id).collect();
+        documents.sort_unstable();
+        documents.dedup();
         let mut stats = MineStats {
             queries: examples.len(),
             train_queries: examples.len(),
+            train_documents: documents.len(),
             ..MineStats::default()
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed.wrapping_add(1));
@@ -786,15 +790,20 @@ impl MineStats {
                     self.train_queries, self.train_documents
                 ),
             ],
-            vec![
-                "held out".to_owned(),
-                format!(
-                    "{} ({} documents)",
-                    self.heldout_queries, self.heldout_documents
-                ),
-            ],
             vec!["candidates seen".to_owned(), self.candidates.to_string()],
         ];
+        if self.heldout_queries > 0 {
+            rows.insert(
+                1,
+                vec![
+                    "held out".to_owned(),
+                    format!(
+                        "{} ({} documents)",
+                        self.heldout_queries, self.heldout_documents
+                    ),
+                ],
+            );
+        }
         for (reason, n) in &self.dropped {
             rows.push(vec![format!("dropped: {reason}"), n.to_string()]);
         }
