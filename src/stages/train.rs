@@ -1057,10 +1057,15 @@ fn heldout_set(data: &Path) -> Result<Option<RetrievalSet>, StageError> {
     let train: Vec<TrainingExample> = io::read_jsonl(&data.join(TRAIN_FILE))?;
     let mut seen = std::collections::HashSet::new();
     let mut documents = Vec::new();
-    // Every positive is in, whatever the limit; negatives, then distractors, fill up to it.
+    // Every right answer is in, whatever the limit; negatives, then distractors, fill up to it.
     for example in &heldout {
         if seen.insert(example.positive_id.clone()) {
             documents.push((example.positive_id.clone(), example.positive.clone()));
+        }
+        for extra in &example.extra_positives {
+            if seen.insert(extra.id.clone()) {
+                documents.push((extra.id.clone(), extra.text.clone()));
+            }
         }
     }
     let others = heldout
@@ -1079,10 +1084,10 @@ fn heldout_set(data: &Path) -> Result<Option<RetrievalSet>, StageError> {
     let mut relevant = std::collections::HashMap::new();
     for (index, example) in heldout.into_iter().enumerate() {
         let id = format!("heldout-{index}");
-        relevant.insert(
-            id.clone(),
-            std::collections::HashSet::from([example.positive_id]),
-        );
+        let answers = std::iter::once(example.positive_id)
+            .chain(example.extra_positives.into_iter().map(|p| p.id))
+            .collect();
+        relevant.insert(id.clone(), answers);
         queries.push((id, example.query));
     }
     Ok(Some(RetrievalSet {
