@@ -139,6 +139,43 @@ impl TrainingExample {
     }
 }
 
+/// A JSONL log that grows a line per record as long work goes (to follow with `tail -f`, as the
+/// dashboard does). A failed write is kept and returned by [`Self::finish`] instead of stopping
+/// the work at once.
+pub struct LiveLog {
+    writer: std::io::BufWriter<fs_err::File>,
+    error: Option<std::io::Error>,
+}
+
+impl LiveLog {
+    pub fn create(path: &Path) -> Result<Self, StageError> {
+        Ok(Self {
+            writer: std::io::BufWriter::new(fs_err::File::create(path)?),
+            error: None,
+        })
+    }
+
+    pub fn append(&mut self, record: &impl Serialize) {
+        use std::io::Write;
+        if self.error.is_none()
+            && let Err(error) = serde_json::to_writer(&mut self.writer, record)
+                .map_err(std::io::Error::from)
+                .and_then(|()| self.writer.write_all(b"\n"))
+                .and_then(|()| self.writer.flush())
+        {
+            self.error = Some(error);
+        }
+    }
+
+    /// The first write error, if any.
+    pub fn finish(self) -> Result<(), StageError> {
+        match self.error {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The text of a chunk as models see it: its heading path, then its text, as BEIR joins a
 /// document's title and text. The heading path is part of what a reader sees of a section.
 pub fn passage(chunk: &Chunk) -> String {

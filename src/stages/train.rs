@@ -7,7 +7,6 @@
 //! `grad_norm`, `examples_per_s`), which evaluate plots. Checkpoints go to the journal every
 //! `checkpoint_every` steps, so an interrupted run resumes where it left off.
 
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -700,18 +699,9 @@ impl Train {
         let bar = ctx.progress("training", Some(total));
         // The log grows a line per step as training goes (to follow with `tail -f`); the
         // complete log, steps before a resume included, replaces it at the end.
-        let log_path = &round.log;
-        let mut live_log = std::io::BufWriter::new(fs_err::File::create(log_path)?);
-        let mut log_error = None;
+        let mut live_log = io::LiveLog::create(&round.log)?;
         let outcome = trainer.run(tokenized, Some(round.journal.as_path()), &mut |record| {
-            if log_error.is_none()
-                && let Err(error) = serde_json::to_writer(&mut live_log, record)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| live_log.write_all(b"\n"))
-                    .and_then(|()| live_log.flush())
-            {
-                log_error = Some(error);
-            }
+            live_log.append(record);
             bar.set_with_message(
                 record.step,
                 &format!(
@@ -731,11 +721,8 @@ impl Train {
             Err(TrainError::Stopped { .. }) => return Err(StageError::Cancelled),
             Err(error) => return Err(train_error(error)),
         };
-        if let Some(error) = log_error {
-            return Err(error.into());
-        }
-        drop(live_log);
-        io::write_jsonl(log_path, &outcome.log)?;
+        live_log.finish()?;
+        io::write_jsonl(&round.log, &outcome.log)?;
         Ok(outcome)
     }
 

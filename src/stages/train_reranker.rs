@@ -16,7 +16,6 @@
 //! held-out scoring).
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
@@ -437,19 +436,10 @@ impl TrainReranker {
         let bar = ctx.progress("training the reranker", Some(total));
         // The log grows a line per step as training goes (to follow with `tail -f`, as the
         // dashboard does); `save` writes the complete one at the end.
-        let mut live_log =
-            std::io::BufWriter::new(fs_err::File::create(ctx.out_dir.join(RERANK_LOG_FILE))?);
-        let mut log_error = None;
+        let mut live_log = io::LiveLog::create(&ctx.out_dir.join(RERANK_LOG_FILE))?;
         let mut last_mrr = None;
         let outcome = trainer.run(train, heldout, &mut |step, eval| {
-            if log_error.is_none()
-                && let Err(error) = serde_json::to_writer(&mut live_log, step)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| live_log.write_all(b"\n"))
-                    .and_then(|()| live_log.flush())
-            {
-                log_error = Some(error);
-            }
+            live_log.append(step);
             if let Some(eval) = eval {
                 last_mrr = Some(eval.mrr);
             }
@@ -465,9 +455,7 @@ impl TrainReranker {
             }
         });
         drop(bar);
-        if let Some(error) = log_error {
-            return Err(error.into());
-        }
+        live_log.finish()?;
         match outcome {
             Ok(outcome) => Ok(outcome),
             Err(TrainError::Stopped { .. }) => Err(StageError::Cancelled),
