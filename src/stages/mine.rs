@@ -8,7 +8,8 @@
 //! seeded random sampling. A chunk of the positive's own document is never a negative when
 //! `exclude_same_document` is on: sections of one page often answer the same question.
 //!
-//! Output: `train.jsonl` and `heldout.jsonl` in ragd's training-data format, and `stats.json`.
+//! Output: `train.jsonl` and `heldout.jsonl` in ragd's training-data format, and `stats.json`;
+//! with `rounds: 2`, also `second_round.json` and a copy of the chunks for train's second round.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

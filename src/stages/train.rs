@@ -5,7 +5,8 @@
 //! Output: `model/` (a sentence-transformers folder with `training_metadata.json` and a model
 //! card) and `train_log.jsonl` (one line per optimiser step: `step`, `epoch`, `loss`, `lr`,
 //! `grad_norm`, `examples_per_s`), which evaluate plots. Checkpoints go to the journal every
-//! `checkpoint_every` steps, so an interrupted run resumes where it left off.
+//! `checkpoint_every` steps, so an interrupted run resumes where it left off. With mine's
+//! `rounds: 2`, `round1/` holds the first round's model, its log and the data mined with it.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
