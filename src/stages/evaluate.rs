@@ -708,10 +708,7 @@ impl Evaluate {
         let mut relevant = HashMap::new();
         for (index, example) in heldout.into_iter().enumerate() {
             let id = format!("heldout-{index}");
-            let answers = std::iter::once(example.positive_id)
-                .chain(example.extra_positives.into_iter().map(|p| p.id))
-                .collect();
-            relevant.insert(id.clone(), answers);
+            relevant.insert(id.clone(), example.answer_ids());
             queries.push((id, example.query));
         }
         Ok(Some(EvalSet {

@@ -133,6 +133,15 @@ impl TrainingExample {
             .map(|(field, _)| field)
     }
 
+    /// The ids of every passage that answers the query: the positive, then any others (the
+    /// relevant set of a held-out query).
+    pub fn answer_ids(&self) -> std::collections::HashSet<String> {
+        std::iter::once(&self.positive_id)
+            .chain(self.extra_positives.iter().map(|p| &p.id))
+            .cloned()
+            .collect()
+    }
+
     /// What makes two rows repeats of each other: the same query and positive.
     pub fn pair(&self) -> (String, String) {
         (self.query.clone(), self.positive.clone())
@@ -323,6 +332,12 @@ fn cache_error(error: crate::cache::error::CacheError) -> StageError {
 pub fn load_encoder_dir(env: &StageEnv, dir: &Path) -> Result<SentenceEncoder, StageError> {
     let device = crate::model::device::select(env.recipe.accelerator).map_err(model_error)?;
     SentenceEncoder::load(dir, &device.device).map_err(model_error)
+}
+
+/// The cross-encoder `reference` names (a hub id or a folder), resolved and loaded.
+pub fn load_cross_encoder(env: &StageEnv, reference: &str) -> Result<CrossEncoder, StageError> {
+    let dir = env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
+    load_cross_encoder_dir(env, &dir)
 }
 
 /// Loads a cross-encoder folder on the recipe's accelerator, with the limits it was saved with.

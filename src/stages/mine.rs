@@ -31,7 +31,6 @@ use super::{
 use crate::corpus::Chunk;
 use crate::index::{Bm25Index, DenseIndex, Hit};
 use crate::model::encoder::SentenceEncoder;
-use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 use crate::model::prompts::TextRole;
 
 /// How negatives are picked from the filtered candidates.
@@ -405,11 +404,7 @@ impl Stage for Mine {
             externals.push(External::base_model(env, &self.base_model)?);
         }
         if let Some(reference) = &self.params.cross_encoder {
-            externals.push(External::Model {
-                label: "cross_encoder".to_owned(),
-                reference: reference.clone(),
-                path: env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?,
-            });
+            externals.push(External::model(env, "cross_encoder", reference)?);
         }
         Ok(externals)
     }
@@ -664,10 +659,7 @@ fn rescore(
     candidates: Vec<(Scored, Option<f32>)>,
     window: usize,
 ) -> Result<Vec<(Scored, Option<f32>)>, StageError> {
-    let dir = ctx
-        .env
-        .resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
-    let cross_encoder = io::load_cross_encoder_dir(&ctx.env, &dir)?;
+    let cross_encoder = io::load_cross_encoder(&ctx.env, reference)?;
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     for (query, (list, _)) in queries.iter().zip(&candidates) {
         pairs.push((query.text, query.positive));

@@ -104,9 +104,15 @@ impl External {
     /// The sentence-embedding model `reference` (the recipe's base model) as an input: its
     /// folder's files enter the key.
     pub fn base_model(env: &StageEnv, reference: &str) -> Result<Self, StageError> {
+        Self::model(env, "base_model", reference)
+    }
+
+    /// The sentence-transformers folder (an encoder or a cross-encoder) `reference` as an input
+    /// named `label` in the key.
+    pub fn model(env: &StageEnv, label: &str, reference: &str) -> Result<Self, StageError> {
         let path = env.resolve_model(reference, crate::model::hub::SENTENCE_TRANSFORMER_FILES)?;
         Ok(Self::Model {
-            label: "base_model".to_owned(),
+            label: label.to_owned(),
             reference: reference.to_owned(),
             path,
         })

@@ -376,11 +376,7 @@ impl Stage for Train {
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
         let mut externals = model_and_data_externals(env, &self.model, self.data.as_deref())?;
         if let Some(distill) = &self.params.distill {
-            externals.push(External::Model {
-                label: "distill.teacher".to_owned(),
-                reference: distill.teacher.clone(),
-                path: env.resolve_model(&distill.teacher, SENTENCE_TRANSFORMER_FILES)?,
-            });
+            externals.push(External::model(env, "distill.teacher", &distill.teacher)?);
         }
         Ok(externals)
     }
@@ -529,7 +525,7 @@ impl Stage for Train {
         if let Some(merge) = &merge {
             io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
         }
-        let figures = TrainFigures::new(&tokenized, &outcome, &selected, merge.as_ref());
+        let figures = TrainFigures::new(&tokenized, &outcome, &selected, merge);
         self.save(ctx, &encoder, &model_dir, &ctx.out_dir, data_hash, &figures)?;
         ctx.table(&figures.table());
         Ok(StageOutcome {
@@ -557,7 +553,16 @@ struct TrainFigures {
     peak_rss_bytes: Option<u64>,
     device: String,
     resumed_from: Option<u64>,
-    merge_alpha: Option<f64>,
+    /// The merge the model was saved with; the summary keeps its α.
+    #[serde(rename = "merge_alpha", serialize_with = "merge_alpha")]
+    merge: Option<MergeSearch>,
+}
+
+fn merge_alpha<S: serde::Serializer>(
+    merge: &Option<MergeSearch>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    merge.as_ref().map(|m| m.alpha).serialize(serializer)
 }
 
 impl TrainFigures {
@@ -565,7 +570,7 @@ impl TrainFigures {
         tokenized: &[TokenizedExample],
         outcome: &TrainOutcome,
         selected: &device::SelectedDevice,
-        merge: Option<&MergeSearch>,
+        merge: Option<MergeSearch>,
     ) -> Self {
         Self {
             examples: tokenized.len(),
@@ -576,7 +581,7 @@ impl TrainFigures {
             peak_rss_bytes: outcome.peak_rss_bytes,
             device: selected.description.clone(),
             resumed_from: outcome.resumed_from,
-            merge_alpha: merge.map(|m| m.alpha),
+            merge,
         }
     }
 
@@ -618,10 +623,8 @@ impl Train {
     ) -> Result<(), StageError> {
         let mut extra = io::run_provenance(ctx);
         extra.insert("resumed_from".to_owned(), figures.resumed_from.into());
-        let merge = dir.join(MERGE_FILE);
-        if merge.is_file() {
-            let search: MergeSearch = serde_json::from_str(&fs_err::read_to_string(merge)?)?;
-            extra.insert("merge".to_owned(), serde_json::to_value(search)?);
+        if let Some(merge) = &figures.merge {
+            extra.insert("merge".to_owned(), serde_json::to_value(merge)?);
         }
         let metadata = TrainingMetadata {
             base_model: self.model.clone(),
@@ -900,10 +903,7 @@ impl Train {
         let Some(distill) = &self.params.distill else {
             return Ok(());
         };
-        let dir = ctx
-            .env
-            .resolve_model(&distill.teacher, SENTENCE_TRANSFORMER_FILES)?;
-        let teacher = io::load_cross_encoder_dir(&ctx.env, &dir)?;
+        let teacher = io::load_cross_encoder(&ctx.env, &distill.teacher)?;
         let mut pairs: Vec<(&str, &str)> = Vec::new();
         for example in examples {
             pairs.push((&example.query, &example.positive));
@@ -1072,10 +1072,7 @@ fn heldout_set(data: &Path) -> Result<Option<RetrievalSet>, StageError> {
     let mut relevant = std::collections::HashMap::new();
     for (index, example) in heldout.into_iter().enumerate() {
         let id = format!("heldout-{index}");
-        let answers = std::iter::once(example.positive_id)
-            .chain(example.extra_positives.into_iter().map(|p| p.id))
-            .collect();
-        relevant.insert(id.clone(), answers);
+        relevant.insert(id.clone(), example.answer_ids());
         queries.push((id, example.query));
     }
     Ok(Some(RetrievalSet {
