@@ -393,6 +393,80 @@ fn two_rounds_with_continuations_train_twice_and_report_both() {
     assert!(report["verdict"]["why"].is_string());
 }
 
+/// `train.save_length: auto` scores the held-out split at the training length (96) and at the
+/// base's own (256), saves the model at the better one, and says both figures; `base` saves at
+/// the base's length without asking.
+#[test]
+fn the_saved_length_is_chosen_on_the_held_out_split() {
+    let project = project();
+    let run = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--until",
+        "train",
+        "--set",
+        "train.save_length=auto",
+    ]);
+    run.success();
+    assert!(run.stderr.contains("saved length: "), "{}", run.stderr);
+    let store = project.path(".ragd-pipe");
+    let find = |name: &str| {
+        walk(&store)
+            .into_iter()
+            .find(|p| p.ends_with(name))
+            .unwrap_or_else(|| panic!("{name} in the store"))
+    };
+    let metadata: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(find("model/training_metadata.json")).expect("readable"),
+    )
+    .expect("JSON");
+    let choice = &metadata["save_length"];
+    let tried: Vec<u64> = choice["trials"]
+        .as_array()
+        .expect("trials")
+        .iter()
+        .map(|t| t[0].as_u64().expect("tokens"))
+        .collect();
+    assert_eq!(tried, [96, 256], "{choice}");
+    let best = choice["trials"]
+        .as_array()
+        .expect("trials")
+        .iter()
+        .max_by(|a, b| a[1].as_f64().partial_cmp(&b[1].as_f64()).expect("numbers"))
+        .expect("two trials");
+    let tokens = choice["tokens"].as_u64().expect("tokens");
+    assert!(
+        tokens == best[0].as_u64().expect("tokens")
+            || choice["trials"][0][1] == choice["trials"][1][1],
+        "{choice}"
+    );
+    let saved_length = |project: &Project| -> u64 {
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                walk(&project.path(".ragd-pipe"))
+                    .into_iter()
+                    .filter(|p| p.ends_with("model/sentence_bert_config.json"))
+                    .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                    .expect("a saved model"),
+            )
+            .expect("readable"),
+        )
+        .expect("JSON");
+        config["max_seq_length"].as_u64().expect("a length")
+    };
+    assert_eq!(saved_length(&project), tokens);
+    let fixed = project.run(&[
+        "run",
+        "recipe.yaml",
+        "--until",
+        "train",
+        "--set",
+        "train.save_length=base",
+    ]);
+    fixed.success();
+    assert_eq!(saved_length(&project), 256, "{}", fixed.stderr);
+}
+
 /// Issue 14: mine rescores its candidates with a cross-encoder (here all-MiniLM-L6-v2's
 /// encoder with a seeded head: no cross-encoder weights exist offline), whose scores then pick
 /// the negatives: they differ from those the base model's cosine picks.

@@ -90,10 +90,16 @@ pub struct TrainParams {
     /// model's), so they can be cut short at search time.
     #[serde(default)]
     pub matryoshka_dims: Option<Vec<usize>>,
-    /// Truncate texts at this many tokens instead of the model's own `max_seq_length`; also what
-    /// the trained model is saved with.
+    /// Truncate texts at this many tokens instead of the model's own `max_seq_length`; the
+    /// trained model embeds at it too unless `save_length` says otherwise.
     #[serde(default)]
     pub max_seq_length: Option<usize>,
+    /// The length the saved model embeds at, when `max_seq_length` differs from the base's own:
+    /// `training` (the length it trained at: fastest to embed), `base` (the base's, which it
+    /// was pre-trained for: longer passages are read whole), or `auto`: whichever scores the
+    /// higher nDCG@10 on the held-out split.
+    #[serde(default)]
+    pub save_length: SaveLength,
     /// Batch texts of similar length together (less padding, faster on CPU); batches stay in a
     /// shuffled order.
     #[serde(default)]
@@ -185,6 +191,28 @@ pub enum MergeMode {
     Auto,
     /// Keep the trained weights.
     None,
+}
+
+/// The `train.save_length` settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveLength {
+    /// Embed at the training length.
+    #[default]
+    Training,
+    /// Embed at the base model's own length.
+    Base,
+    /// Choose between the two on the held-out split.
+    Auto,
+}
+
+/// The length the model was saved to embed at, and the held-out figures it was chosen on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct LengthChoice {
+    tokens: usize,
+    why: String,
+    /// Held-out nDCG@10 at each length tried, as (tokens, nDCG@10).
+    trials: Vec<(usize, f64)>,
 }
 
 impl Default for TrainParams {
@@ -445,6 +473,7 @@ impl Stage for Train {
         let selected = device::select(ctx.env.recipe.accelerator).map_err(io::model_error)?;
         let encoder =
             SentenceEncoder::load(&model_dir, &selected.device).map_err(io::model_error)?;
+        let base_length = encoder.max_seq_length();
         let max_seq_length = self
             .params
             .max_seq_length
@@ -525,7 +554,9 @@ impl Stage for Train {
         if let Some(merge) = &merge {
             io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
         }
-        let figures = TrainFigures::new(&tokenized, &outcome, &selected, merge);
+        let (encoder, length) = self.save_length(ctx, encoder, base_length)?;
+        let mut figures = TrainFigures::new(&tokenized, &outcome, &selected, merge);
+        figures.length = length;
         self.save(ctx, &encoder, &model_dir, &ctx.out_dir, data_hash, &figures)?;
         ctx.table(&figures.table());
         Ok(StageOutcome {
@@ -556,6 +587,10 @@ struct TrainFigures {
     /// The merge the model was saved with; the summary keeps its α.
     #[serde(rename = "merge_alpha", serialize_with = "merge_alpha")]
     merge: Option<MergeSearch>,
+    /// The length the model embeds at, when `train.save_length` moved it off the training
+    /// length or chose between the two.
+    #[serde(rename = "save_length")]
+    length: Option<LengthChoice>,
 }
 
 fn merge_alpha<S: serde::Serializer>(
@@ -582,6 +617,7 @@ impl TrainFigures {
             device: selected.description.clone(),
             resumed_from: outcome.resumed_from,
             merge,
+            length: None,
         }
     }
 
@@ -625,6 +661,9 @@ impl Train {
         extra.insert("resumed_from".to_owned(), figures.resumed_from.into());
         if let Some(merge) = &figures.merge {
             extra.insert("merge".to_owned(), serde_json::to_value(merge)?);
+        }
+        if let Some(length) = &figures.length {
+            extra.insert("save_length".to_owned(), serde_json::to_value(length)?);
         }
         let metadata = TrainingMetadata {
             base_model: self.model.clone(),
@@ -831,6 +870,71 @@ impl Train {
             );
         }
         Ok(Some(search))
+    }
+
+    /// `encoder` (at its training length) set to embed at the length `train.save_length` asks
+    /// for: the training length, the base's `base_length`, or the better of the two on the
+    /// held-out split.
+    fn save_length(
+        &self,
+        ctx: &StageContext,
+        encoder: SentenceEncoder,
+        base_length: usize,
+    ) -> Result<(SentenceEncoder, Option<LengthChoice>), StageError> {
+        let trained = encoder.max_seq_length();
+        if trained == base_length {
+            return Ok((encoder, None));
+        }
+        let at = |encoder: SentenceEncoder, tokens: usize| {
+            encoder.with_max_seq_length(tokens).map_err(io::model_error)
+        };
+        let heldout = match (self.params.save_length, self.data.as_ref()) {
+            (SaveLength::Training, _) => return Ok((encoder, None)),
+            (SaveLength::Base, _) => {
+                let choice = LengthChoice {
+                    tokens: base_length,
+                    why: "`train.save_length: base`".to_owned(),
+                    trials: Vec::new(),
+                };
+                return Ok((at(encoder, base_length)?, Some(choice)));
+            }
+            (SaveLength::Auto, Some(_)) => None,
+            (SaveLength::Auto, None) => heldout_set(ctx.input(Artifact::TrainingData)?)?,
+        };
+        let Some(heldout) = heldout else {
+            ctx.warn(format!(
+                "no held-out split to choose the saved length on: the model embeds at its \
+                 training length, {trained} tokens"
+            ));
+            return Ok((encoder, None));
+        };
+        let bar = ctx.progress("choosing the saved length", Some(2));
+        let at_trained = heldout.ndcg10(&encoder)?;
+        bar.set(1);
+        ctx.check_cancelled()?;
+        let longer = at(encoder, base_length)?;
+        let at_base = heldout.ndcg10(&longer)?;
+        drop(bar);
+        let (tokens, encoder) = if at_base > at_trained {
+            (base_length, longer)
+        } else {
+            (trained, at(longer, trained)?)
+        };
+        let choice = LengthChoice {
+            tokens,
+            why: format!("the higher held-out nDCG@10 of {trained} and {base_length} tokens"),
+            trials: vec![(trained, at_trained), (base_length, at_base)],
+        };
+        ctx.table(&Table {
+            title: format!("saved length: {tokens} tokens ({})", choice.why),
+            columns: ["tokens", "held-out nDCG@10"].map(str::to_owned).to_vec(),
+            rows: choice
+                .trials
+                .iter()
+                .map(|(tokens, ndcg)| vec![tokens.to_string(), format!("{ndcg:.4}")])
+                .collect(),
+        });
+        Ok((encoder, Some(choice)))
     }
 
     /// Token ids of every query, positive and (with `hard_negatives`) negative, truncated at
