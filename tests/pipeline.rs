@@ -394,8 +394,8 @@ fn two_rounds_with_continuations_train_twice_and_report_both() {
 }
 
 /// `train.save_length: auto` scores the held-out split at the training length (96) and at the
-/// base's own (256), saves the model at the better one, and says both figures; `base` saves at
-/// the base's length without asking.
+/// base's own (256), saves the model at the base's only where it is better beyond noise, and
+/// says both figures; `base` saves at the base's length without asking.
 #[test]
 fn the_saved_length_is_chosen_on_the_held_out_split() {
     let project = project();
@@ -428,16 +428,17 @@ fn the_saved_length_is_chosen_on_the_held_out_split() {
         .map(|t| t[0].as_u64().expect("tokens"))
         .collect();
     assert_eq!(tried, [96, 256], "{choice}");
-    let best = choice["trials"]
-        .as_array()
-        .expect("trials")
-        .iter()
-        .max_by(|a, b| a[1].as_f64().partial_cmp(&b[1].as_f64()).expect("numbers"))
-        .expect("two trials");
+    // The base's length only where it wins beyond noise; else the faster training length.
     let tokens = choice["tokens"].as_u64().expect("tokens");
+    let score = |i: usize| choice["trials"][i][1].as_f64().expect("a figure");
     assert!(
-        tokens == best[0].as_u64().expect("tokens")
-            || choice["trials"][0][1] == choice["trials"][1][1],
+        tokens == 96 || (tokens == 256 && score(1) > score(0)),
+        "{choice}"
+    );
+    assert!(
+        choice["why"]
+            .as_str()
+            .is_some_and(|why| why.contains("95% CI")),
         "{choice}"
     );
     let saved_length = |project: &Project| -> u64 {

@@ -25,7 +25,8 @@ use super::{
     StageError, StageOutcome, Table,
 };
 use crate::eval::report::{MergeSearch, MergeTrial};
-use crate::eval::{self, Metric, RunScores};
+use crate::eval::stats::format_p;
+use crate::eval::{self, Metric, PairedTestConfig, RunScores, Verdict, compare_paired};
 use crate::index::{DenseIndex, truncate_and_normalize};
 use crate::model::device;
 use crate::model::encoder::SentenceEncoder;
@@ -96,8 +97,9 @@ pub struct TrainParams {
     pub max_seq_length: Option<usize>,
     /// The length the saved model embeds at, when `max_seq_length` differs from the base's own:
     /// `training` (the length it trained at: fastest to embed), `base` (the base's, which it
-    /// was pre-trained for: longer passages are read whole), or `auto`: whichever scores the
-    /// higher nDCG@10 on the held-out split.
+    /// was pre-trained for: longer passages are read whole), or `auto`: the base's only when it
+    /// scores a higher nDCG@10 on the held-out split beyond noise (paired bootstrap and
+    /// permutation test, 95%).
     #[serde(default)]
     pub save_length: SaveLength,
     /// Batch texts of similar length together (less padding, faster on CPU); batches stay in a
@@ -873,8 +875,8 @@ impl Train {
     }
 
     /// `encoder` (at its training length) set to embed at the length `train.save_length` asks
-    /// for: the training length, the base's `base_length`, or the better of the two on the
-    /// held-out split.
+    /// for: the training length, the base's `base_length`, or the base's only where the held-out
+    /// split finds it better beyond noise (else the training length: it embeds faster).
     fn save_length(
         &self,
         ctx: &StageContext,
@@ -909,21 +911,33 @@ impl Train {
             return Ok((encoder, None));
         };
         let bar = ctx.progress("choosing the saved length", Some(2));
-        let at_trained = heldout.ndcg10(&encoder)?;
+        let at_trained = heldout.ndcg10_per_query(&encoder)?;
         bar.set(1);
         ctx.check_cancelled()?;
         let longer = at(encoder, base_length)?;
-        let at_base = heldout.ndcg10(&longer)?;
+        let at_base = heldout.ndcg10_per_query(&longer)?;
         drop(bar);
-        let (tokens, encoder) = if at_base > at_trained {
+        let comparison = compare_paired(&at_trained, &at_base, &PairedTestConfig::default())
+            .map_err(StageError::engine)?;
+        let why = format!(
+            "{base_length} against {trained} tokens on the held-out split: {:+.4} (95% CI {:+.4} to {:+.4}, {})",
+            comparison.mean_difference,
+            comparison.interval.low,
+            comparison.interval.high,
+            format_p(comparison.permutation.p_value),
+        );
+        let (tokens, encoder) = if comparison.verdict == Verdict::Better {
             (base_length, longer)
         } else {
             (trained, at(longer, trained)?)
         };
         let choice = LengthChoice {
             tokens,
-            why: format!("the higher held-out nDCG@10 of {trained} and {base_length} tokens"),
-            trials: vec![(trained, at_trained), (base_length, at_base)],
+            why,
+            trials: vec![
+                (trained, comparison.baseline_mean),
+                (base_length, comparison.candidate_mean),
+            ],
         };
         ctx.table(&Table {
             title: format!("saved length: {tokens} tokens ({})", choice.why),
@@ -1103,6 +1117,12 @@ impl RetrievalSet {
 
     /// Mean nDCG@10 of `encoder` over the queries.
     fn ndcg10(&self, encoder: &SentenceEncoder) -> Result<f64, StageError> {
+        let scores = self.ndcg10_per_query(encoder)?;
+        Ok(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
+    }
+
+    /// nDCG@10 of `encoder` on each query with a right answer, in the queries' order.
+    fn ndcg10_per_query(&self, encoder: &SentenceEncoder) -> Result<Vec<f64>, StageError> {
         let texts = |pairs: &[(String, String)]| -> Result<Vec<f32>, StageError> {
             let texts: Vec<&str> = pairs.iter().map(|(_, t)| t.as_str()).collect();
             let embeddings = encoder
@@ -1125,7 +1145,7 @@ impl RetrievalSet {
             })
             .collect();
         let empty = std::collections::HashSet::new();
-        let scores = RunScores::evaluate(
+        let mut scores = RunScores::evaluate(
             self.queries.iter().zip(&ranked).map(|((id, _), ranked)| {
                 (
                     id.as_str(),
@@ -1135,7 +1155,7 @@ impl RetrievalSet {
             }),
             &[Metric::NDCG_10],
         );
-        Ok(scores.mean(Metric::NDCG_10).unwrap_or(0.0))
+        Ok(scores.values.remove(&Metric::NDCG_10).unwrap_or_default())
     }
 }
 
