@@ -65,7 +65,7 @@ pub(crate) fn pack_vnni(w: &[f32], n: usize, k: usize) -> Vec<u16> {
     packed
 }
 
-/// Output columns per task of the portable kernel: one widened weight row each, in L1.
+/// Output columns per task of the portable kernel: their widened weights stay in L2.
 const PORTABLE_COLUMNS: usize = 16;
 
 multiversion! {
@@ -176,11 +176,16 @@ impl Bf16Weights {
                 let columns: Vec<Vec<f32>> = bits
                     .par_chunks(PORTABLE_COLUMNS * k)
                     .map(|block| {
-                        let mut row = vec![0f32; k];
-                        let mut results = Vec::with_capacity(block.len() / k * rows);
-                        for w in block.chunks_exact(k) {
-                            widen(w, &mut row);
-                            results.extend(x.chunks_exact(k).map(|xr| dot(xr, &row)));
+                        // The block's columns widened once; each activation row is then read
+                        // once per block (from L1) rather than once per column.
+                        let columns = block.len() / k;
+                        let mut widened = vec![0f32; block.len()];
+                        widen(block, &mut widened);
+                        let mut results = vec![0f32; columns * rows];
+                        for (r, xr) in x.chunks_exact(k).enumerate() {
+                            for (c, column) in widened.chunks_exact(k).enumerate() {
+                                results[c * rows + r] = dot(xr, column);
+                            }
                         }
                         results
                     })
