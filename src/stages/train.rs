@@ -517,7 +517,7 @@ impl Stage for Train {
                 let encoder = encoder
                     .with_max_seq_length(max_seq_length)
                     .map_err(io::model_error)?;
-                let figures = TrainFigures::new(&tokenized, &outcome, &selected, None);
+                let figures = TrainFigures::new(&tokenized, &outcome, &selected, None, None);
                 self.save(
                     ctx,
                     &encoder,
@@ -552,13 +552,19 @@ impl Stage for Train {
         let encoder = encoder
             .with_max_seq_length(max_seq_length)
             .map_err(io::model_error)?;
-        let merge = self.merge(ctx, &encoder, &model_dir, &selected.device)?;
+        let heldout = self.heldout(ctx)?;
+        let merge = self.merge(
+            ctx,
+            &encoder,
+            &model_dir,
+            &selected.device,
+            heldout.as_ref(),
+        )?;
         if let Some(merge) = &merge {
             io::write_json(&ctx.out_dir.join(MERGE_FILE), merge)?;
         }
-        let (encoder, length) = self.save_length(ctx, encoder, base_length)?;
-        let mut figures = TrainFigures::new(&tokenized, &outcome, &selected, merge);
-        figures.length = length;
+        let (encoder, length) = self.save_length(ctx, encoder, base_length, heldout.as_ref())?;
+        let figures = TrainFigures::new(&tokenized, &outcome, &selected, merge, length);
         self.save(ctx, &encoder, &model_dir, &ctx.out_dir, data_hash, &figures)?;
         ctx.table(&figures.table());
         Ok(StageOutcome {
@@ -608,6 +614,7 @@ impl TrainFigures {
         outcome: &TrainOutcome,
         selected: &device::SelectedDevice,
         merge: Option<MergeSearch>,
+        length: Option<LengthChoice>,
     ) -> Self {
         Self {
             examples: tokenized.len(),
@@ -619,7 +626,7 @@ impl TrainFigures {
             device: selected.description.clone(),
             resumed_from: outcome.resumed_from,
             merge,
-            length: None,
+            length,
         }
     }
 
@@ -799,6 +806,18 @@ impl Train {
         }
     }
 
+    /// Mine's held-out split as a retrieval set, read once for the merge and the saved length
+    /// where either scores on it; `None` where neither does, with a `data` file, or an empty
+    /// split.
+    fn heldout(&self, ctx: &StageContext) -> Result<Option<RetrievalSet>, StageError> {
+        let merges = self.params.merge != MergeSetting::Named(MergeMode::None);
+        let chooses_length = self.params.save_length == SaveLength::Auto;
+        if self.data.is_some() || !(merges || chooses_length) {
+            return Ok(None);
+        }
+        heldout_set(ctx.input(Artifact::TrainingData)?)
+    }
+
     /// Merges the trained weights of `encoder` with the base in `base_dir` as `merge` says,
     /// leaving the chosen mix in `encoder`; what was tried and why, or `None` for `merge: none`.
     fn merge(
@@ -807,15 +826,12 @@ impl Train {
         encoder: &SentenceEncoder,
         base_dir: &Path,
         device: &candle_core::Device,
+        heldout: Option<&RetrievalSet>,
     ) -> Result<Option<MergeSearch>, StageError> {
         let (alphas, mode): (Vec<f64>, &str) = match self.params.merge {
             MergeSetting::Named(MergeMode::None) => return Ok(None),
             MergeSetting::Named(MergeMode::Auto) => (MERGE_ALPHAS.to_vec(), "auto"),
             MergeSetting::Alpha(alpha) => (vec![alpha], "fixed"),
-        };
-        let heldout = match self.data {
-            Some(_) => None,
-            None => heldout_set(ctx.input(Artifact::TrainingData)?)?,
         };
         let general = RetrievalSet::general()?;
         let base = SentenceEncoder::load(base_dir, device).map_err(io::model_error)?;
@@ -827,7 +843,7 @@ impl Train {
         for (done, &alpha) in alphas.iter().enumerate() {
             ctx.check_cancelled()?;
             mix.apply(alpha).map_err(io::model_error)?;
-            let heldout_ndcg10 = match &heldout {
+            let heldout_ndcg10 = match heldout {
                 Some(set) => Some(set.ndcg10(encoder)?),
                 None => None,
             };
@@ -882,6 +898,7 @@ impl Train {
         ctx: &StageContext,
         encoder: SentenceEncoder,
         base_length: usize,
+        heldout: Option<&RetrievalSet>,
     ) -> Result<(SentenceEncoder, Option<LengthChoice>), StageError> {
         let trained = encoder.max_seq_length();
         if trained == base_length {
@@ -890,9 +907,9 @@ impl Train {
         let at = |encoder: SentenceEncoder, tokens: usize| {
             encoder.with_max_seq_length(tokens).map_err(io::model_error)
         };
-        let heldout = match (self.params.save_length, self.data.as_ref()) {
-            (SaveLength::Training, _) => return Ok((encoder, None)),
-            (SaveLength::Base, _) => {
+        match self.params.save_length {
+            SaveLength::Training => return Ok((encoder, None)),
+            SaveLength::Base => {
                 let choice = LengthChoice {
                     tokens: base_length,
                     why: "`train.save_length: base`".to_owned(),
@@ -900,9 +917,8 @@ impl Train {
                 };
                 return Ok((at(encoder, base_length)?, Some(choice)));
             }
-            (SaveLength::Auto, Some(_)) => None,
-            (SaveLength::Auto, None) => heldout_set(ctx.input(Artifact::TrainingData)?)?,
-        };
+            SaveLength::Auto => {}
+        }
         let Some(heldout) = heldout else {
             ctx.warn(format!(
                 "no held-out split to choose the saved length on: the model embeds at its \

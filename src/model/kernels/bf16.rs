@@ -178,10 +178,9 @@ impl Bf16Weights {
                     .map(|block| {
                         // The block's columns widened once; each activation row is then read
                         // once per block (from L1) rather than once per column.
-                        let columns = block.len() / k;
                         let mut widened = vec![0f32; block.len()];
                         widen(block, &mut widened);
-                        let mut results = vec![0f32; columns * rows];
+                        let mut results = vec![0f32; block.len() / k * rows];
                         for (r, xr) in x.chunks_exact(k).enumerate() {
                             for (c, column) in widened.chunks_exact(k).enumerate() {
                                 results[c * rows + r] = dot(xr, column);
