@@ -516,10 +516,15 @@ struct HeadShape {
     capacity: usize,
 }
 
+/// Positions whose scores accumulate in registers together, and value dimensions likewise:
+/// enough independent FMA chains to hide their latency.
+const ATTENTION_LANES: usize = 64;
+
 multiversion! {
     /// Per query head: softmax of its scaled scores against the keys, then the weighted sum of
     /// the values, into `out`. One compiled body, so the inner loops vectorise without a
-    /// dispatch per key.
+    /// dispatch per key; scores and outputs accumulate over blocks of [`ATTENTION_LANES`] in
+    /// local arrays (registers), each element in the same order whatever the block.
     fn attend_heads(
         queries: &[f32],
         keys: &[f32],
@@ -536,7 +541,6 @@ multiversion! {
             capacity,
         } = shape;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        out.fill(0.0);
         for (head, (query, out)) in queries
             .chunks_exact(head_dim)
             .zip(out.chunks_exact_mut(head_dim))
@@ -544,29 +548,72 @@ multiversion! {
         {
             let offset = (head / group) * head_dim;
             let scores = &mut scores[..len];
-            scores.fill(0.0);
-            for (d, &q) in query.iter().enumerate() {
-                let q = q * scale;
-                let keys = &keys[(offset + d) * capacity..(offset + d) * capacity + len];
-                for (score, &key) in scores.iter_mut().zip(keys) {
-                    *score += q * key;
-                }
+            for (start, scores) in scores.chunks_mut(ATTENTION_LANES).enumerate() {
+                let start = start * ATTENTION_LANES;
+                let key = |d: usize| &keys[(offset + d) * capacity + start..];
+                lanes_block(scores, query.len(), |d| query[d] * scale, key);
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0.0;
+            let max = lanes_fold(scores, f32::NEG_INFINITY, f32::max);
             for score in scores.iter_mut() {
                 *score = exp(*score - max);
-                total += *score;
             }
-            for (j, &score) in scores.iter().enumerate() {
-                let weight = score / total;
-                let value = &values[j * kv_width + offset..j * kv_width + offset + head_dim];
-                for (o, &v) in out.iter_mut().zip(value) {
-                    *o += weight * v;
-                }
+            let total = lanes_fold(scores, 0.0, |a, b| a + b);
+            for score in scores.iter_mut() {
+                *score /= total;
+            }
+            for (start, out) in out.chunks_mut(ATTENTION_LANES).enumerate() {
+                let start = offset + start * ATTENTION_LANES;
+                let value = |j: usize| &values[j * kv_width + start..];
+                lanes_block(out, len, |j| scores[j], value);
             }
         }
     }
+}
+
+/// `out[i] = Σ_t factor(t) · row(t)[i]` for `t` in `0..terms`, in order of `t`, with `out` at
+/// most [`ATTENTION_LANES`] long. Where every row holds a whole block — the last term's row
+/// starts latest, so it is the shortest — the block accumulates in registers (fixed bounds) and
+/// the lanes past `out` are dropped.
+#[inline(always)]
+fn lanes_block<'a>(
+    out: &mut [f32],
+    terms: usize,
+    factor: impl Fn(usize) -> f32,
+    row: impl Fn(usize) -> &'a [f32],
+) {
+    if terms > 0 && row(terms - 1).len() >= ATTENTION_LANES {
+        let mut block = [0f32; ATTENTION_LANES];
+        for t in 0..terms {
+            let (f, row) = (factor(t), &row(t)[..ATTENTION_LANES]);
+            for i in 0..ATTENTION_LANES {
+                block[i] = f.mul_add(row[i], block[i]);
+            }
+        }
+        out.copy_from_slice(&block[..out.len()]);
+    } else {
+        out.fill(0.0);
+        for t in 0..terms {
+            let f = factor(t);
+            for (o, &v) in out.iter_mut().zip(row(t)) {
+                *o = f.mul_add(v, *o);
+            }
+        }
+    }
+}
+
+/// `values` folded by `f` over 16 lanes, then the lanes in order: independent chains (the
+/// compiler vectorises them) in an order that depends only on the length.
+#[inline(always)]
+fn lanes_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, v);
+        }
+    }
+    lanes.into_iter().fold(tail, f)
 }
 
 /// Reads tensors of a GGUF file, dequantized to f32.

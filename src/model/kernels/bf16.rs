@@ -6,6 +6,9 @@
 //! - AMX tiles (`fused::amx_packed`): 16 × 16 × 32 products per instruction;
 //! - AVX-512 BF16 (`vdpbf16ps`, Cooper Lake, Sapphire Rapids, Zen 4): 16 columns × 2 `k` per
 //!   instruction, 8 rows × 32 columns per register-blocked step; activations rounded to bf16;
+//! - AVX2 + FMA (every x86-64 since Haswell and Zen): panels of 16 columns whose bf16 pairs
+//!   widen in two instructions, 6 rows × 16 columns of f32 FMA per register-blocked step;
+//!   activations stay f32;
 //! - anything else: rows of bf16 that a vectorised f32 loop widens as it goes.
 //!
 //! The first two share one layout, "VNNI" ([`pack_vnni`]): per 16 output columns, each pair of
@@ -32,6 +35,9 @@ enum Layout {
     /// [`pack_vnni`], multiplied by AVX-512 BF16 dot products.
     #[cfg(target_arch = "x86_64")]
     Pairs(Vec<u16>),
+    /// [`fma_panels::pack`], multiplied by AVX2 FMA.
+    #[cfg(target_arch = "x86_64")]
+    Panels(Vec<u32>),
     /// Row-major bf16 bits.
     Rows(Vec<u16>),
 }
@@ -111,6 +117,12 @@ impl Bf16Weights {
                 Some(Layout::Tiles(pack_vnni(w, out_features, in_features)))
             } else if dot_pairs::available() {
                 Some(Layout::Pairs(pack_vnni(w, out_features, in_features)))
+            } else if fma_panels::available() {
+                Some(Layout::Panels(fma_panels::pack(
+                    w,
+                    out_features,
+                    in_features,
+                )))
             } else {
                 None
             };
@@ -141,13 +153,15 @@ impl Bf16Weights {
         self.in_features
     }
 
-    /// What multiplies: `AMX bf16` or `bf16 rows (f32 FMA)`.
+    /// What multiplies, in words.
     pub fn engine(&self) -> &'static str {
         match self.layout {
             #[cfg(target_arch = "x86_64")]
             Layout::Tiles(_) => "AMX bf16",
             #[cfg(target_arch = "x86_64")]
             Layout::Pairs(_) => "AVX-512 BF16",
+            #[cfg(target_arch = "x86_64")]
+            Layout::Panels(_) => "bf16 panels (AVX2 FMA)",
             Layout::Rows(_) => "bf16 rows (f32 vector loop)",
         }
     }
@@ -171,6 +185,11 @@ impl Bf16Weights {
             // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`.
             Layout::Pairs(packed) => unsafe {
                 dot_pairs::matmul(x, packed, (rows, n, k), &mut out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: panels are packed only where AVX2 and FMA are available, for this `n`, `k`.
+            Layout::Panels(packed) => unsafe {
+                fma_panels::matmul(x, packed, (rows, n, k), &mut out)
             },
             Layout::Rows(bits) => {
                 let columns: Vec<Vec<f32>> = bits
@@ -203,6 +222,25 @@ impl Bf16Weights {
     }
 }
 
+/// A raw output pointer shared by tasks writing disjoint blocks.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements; the buffer outlives the parallel section.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Out {}
+// SAFETY: as above.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+impl Out {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not its field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The AVX-512 BF16 engine.
 #[cfg(target_arch = "x86_64")]
 mod dot_pairs {
@@ -210,7 +248,7 @@ mod dot_pairs {
 
     use rayon::prelude::*;
 
-    use super::{BLOCK_ELEMS, BLOCK_K};
+    use super::{BLOCK_ELEMS, BLOCK_K, Out};
 
     /// Rows per register-blocked step (8 rows × 2 column vectors: 16 accumulators).
     const ROWS: usize = 8;
@@ -221,21 +259,6 @@ mod dot_pairs {
 
     pub(super) fn available() -> bool {
         super::super::has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-
-    /// A raw output pointer shared by tasks writing disjoint blocks.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint elements; the buffer outlives the parallel section.
-    unsafe impl Send for Out {}
-    // SAFETY: as above.
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        /// The pointer (a method, so closures capture the `Send` wrapper, not its field).
-        fn ptr(self) -> *mut f32 {
-            self.0
-        }
     }
 
     /// `out` rows `rows` (at most [`ROWS`]) × columns `32 cp .. 32 cp + 32`, over every `k`:
@@ -354,6 +377,155 @@ mod dot_pairs {
     }
 }
 
+/// The AVX2 FMA engine: f32 arithmetic on bf16 weights, widened in registers.
+#[cfg(target_arch = "x86_64")]
+mod fma_panels {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::Out;
+
+    /// Columns per panel: two vectors of 8 f32.
+    const COLUMNS: usize = 16;
+    /// Rows per register-blocked step (6 rows × 2 column vectors: 12 accumulators of 16).
+    const ROWS: usize = 6;
+    /// Rows of activations per task (they stay in L2 while the task's panels pass).
+    const BLOCK_ROWS: usize = 96;
+    /// Panels per task.
+    const TASK_PANELS: usize = 4;
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// `w` (`[n, k]` row-major) in panels of 16 columns (`n` padded with zeros): per panel, per
+    /// `k`, 8 words whose low halves are columns 0..8 and high halves columns 8..16, in bf16 —
+    /// a shift and a mask widen them to two vectors of f32.
+    pub(super) fn pack(w: &[f32], n: usize, k: usize) -> Vec<u32> {
+        let mut packed = vec![0u32; n.div_ceil(COLUMNS) * k * 8];
+        packed
+            .par_chunks_mut(k * 8)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for c in 0..COLUMNS {
+                    let col = panel * COLUMNS + c;
+                    if col >= n {
+                        break;
+                    }
+                    let shift = if c < 8 { 0 } else { 16 };
+                    for (kk, &v) in w[col * k..(col + 1) * k].iter().enumerate() {
+                        out[kk * 8 + c % 8] |=
+                            u32::from(half::bf16::from_f32(v).to_bits()) << shift;
+                    }
+                }
+            });
+        packed
+    }
+
+    /// `out` rows `0..R` × the panel's `cols` columns (at most 16), over every `k`: each output
+    /// is its lane's FMA sum over `k` in order, whatever `R` is.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `x` holds `R` rows of `k`; `panel` holds `k × 8` words;
+    /// `out` has room for `R` rows of stride `n` and `cols` columns.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize>(
+        x: *const f32,
+        k: usize,
+        panel: *const u32,
+        out: *mut f32,
+        n: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        for kk in 0..k {
+            // SAFETY: the panel holds `k × 8` words, each row `k` values (the caller's promise).
+            unsafe {
+                let words = _mm256_loadu_si256(panel.add(kk * 8).cast());
+                let w0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
+                let w1 = _mm256_castsi256_ps(_mm256_and_si256(words, high));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                    acc[0] = _mm256_fmadd_ps(xv, w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(xv, w1, acc[1]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut lanes = [0f32; COLUMNS];
+            // SAFETY: `lanes` holds 16 values; `cols` columns of row `r` are within `out`.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(r * n), cols);
+            }
+        }
+    }
+
+    /// `out = x · wᵀ` for `x` `[m, k]` and `w` packed by [`pack`] from `[n, k]`.
+    ///
+    /// # Safety
+    /// [`available`] must hold; `packed` must come from [`pack`] with this `n` and `k`.
+    pub(super) unsafe fn matmul(
+        x: &[f32],
+        packed: &[u32],
+        (m, n, k): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let panels = n.div_ceil(COLUMNS);
+        let (row_blocks, panel_tasks) = (m.div_ceil(BLOCK_ROWS), panels.div_ceil(TASK_PANELS));
+        let dst = Out(out.as_mut_ptr());
+        (0..row_blocks * panel_tasks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (rb, pt) = (task / panel_tasks, task % panel_tasks);
+                let rows = rb * BLOCK_ROWS..((rb + 1) * BLOCK_ROWS).min(m);
+                for p in pt * TASK_PANELS..((pt + 1) * TASK_PANELS).min(panels) {
+                    let cols = COLUMNS.min(n - COLUMNS * p);
+                    let panel = packed[p * k * 8..].as_ptr();
+                    let mut r = rows.start;
+                    while r < rows.end {
+                        // SAFETY: AVX2 and FMA are available (the caller's promise); rows `r..`
+                        // of `x` and `out`, the columns of panel `p`, all within bounds; this
+                        // task alone writes them.
+                        unsafe {
+                            let (xr, o) =
+                                (x.as_ptr().add(r * k), dst.ptr().add(r * n + COLUMNS * p));
+                            r += match rows.end - r {
+                                ROWS.. => {
+                                    block::<ROWS>(xr, k, panel, o, n, cols);
+                                    ROWS
+                                }
+                                5 => {
+                                    block::<5>(xr, k, panel, o, n, cols);
+                                    5
+                                }
+                                4 => {
+                                    block::<4>(xr, k, panel, o, n, cols);
+                                    4
+                                }
+                                3 => {
+                                    block::<3>(xr, k, panel, o, n, cols);
+                                    3
+                                }
+                                2 => {
+                                    block::<2>(xr, k, panel, o, n, cols);
+                                    2
+                                }
+                                _ => {
+                                    block::<1>(xr, k, panel, o, n, cols);
+                                    1
+                                }
+                            };
+                        }
+                    }
+                }
+            });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -365,31 +537,54 @@ mod tests {
         (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
 
+    /// Every engine this CPU runs: the one [`Bf16Weights::new`] picks, the AVX2 panels where
+    /// available, and the portable rows.
+    fn every_engine(w: &[f32], n: usize, k: usize) -> Vec<Bf16Weights> {
+        let engine = |layout| Bf16Weights {
+            out_features: n,
+            in_features: k,
+            layout,
+        };
+        let mut engines = vec![Bf16Weights::new(w, n, k)];
+        #[cfg(target_arch = "x86_64")]
+        if fma_panels::available() && !matches!(engines[0].layout, Layout::Panels(_)) {
+            engines.push(engine(Layout::Panels(fma_panels::pack(w, n, k))));
+        }
+        let rows = w.iter().map(|&v| half::bf16::from_f32(v).to_bits());
+        engines.push(engine(Layout::Rows(rows.collect())));
+        engines
+    }
+
+    /// Whether an engine rounds activations to bf16 (the others multiply them in f32).
+    fn rounds_activations(weights: &Bf16Weights) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(weights.layout, Layout::Tiles(_) | Layout::Pairs(_)) {
+            return true;
+        }
+        false
+    }
+
     /// Each output within bf16 rounding of an f64 product of the bf16-rounded operands, for
-    /// ragged shapes (rows and columns off tile sizes, `k` off 32), in whichever engine this CPU
-    /// runs and in the portable one.
+    /// ragged shapes (rows and columns off tile sizes, `k` off 32), in every engine this CPU runs.
     #[test]
     fn products_match_f64_of_the_rounded_operands() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let round = |v: f32| half::bf16::from_f32(v).to_f32();
-        for (m, n, k) in [(1, 1, 1), (5, 17, 33), (33, 70, 96), (40, 100, 577)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (5, 17, 33),
+            (33, 70, 96),
+            (40, 100, 577),
+            (103, 40, 64),
+        ] {
             let (x, w) = (random(m * k, &mut rng), random(n * k, &mut rng));
-            let portable = Bf16Weights {
-                out_features: n,
-                in_features: k,
-                layout: Layout::Rows(
-                    w.iter()
-                        .map(|&v| half::bf16::from_f32(v).to_bits())
-                        .collect(),
-                ),
-            };
-            for weights in [Bf16Weights::new(&w, n, k), portable] {
+            for weights in every_engine(&w, n, k) {
                 let out = weights.forward(&x, m);
                 for i in 0..m {
                     for j in 0..n {
                         let (mut exact, mut magnitude) = (0f64, 0f64);
                         for kk in 0..k {
-                            let xr = if weights.engine() != "bf16 rows (f32 vector loop)" {
+                            let xr = if rounds_activations(&weights) {
                                 round(x[i * k + kk])
                             } else {
                                 x[i * k + kk]
@@ -411,17 +606,23 @@ mod tests {
         }
     }
 
-    /// A row's output is the same bits alone and among others, at any position.
+    /// A row's output is the same bits alone and among others, at any position, in every engine.
     #[test]
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let (n, k) = (96, 300);
-        let weights = Bf16Weights::new(&random(n * k, &mut rng), n, k);
         let x = random(45 * k, &mut rng);
-        let all = weights.forward(&x, 45);
-        for row in [0, 17, 44] {
-            let alone = weights.forward(&x[row * k..(row + 1) * k], 1);
-            assert_eq!(alone, all[row * n..(row + 1) * n], "row {row}");
+        for weights in every_engine(&random(n * k, &mut rng), n, k) {
+            let all = weights.forward(&x, 45);
+            for row in [0, 17, 44] {
+                let alone = weights.forward(&x[row * k..(row + 1) * k], 1);
+                assert_eq!(
+                    alone,
+                    all[row * n..(row + 1) * n],
+                    "{} row {row}",
+                    weights.engine()
+                );
+            }
         }
     }
 }
