@@ -743,6 +743,63 @@ mod tests {
         assert_close(&steps, 0.04);
     }
 
+    /// Attention against an f64 softmax at lengths on both sides of a register block (whole
+    /// blocks, a tail, a capacity too short for a whole block) and head sizes below and at one.
+    #[test]
+    fn attention_matches_f64_across_block_edges() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (head_dim, len, capacity) in [
+            (16, 1, 8),
+            (64, 63, 63),
+            (64, 64, 200),
+            (64, 130, 130),
+            (24, 70, 100),
+        ] {
+            let (heads, kv_heads) = (3, 1);
+            let kv_width = kv_heads * head_dim;
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let (queries, keys, values) = (
+                random(heads * head_dim),
+                random(kv_width * capacity),
+                random(len * kv_width),
+            );
+            let shape = HeadShape {
+                head_dim,
+                kv_width,
+                group: heads / kv_heads,
+                len,
+                capacity,
+            };
+            let (mut scores, mut out) = (vec![0f32; len], vec![0f32; heads * head_dim]);
+            attend_heads(&queries, &keys, &values, shape, &mut scores, &mut out);
+            for h in 0..heads {
+                let q = &queries[h * head_dim..(h + 1) * head_dim];
+                let logits: Vec<f64> = (0..len)
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|d| f64::from(q[d]) * f64::from(keys[d * capacity + j]))
+                            .sum::<f64>()
+                            / (head_dim as f64).sqrt()
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let want: f64 = (0..len)
+                        .map(|j| weights[j] / total * f64::from(values[j * kv_width + d]))
+                        .sum();
+                    let got = f64::from(out[h * head_dim + d]);
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "({head_dim}, {len}, {capacity}) head {h} dim {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     /// A small random `qwen2` model (biases, rotary halves, grouped heads, tied embeddings)
     /// against candle's `quantized_qwen2`.
     #[test]
