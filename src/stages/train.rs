@@ -62,7 +62,8 @@ pub struct TrainParams {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Examples embedded at once. A larger `batch_size` runs as GradCache over mini-batches of
-    /// this size: the same gradients in memory bounded by the mini-batch.
+    /// this size: the same gradients in memory bounded by the mini-batch, for one more forward
+    /// pass (about a fifth of a step). Set it to `batch_size` where memory allows.
     #[serde(default = "default_mini_batch_size")]
     pub mini_batch_size: usize,
     /// Peak learning rate of AdamW.
