@@ -20,6 +20,7 @@ Run both on the same idle machine, alternately a few times (the medians are what
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -48,12 +49,6 @@ def peak_rss():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return None
-
-
-def median(values):
-    values = sorted(values)
-    n = len(values)
-    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
 def log(message):
@@ -95,7 +90,7 @@ def pytorch(model_dir, pairs, tokens, steps, sentences):
     per_second = len(texts) / (time.perf_counter() - start)
     log(f"pytorch {pairs}x{tokens}: {per_second:.1f} sentences/s")
     return model, texts, embeddings, {
-        "step_seconds": median(times),
+        "step_seconds": statistics.median(times),
         "sentences_per_second": per_second,
         "peak_bytes": peak,
     }
