@@ -267,17 +267,21 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         };
         let report = bench::run(&options, &mut |line| printer.status(line))
             .map_err(|e| fail(crate::error_chain(&e)))?;
-        let compared: std::collections::BTreeMap<&str, Ratios> = peers
+        let compared: std::collections::BTreeMap<&str, (Ratios, PeerFigures)> = peers
             .iter()
             .filter_map(|(peer, shapes)| {
                 let figures = shapes.get(&shape.to_string())?;
-                Some((peer.as_str(), ratios(&report, figures)))
+                Some((peer.as_str(), (ratios(&report, figures), *figures)))
             })
             .collect();
         if printer.json {
+            let ratios: std::collections::BTreeMap<&str, Ratios> = compared
+                .iter()
+                .map(|(peer, (ratios, _))| (*peer, *ratios))
+                .collect();
             printer.json_line(&serde_json::json!({
                 "type": "bench", "bench": "encoder", "shape": shape.to_string(),
-                "report": report, "compared": compared,
+                "report": report, "compared": ratios,
             }));
             continue;
         }
@@ -289,7 +293,7 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
 /// One shape's figures for people, with the ratios against each peer.
 fn encoder_text(
     report: &bench::BenchReport,
-    compared: &std::collections::BTreeMap<&str, Ratios>,
+    compared: &std::collections::BTreeMap<&str, (Ratios, PeerFigures)>,
 ) -> String {
     let step = report.median_step;
     let mut text = format!(
@@ -320,14 +324,41 @@ fn encoder_text(
             peak as f64 / f64::from(1 << 20)
         ));
     }
+    text.push_str(&format!(
+        "model FLOPs: {:.2} G a sentence, {:.0} G a step (backward = 2 x forward)",
+        report.sentence_flops / 1e9,
+        report.step_flops / 1e9
+    ));
+    match report.fma_peak {
+        Some(peak) if report.peak_bounds_products => text.push_str(&format!(
+            "; this CPU's f32 FMA peak, measured: {:.0} GFLOP/s ({}, {} threads)\n",
+            peak.flops / 1e9,
+            peak.unit.name(),
+            peak.threads
+        )),
+        Some(_) => {
+            text.push_str("; the products run on AMX tiles, which the FMA peak does not bound\n")
+        }
+        None => text.push_str("; no FMA peak measured on this CPU\n"),
+    }
+    text.push_str(&work_text(
+        report,
+        report.median_step.total,
+        report.sentences_per_second,
+        true,
+    ));
     let ratio = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"));
-    for (peer, ratios) in compared {
+    for (peer, (ratios, figures)) in compared {
         text.push_str(&format!(
             "against {peer}: step time {}, encoding throughput {}, peak memory {}\n",
             ratio(ratios.step_time),
             ratio(ratios.encode_throughput),
             ratio(ratios.peak_memory)
         ));
+        if let (Some(step), Some(encode)) = (figures.step_seconds, figures.sentences_per_second) {
+            text.push_str(&format!("  {peer}'s "));
+            text.push_str(&work_text(report, step, encode, false));
+        }
     }
     if !report.profile.is_empty() {
         let columns: Vec<String> = ["op", "shape", "calls", "fwd ms", "bwd ms", "ms/step"]
@@ -354,6 +385,39 @@ fn encoder_text(
         ));
     }
     text
+}
+
+/// The model FLOPs per second of a step taking `step_seconds` and of encoding
+/// `sentences_per_second`, against this CPU's measured f32 FMA peak where the products run on
+/// the units it measures: how far from the hardware a figure is; `ceiling` adds the most
+/// sentences/s the peak allows.
+fn work_text(
+    report: &bench::BenchReport,
+    step_seconds: f64,
+    sentences_per_second: f64,
+    ceiling: bool,
+) -> String {
+    let step = report.step_flops / step_seconds;
+    let encode = report.sentence_flops * sentences_per_second;
+    let giga = |flops: f64| format!("{:.0} GFLOP/s", flops / 1e9);
+    match report.fma_peak.filter(|_| report.peak_bounds_products) {
+        Some(peak) => format!(
+            "work: step {} ({:.0}% of the FMA peak), encoding {} ({:.0}%{})\n",
+            giga(step),
+            100. * step / peak.flops,
+            giga(encode),
+            100. * encode / peak.flops,
+            if ceiling {
+                format!(
+                    "; {:.1} sentences/s at the peak",
+                    peak.flops / report.sentence_flops
+                )
+            } else {
+                String::new()
+            }
+        ),
+        None => format!("work: step {}, encoding {}\n", giga(step), giga(encode)),
+    }
 }
 
 /// Deterministic markdown files of ~2 KB: a heading, a few paragraphs of pseudo-random words.
@@ -619,6 +683,7 @@ fn tempfile_dir(prefix: &str) -> Result<PathBuf, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::peak::{FmaPeak, VectorUnit};
 
     #[test]
     fn shapes_read_as_pairs_x_tokens() {
@@ -645,9 +710,10 @@ mod tests {
         assert!(serde_json::from_str::<Peers>(r#"{"p": {"16x128": {"steps": 1}}}"#).is_err());
     }
 
-    #[test]
-    fn ratios_put_ours_over_the_peers() {
-        let ours = bench::BenchReport {
+    /// Our figures at 16 x 128 in round numbers: a 1.4 s step, 100 sentences/s, a measured peak
+    /// of 400 GFLOP/s on the units the products run on.
+    fn our_report() -> bench::BenchReport {
+        bench::BenchReport {
             implementation: "fused",
             matmul: "f32",
             threads: 2,
@@ -663,8 +729,21 @@ mod tests {
             encode_seconds: 3.2,
             encode_cpu_seconds: 6.4,
             sentences_per_second: 100.,
+            sentence_flops: 2e9,
+            step_flops: 200e9,
+            fma_peak: Some(FmaPeak {
+                flops: 400e9,
+                threads: 2,
+                unit: VectorUnit::Avx2,
+            }),
+            peak_bounds_products: true,
             profile: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn ratios_put_ours_over_the_peers() {
+        let ours = our_report();
         let peer = PeerFigures {
             step_seconds: Some(1.75),
             sentences_per_second: Some(80.),
@@ -674,5 +753,43 @@ mod tests {
         assert!((r.step_time.expect("step") - 0.8).abs() < 1e-12);
         assert!((r.encode_throughput.expect("encode") - 1.25).abs() < 1e-12);
         assert_eq!(r.peak_memory, None);
+    }
+
+    /// The work lines put each figure over the measured peak, ours and the peer's, and say the
+    /// most the peak allows; on AMX tiles no percentage is given.
+    #[test]
+    fn work_is_put_over_the_measured_peak() {
+        let mut ours = our_report();
+        let peer = PeerFigures {
+            step_seconds: Some(2.0),
+            sentences_per_second: Some(80.),
+            peak_bytes: None,
+        };
+        let compared = [("pytorch", (ratios(&ours, &peer), peer))]
+            .into_iter()
+            .collect();
+        let text = encoder_text(&ours, &compared);
+        assert!(
+            text.contains("model FLOPs: 2.00 G a sentence, 200 G a step (backward = 2 x forward); this CPU's f32 FMA peak, measured: 400 GFLOP/s (AVX2 FMA, 2 threads)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("work: step 143 GFLOP/s (36% of the FMA peak), encoding 200 GFLOP/s (50%; 200.0 sentences/s at the peak)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  pytorch's work: step 100 GFLOP/s (25% of the FMA peak), encoding 160 GFLOP/s (40%)\n"),
+            "{text}"
+        );
+        ours.peak_bounds_products = false;
+        let text = encoder_text(&ours, &compared);
+        assert!(
+            text.contains("AMX tiles, which the FMA peak does not bound"),
+            "{text}"
+        );
+        assert!(
+            text.contains("work: step 143 GFLOP/s, encoding 200 GFLOP/s\n"),
+            "{text}"
+        );
     }
 }

@@ -20,8 +20,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
+use crate::model::bert::BertConfig;
 use crate::model::encoder::SentenceEncoder;
 use crate::model::error::{CandleContext, ModelError};
+use crate::model::kernels::peak::FmaPeak;
 use crate::model::kernels::{self, Dropout, Implementation};
 use crate::model::train::LossConfig;
 use crate::model::train::optim::{AdamW, AdamWConfig, Param, decays};
@@ -105,7 +107,31 @@ pub struct BenchReport {
     pub encode_seconds: f64,
     pub encode_cpu_seconds: f64,
     pub sentences_per_second: f64,
+    /// Model FLOPs of one sentence's forward pass ([`forward_flops`]).
+    pub sentence_flops: f64,
+    /// Model FLOPs of one training step: the forward pass of every sentence and a backward pass
+    /// counted as twice the forward's products.
+    pub step_flops: f64,
+    /// This CPU's f32 FMA peak, measured on the same threads (`None` on a CPU without a measured
+    /// vector unit).
+    pub fma_peak: Option<FmaPeak>,
+    /// Whether the products run on the units the peak measures (not on AMX tiles).
+    pub peak_bounds_products: bool,
     pub profile: Vec<OpTime>,
+}
+
+/// Model FLOPs of one sequence of `tokens` through a BERT's layers: each token's four attention
+/// projections and two feed-forward products, and each head's score and context products (a
+/// multiply-add counts two; embeddings, norms, softmax and pooling are left out, as small).
+pub fn forward_flops(config: &BertConfig, tokens: usize) -> f64 {
+    let (hidden, inner, tokens) = (
+        config.hidden_size as f64,
+        config.intermediate_size as f64,
+        tokens as f64,
+    );
+    let projections = tokens * 2. * (4. * hidden * hidden + 2. * hidden * inner);
+    let attention = 2. * 2. * tokens * tokens * hidden;
+    config.num_hidden_layers as f64 * (projections + attention)
 }
 
 /// Starts a new peak-memory measurement: Linux's high-water mark of resident memory is reset to
@@ -299,7 +325,14 @@ pub fn run(
     } else {
         Vec::new()
     };
+    status("measuring this CPU's f32 FMA peak");
+    let fma_peak = kernels::peak::measure(PEAK_ITERATIONS, 3);
+    let sentence_flops = forward_flops(encoder.bert().config(), options.tokens);
     Ok(BenchReport {
+        sentence_flops,
+        step_flops: 3. * 2. * pairs as f64 * sentence_flops,
+        fma_peak,
+        peak_bounds_products: kernels::matmul_on_vector_units(),
         implementation: options.implementation.name(),
         matmul: kernels::matmul_engine(),
         threads: candle_core::utils::get_num_threads(),
@@ -315,6 +348,9 @@ pub fn run(
         profile,
     })
 }
+
+/// Rounds of FMA chains per thread for the peak: about 0.2 s at 3 GHz.
+const PEAK_ITERATIONS: u64 = 50_000_000;
 
 /// Timed repetitions of each profiled kernel (the median is kept).
 const PROFILE_REPEATS: usize = 5;
@@ -513,6 +549,23 @@ mod tests {
         assert_eq!(report.profile.len(), 7);
         assert!(report.profile.iter().all(|op| op.forward_ms > 0.));
         assert!(heard.iter().any(|s| s.starts_with("step 1:")), "{heard:?}");
+        assert_eq!(report.step_flops, 3. * 4. * report.sentence_flops);
+        assert_eq!(
+            report.fma_peak.is_some(),
+            kernels::peak::VectorUnit::detect().is_some()
+        );
+    }
+
+    /// MiniLM-L6 at 128 tokens, by hand: 6 layers x (128 x 2 x (4 x 384^2 + 2 x 384 x 1536)
+    /// + 4 x 128^2 x 384).
+    #[test]
+    fn counts_the_products_of_a_forward_pass() {
+        let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu).expect("MiniLM loads");
+        assert_eq!(
+            forward_flops(encoder.bert().config(), 128),
+            6. * (128. * 2. * (4. * 147_456. + 2. * 589_824.) + 25_165_824.)
+        );
+        assert_eq!(forward_flops(encoder.bert().config(), 128), 2_868_903_936.);
     }
 
     #[test]

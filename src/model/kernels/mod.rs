@@ -19,6 +19,7 @@
 
 pub mod bf16;
 mod fused;
+pub mod peak;
 mod reference;
 
 #[cfg(target_arch = "x86_64")]
@@ -88,6 +89,13 @@ pub fn matmul_engine() -> &'static str {
         Implementation::Fused => fused::MatmulEngine::selected().name(),
         Implementation::Reference => "f32 (candle matmul)",
     }
+}
+
+/// Whether the matrix products run on the vector FMA units whose peak [`peak`] measures, not on
+/// AMX tiles.
+pub fn matmul_on_vector_units() -> bool {
+    implementation() == Implementation::Reference
+        || fused::MatmulEngine::selected() == fused::MatmulEngine::F32
 }
 
 /// Whether the fused kernels take these inputs: selected, on the CPU, f32.
