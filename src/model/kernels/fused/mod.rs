@@ -359,11 +359,26 @@ unsafe fn matmul_then(product: Product, epilogue: Epilogue) {
         gemm::Parallelism::None
     };
     if let Some(bias) = bias {
-        for i in 0..m {
-            for (j, &b) in bias.iter().enumerate().take(n) {
-                // SAFETY: `(i, j)` is within `dst`, by the caller.
-                unsafe { *dst.offset(i as isize * dst_rows + j as isize * dst_cols) = b };
+        // The product adds onto the bias. Rows in parallel: one thread writing a [4096, 1536]
+        // output took a tenth of the 384 -> 1536 layer's time on 2 AVX2 cores.
+        let out = SharedMut(dst);
+        let fill = |i: usize| {
+            // SAFETY: row `i` is within `dst`, by the caller, and only this task writes it.
+            let row = unsafe { out.ptr().offset(i as isize * dst_rows) };
+            if dst_cols == 1 {
+                // SAFETY: as above; the row's `n` elements are contiguous.
+                unsafe { std::slice::from_raw_parts_mut(row, n) }.copy_from_slice(&bias[..n]);
+            } else {
+                for (j, &b) in bias[..n].iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { *row.offset(j as isize * dst_cols) = b };
+                }
             }
+        };
+        if parallel {
+            (0..m).into_par_iter().with_min_len(64).for_each(fill);
+        } else {
+            (0..m).for_each(fill);
         }
     }
     // SAFETY: forwarded from the caller.
