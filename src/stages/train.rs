@@ -375,9 +375,9 @@ impl StageDef for Train {
 
 impl Stage for Train {
     /// 2: empty and repeated rows of the training data are skipped. 3: merged with the base
-    /// (`merge`).
+    /// (`merge`). 4: each group embedded in passes cut by length (other dropout masks).
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn inputs(&self) -> Vec<Input> {

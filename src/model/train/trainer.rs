@@ -331,9 +331,20 @@ impl<'a> Trainer<'a> {
             margins,
         };
         let mini = self.config.mini_batch_size;
+        let plans = [0, 1].map(|g| LengthPlan::new(&groups[g], mini));
         let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let loss = if batch.len() <= mini {
-            let [a, c] = [0, 1].map(|g| self.embed(&groups[g], self.seed(step, g, 0)));
+            let [a, c] = [0, 1].map(|g| {
+                let parts = plans[g]
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(k, chunk)| {
+                        self.embed(&plans[g].rows(&groups[g], chunk), self.seed(step, g, k))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                plans[g].in_row_order(&parts, self.model.bert.device())
+            });
             let loss = self
                 .config
                 .loss
@@ -347,10 +358,11 @@ impl<'a> Trainer<'a> {
             let mut embedded = Vec::new();
             for (g, rows) in groups.iter().enumerate() {
                 let mut parts = Vec::new();
-                for (k, chunk) in rows.chunks(mini).enumerate() {
-                    parts.push(self.embed(chunk, self.seed(step, g, k))?.detach());
+                for (k, chunk) in plans[g].chunks.iter().enumerate() {
+                    let chunk_rows = plans[g].rows(rows, chunk);
+                    parts.push(self.embed(&chunk_rows, self.seed(step, g, k))?.detach());
                 }
-                let all = Tensor::cat(&parts, 0).during(|| "joining embeddings".to_owned())?;
+                let all = plans[g].in_row_order(&parts, self.model.bert.device())?;
                 embedded.push(Var::from_tensor(&all).during(|| "caching embeddings".to_owned())?);
             }
             let loss = self
@@ -369,10 +381,10 @@ impl<'a> Trainer<'a> {
                         name: "the cached embeddings".to_owned(),
                     })?
                     .detach();
-                for (k, chunk) in rows.chunks(mini).enumerate() {
-                    let embeddings = self.embed(chunk, self.seed(step, g, k))?;
-                    let weight = grad
-                        .narrow(0, k * mini, chunk.len())
+                for (k, chunk) in plans[g].chunks.iter().enumerate() {
+                    let chunk_rows = plans[g].rows(rows, chunk);
+                    let embeddings = self.embed(&chunk_rows, self.seed(step, g, k))?;
+                    let weight = LengthPlan::select(&grad, chunk, self.model.bert.device())
                         .during(|| "slicing the embeddings' gradient".to_owned())?;
                     let surrogate = (embeddings * weight)
                         .and_then(|t| t.sum_all())
@@ -607,6 +619,76 @@ fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> BatchRows<'e> {
     }
 }
 
+/// A group's rows cut into the forward passes that embed them: by length, longest first, so
+/// each pass pads to its own longest row. One pass over passages of which a third are half as
+/// long as the rest spends a sixth of its work on padding.
+///
+/// A pass holds at most `max_rows` rows (GradCache's mini-batch). A new pass starts where a row
+/// is shorter than `SHORTER` of the pass's longest and the pass already has `MIN_ROWS` rows:
+/// fewer rows per pass would cost more in per-pass overhead than padding saves.
+#[derive(Debug, Clone, PartialEq)]
+struct LengthPlan {
+    /// Each pass's row indices into the group, longest row first.
+    chunks: Vec<Vec<usize>>,
+}
+
+impl LengthPlan {
+    /// A row shorter than this share of its pass's longest starts another pass.
+    const SHORTER: f64 = 0.75;
+    /// Rows a pass gets before a shorter row may start another.
+    const MIN_ROWS: usize = 8;
+
+    fn new(rows: &[&[u32]], max_rows: usize) -> Self {
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        for i in order {
+            let starts_new = match chunks.last() {
+                None => true,
+                Some(chunk) => {
+                    let longest = rows[chunk[0]].len() as f64;
+                    chunk.len() >= max_rows.max(1)
+                        || (chunk.len() >= Self::MIN_ROWS
+                            && (rows[i].len() as f64) < Self::SHORTER * longest)
+                }
+            };
+            if starts_new {
+                chunks.push(vec![i]);
+            } else if let Some(chunk) = chunks.last_mut() {
+                chunk.push(i);
+            }
+        }
+        Self { chunks }
+    }
+
+    /// The rows of `chunk`, in its order.
+    fn rows<'r>(&self, rows: &[&'r [u32]], chunk: &[usize]) -> Vec<&'r [u32]> {
+        chunk.iter().map(|&i| rows[i]).collect()
+    }
+
+    /// Rows `indices` of `t`, in that order.
+    fn select(t: &Tensor, indices: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+        let indices: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        t.index_select(&Tensor::new(indices, device)?, 0)
+    }
+
+    /// The passes' embeddings (`parts`, one per chunk) joined and put back in the group's row
+    /// order, differentiably.
+    fn in_row_order(&self, parts: &[Tensor], device: &Device) -> Result<Tensor, TrainError> {
+        let joined = Tensor::cat(parts, 0).during(|| "joining embeddings".to_owned())?;
+        let order: Vec<usize> = self.chunks.iter().flatten().copied().collect();
+        if order.iter().enumerate().all(|(at, &i)| at == i) {
+            return Ok(joined);
+        }
+        let mut position = vec![0; order.len()];
+        for (at, &i) in order.iter().enumerate() {
+            position[i] = at;
+        }
+        Ok(Self::select(&joined, &position, device)
+            .during(|| "putting embeddings back in batch order".to_owned())?)
+    }
+}
+
 /// Token ids padded on the right to the longest row, and the attention mask.
 fn pad(rows: &[&[u32]], pad_id: u32, device: &Device) -> Result<(Tensor, Tensor), TrainError> {
     let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -805,6 +887,117 @@ mod tests {
         let first = train();
         for _ in 0..2 {
             assert!(train() == first, "a second run with the same seed differs");
+        }
+    }
+
+    /// Passes take rows longest first, at most `max_rows` each, and a row shorter than 3/4 of
+    /// its pass's longest starts another once the pass has 8 rows; every row once.
+    #[test]
+    fn length_plans_cut_passes_by_length_and_size() {
+        let lengths = [
+            128, 40, 128, 90, 128, 128, 20, 128, 128, 128, 100, 128, 96, 30,
+        ];
+        let texts: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![1; n]).collect();
+        let rows: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+        let plan = LengthPlan::new(&rows, 32);
+        let passes: Vec<Vec<usize>> = plan
+            .chunks
+            .iter()
+            .map(|c| c.iter().map(|&i| lengths[i]).collect())
+            .collect();
+        // 8 rows of 128 and 100 (no split before 8 rows), 96 (3/4 of 128 is 96: not shorter),
+        // then 90 starts a pass that 40 (under 3/4 of 90) would leave, were it 8 rows long.
+        assert_eq!(
+            passes,
+            vec![
+                vec![128, 128, 128, 128, 128, 128, 128, 128, 100, 96],
+                vec![90, 40, 30, 20],
+            ]
+        );
+        let mut seen: Vec<usize> = plan.chunks.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
+
+        let small = LengthPlan::new(&rows, 4);
+        assert!(small.chunks.iter().all(|c| c.len() <= 4));
+        assert_eq!(
+            small.chunks.iter().map(Vec::len).sum::<usize>(),
+            lengths.len()
+        );
+        assert_eq!(LengthPlan::new(&rows[..1], 4).chunks, vec![vec![0]]);
+    }
+
+    /// Embedding a group pass by pass, each padded to its own longest row, and putting the rows
+    /// back gives what one pass padded to the longest gives (in f64: rounding only), and so do
+    /// the gradients through the reordering.
+    #[test]
+    fn passes_by_length_embed_as_one_padded_pass() {
+        let bert = tiny_bert(DType::F64);
+        let pooling = Pooling::new(vec![PoolingMode::Mean], true);
+        let model = TrainModel {
+            bert: &bert,
+            pooling: &pooling,
+        };
+        let trainer = Trainer::new(
+            model,
+            TrainConfig {
+                dropout: false,
+                ..tiny_config(4, 4)
+            },
+        )
+        .expect("trainer");
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let texts: Vec<Vec<u32>> = (0..20)
+            .map(|i| {
+                let len = if i % 3 == 0 {
+                    3
+                } else {
+                    rng.random_range(3..20)
+                };
+                std::iter::once(1)
+                    .chain((1..len).map(|_| rng.random_range(2..50)))
+                    .collect()
+            })
+            .collect();
+        let rows: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+        let plan = LengthPlan::new(&rows, 12);
+        assert!(plan.chunks.len() >= 2, "{:?}", plan.chunks);
+        let parts: Vec<Tensor> = plan
+            .chunks
+            .iter()
+            .map(|c| trainer.embed(&plan.rows(&rows, c), 0).expect("a pass"))
+            .collect();
+        let by_passes = plan.in_row_order(&parts, bert.device()).expect("row order");
+        let at_once = trainer.embed(&rows, 0).expect("one pass");
+        let worst = values(&by_passes)
+            .iter()
+            .zip(values(&at_once))
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 1e-12, "off by {worst}");
+
+        // The reordering's backward puts each row's gradient on its pass.
+        let weights = Tensor::arange(
+            0f64,
+            (20 * by_passes.dim(1).expect("dim")) as f64,
+            bert.device(),
+        )
+        .and_then(|t| t.reshape(by_passes.shape()))
+        .expect("weights");
+        let grads = |e: &Tensor| {
+            let store = (e * &weights)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward");
+            trainer
+                .params()
+                .iter()
+                .map(|p| values(store.get(p.var.as_tensor()).expect("gradient")))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (grads(&by_passes), grads(&at_once));
+        for (a, b) in a.iter().zip(&b) {
+            let worst = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst < 1e-9, "gradients off by {worst}");
         }
     }
 
