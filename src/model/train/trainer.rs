@@ -624,8 +624,8 @@ fn batch_rows<'e>(batch: &[&'e TokenizedExample]) -> BatchRows<'e> {
 /// long as the rest spends a sixth of its work on padding.
 ///
 /// A pass holds at most `max_rows` rows (GradCache's mini-batch). A new pass starts where a row
-/// is shorter than `SHORTER` of the pass's longest and the pass already has `MIN_ROWS` rows:
-/// fewer rows per pass would cost more in per-pass overhead than padding saves.
+/// is shorter than `SHORTER` of the pass's longest and the pass already has `MIN_ROWS` rows, so
+/// no pass is too small for its products to run at speed.
 #[derive(Debug, Clone, PartialEq)]
 struct LengthPlan {
     /// Each pass's row indices into the group, longest row first.
