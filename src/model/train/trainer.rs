@@ -334,17 +334,7 @@ impl<'a> Trainer<'a> {
         let plans = [0, 1].map(|g| LengthPlan::new(&groups[g], mini));
         let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let loss = if batch.len() <= mini {
-            let [a, c] = [0, 1].map(|g| {
-                let parts = plans[g]
-                    .chunks
-                    .iter()
-                    .enumerate()
-                    .map(|(k, chunk)| {
-                        self.embed(&plans[g].rows(&groups[g], chunk), self.seed(step, g, k))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                plans[g].in_row_order(&parts, self.model.bert.device())
-            });
+            let [a, c] = [0, 1].map(|g| self.embed_passes(&groups[g], &plans[g], step, g, true));
             let loss = self
                 .config
                 .loss
@@ -357,12 +347,7 @@ impl<'a> Trainer<'a> {
             // Pass 1: every mini-batch's embeddings, no graph kept.
             let mut embedded = Vec::new();
             for (g, rows) in groups.iter().enumerate() {
-                let mut parts = Vec::new();
-                for (k, chunk) in plans[g].chunks.iter().enumerate() {
-                    let chunk_rows = plans[g].rows(rows, chunk);
-                    parts.push(self.embed(&chunk_rows, self.seed(step, g, k))?.detach());
-                }
-                let all = plans[g].in_row_order(&parts, self.model.bert.device())?;
+                let all = self.embed_passes(rows, &plans[g], step, g, false)?;
                 embedded.push(Var::from_tensor(&all).during(|| "caching embeddings".to_owned())?);
             }
             let loss = self
@@ -382,8 +367,8 @@ impl<'a> Trainer<'a> {
                     })?
                     .detach();
                 for (k, chunk) in plans[g].chunks.iter().enumerate() {
-                    let chunk_rows = plans[g].rows(rows, chunk);
-                    let embeddings = self.embed(&chunk_rows, self.seed(step, g, k))?;
+                    let embeddings =
+                        self.embed(&LengthPlan::rows(rows, chunk), self.seed(step, g, k))?;
                     let weight = LengthPlan::select(&grad, chunk, self.model.bert.device())
                         .during(|| "slicing the embeddings' gradient".to_owned())?;
                     let surrogate = (embeddings * weight)
@@ -417,6 +402,33 @@ impl<'a> Trainer<'a> {
             (lr, self.config.max_grad_norm),
             step,
         )
+    }
+
+    /// Embeddings of group `g`'s `rows`, pass by pass as `plan` cuts them (pass `k` seeded
+    /// `seed(step, g, k)`, as GradCache's second pass redraws), in row order; `with_graph: false`
+    /// drops each pass's graph as soon as it is embedded (GradCache's first pass).
+    fn embed_passes(
+        &self,
+        rows: &[&[u32]],
+        plan: &LengthPlan,
+        step: u64,
+        g: usize,
+        with_graph: bool,
+    ) -> Result<Tensor, TrainError> {
+        let parts = plan
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(k, chunk)| {
+                let embedded = self.embed(&LengthPlan::rows(rows, chunk), self.seed(step, g, k))?;
+                Ok(if with_graph {
+                    embedded
+                } else {
+                    embedded.detach()
+                })
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        plan.in_row_order(&parts, self.model.bert.device())
     }
 
     /// Sentence embeddings of `rows` with the graph recorded, dropout (if on) seeded by `seed`.
@@ -662,7 +674,7 @@ impl LengthPlan {
     }
 
     /// The rows of `chunk`, in its order.
-    fn rows<'r>(&self, rows: &[&'r [u32]], chunk: &[usize]) -> Vec<&'r [u32]> {
+    fn rows<'r>(rows: &[&'r [u32]], chunk: &[usize]) -> Vec<&'r [u32]> {
         chunk.iter().map(|&i| rows[i]).collect()
     }
 
@@ -965,7 +977,11 @@ mod tests {
         let parts: Vec<Tensor> = plan
             .chunks
             .iter()
-            .map(|c| trainer.embed(&plan.rows(&rows, c), 0).expect("a pass"))
+            .map(|c| {
+                trainer
+                    .embed(&LengthPlan::rows(&rows, c), 0)
+                    .expect("a pass")
+            })
             .collect();
         let by_passes = plan.in_row_order(&parts, bert.device()).expect("row order");
         let at_once = trainer.embed(&rows, 0).expect("one pass");
