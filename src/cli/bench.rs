@@ -267,17 +267,14 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
         };
         let report = bench::run(&options, &mut |line| printer.status(line))
             .map_err(|e| fail(crate::error_chain(&e)))?;
-        let compared: std::collections::BTreeMap<&str, (Ratios, PeerFigures)> = peers
+        let compared: std::collections::BTreeMap<&str, PeerFigures> = peers
             .iter()
-            .filter_map(|(peer, shapes)| {
-                let figures = shapes.get(&shape.to_string())?;
-                Some((peer.as_str(), (ratios(&report, figures), *figures)))
-            })
+            .filter_map(|(peer, shapes)| Some((peer.as_str(), *shapes.get(&shape.to_string())?)))
             .collect();
         if printer.json {
             let ratios: std::collections::BTreeMap<&str, Ratios> = compared
                 .iter()
-                .map(|(peer, (ratios, _))| (*peer, *ratios))
+                .map(|(peer, figures)| (*peer, ratios(&report, figures)))
                 .collect();
             printer.json_line(&serde_json::json!({
                 "type": "bench", "bench": "encoder", "shape": shape.to_string(),
@@ -290,10 +287,10 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One shape's figures for people, with the ratios against each peer.
+/// One shape's figures for people, with the ratios against each peer's `compared` figures.
 fn encoder_text(
     report: &bench::BenchReport,
-    compared: &std::collections::BTreeMap<&str, (Ratios, PeerFigures)>,
+    compared: &std::collections::BTreeMap<&str, PeerFigures>,
 ) -> String {
     let step = report.median_step;
     let mut text = format!(
@@ -348,7 +345,8 @@ fn encoder_text(
         true,
     ));
     let ratio = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x"));
-    for (peer, (ratios, figures)) in compared {
+    for (peer, figures) in compared {
+        let ratios = ratios(report, figures);
         text.push_str(&format!(
             "against {peer}: step time {}, encoding throughput {}, peak memory {}\n",
             ratio(ratios.step_time),
@@ -765,9 +763,7 @@ mod tests {
             sentences_per_second: Some(80.),
             peak_bytes: None,
         };
-        let compared = [("pytorch", (ratios(&ours, &peer), peer))]
-            .into_iter()
-            .collect();
+        let compared = [("pytorch", peer)].into_iter().collect();
         let text = encoder_text(&ours, &compared);
         assert!(
             text.contains("model FLOPs: 2.00 G a sentence, 200 G a step (backward = 2 x forward); this CPU's f32 FMA peak, measured: 400 GFLOP/s (AVX2 FMA, 2 threads)"),
