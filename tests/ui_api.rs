@@ -3,7 +3,7 @@
 //! restart.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ragd_pipe::cache::store::{LockWait, WorkdirLock};
 use reqwest::Method;
@@ -193,17 +193,29 @@ fn ui_queue_survives_a_restart() {
     let first = first["id"].as_i64().expect("id");
     let second = second["id"].as_i64().expect("id");
     let third = third["id"].as_i64().expect("id");
-    let running = server.wait_for_run(first, &["running"], Duration::from_secs(30));
+    // The queue marks a run running before it spawns it, and records the pid just after.
+    let started = Instant::now();
+    let child = loop {
+        let running = server.wait_for_run(first, &["running"], Duration::from_secs(30));
+        if let Some(pid) = running["run"]["pid"].as_i64() {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no pid: {running}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let (status, cancelled) = server.send(Method::POST, &format!("/api/runs/{third}/cancel"), None);
     assert_eq!(
         (status, cancelled["status"].as_str()),
         (200, Some("cancelled"))
     );
     // The dashboard and its run die as in a crash.
-    let child = running["run"]["pid"].as_i64().expect("a pid");
     server.kill();
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &child.to_string()])
+        .stderr(std::process::Stdio::null())
         .status();
 
     let server = UiServer::start(&project, &[]);
