@@ -262,7 +262,7 @@ fn a_model_made_worse_is_flagged_and_not_made_the_default() {
 
 /// Issue 12: a deliberately bad recipe (learning rate 1e-3, 5 epochs on about 50 examples) ends
 /// with the verdict `worse`, or is rescued by the merge with the base (α of 0.5 or less); either way it is
-/// never made ragd's default, and the report says every α's figures.
+/// never made ragd's default, and the report lists every α tried.
 #[test]
 fn a_bad_recipe_ends_worse_or_is_rescued_by_the_merge_and_is_never_the_default() {
     let project = project();

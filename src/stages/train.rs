@@ -120,7 +120,8 @@ pub struct TrainParams {
     /// Merge the trained weights with the base's: the saved model is `α·fine-tuned +
     /// (1−α)·base`. `auto` tries α in 1, 0.75, 0.5, 0.25 and 0, and keeps the one best on the
     /// held-out split among those that lose at most `general_max_drop` nDCG@10 on the general
-    /// check; a number between 0 and 1 fixes α; `none` keeps the weights as trained.
+    /// check (held-out scoring stops once it falls); a number between 0 and 1 fixes α; `none`
+    /// keeps the weights as trained.
     #[serde(default)]
     pub merge: MergeSetting,
     /// The most nDCG@10 a merge may lose on the general check against the base.
@@ -839,19 +840,35 @@ impl Train {
         let mix = Interpolation::new(&encoder.bert().named_vars(), &base.bert().named_vars())
             .map_err(io::model_error)?;
         drop(base);
-        let bar = ctx.progress("merging with the base", Some(alphas.len() as u64));
-        let mut scored = Vec::new();
-        for (done, &alpha) in alphas.iter().enumerate() {
+        let bar = ctx.progress("merging with the base", Some(alphas.len() as u64 * 2));
+        // The general check is small: every α first, so the guard is known before the held-out
+        // split's costlier scoring, which skips the α the guard rules out.
+        let mut general_ndcg10 = Vec::with_capacity(alphas.len());
+        for &alpha in &alphas {
             ctx.check_cancelled()?;
             mix.apply(alpha).map_err(io::model_error)?;
-            let heldout_ndcg10 = match heldout {
-                Some(set) => Some(set.ndcg10(encoder)?),
-                None => None,
-            };
-            scored.push((alpha, heldout_ndcg10, general.ndcg10(encoder)?));
-            bar.set(done as u64 + 1);
+            general_ndcg10.push(general.ndcg10(encoder)?);
+            bar.inc(1);
         }
+        let guarded = within_general_guard(&alphas, &general_ndcg10, self.params.general_max_drop);
+        let heldout_ndcg10 = match heldout {
+            Some(set) => scored_until_fall(&alphas, &guarded, |alpha| {
+                ctx.check_cancelled()?;
+                mix.apply(alpha).map_err(io::model_error)?;
+                let ndcg10 = set.ndcg10(encoder)?;
+                bar.inc(1);
+                Ok(ndcg10)
+            })?,
+            None => vec![None; alphas.len()],
+        };
+        bar.set(alphas.len() as u64 * 2);
         drop(bar);
+        let scored: Vec<(f64, Option<f64>, f64)> = alphas
+            .iter()
+            .zip(heldout_ndcg10)
+            .zip(general_ndcg10)
+            .map(|((&alpha, heldout), general)| (alpha, heldout, general))
+            .collect();
         let (alpha, why, trials) = choose_alpha(&scored, self.params.general_max_drop);
         let search = MergeSearch {
             alpha,
@@ -1071,37 +1088,88 @@ impl Train {
     }
 }
 
+/// Whether each α (with its general-check nDCG@10) loses at most `max_drop` against the base:
+/// α = 0, or the smallest α tried.
+fn within_general_guard(alphas: &[f64], general_ndcg10: &[f64], max_drop: f64) -> Vec<bool> {
+    let base_general = alphas
+        .iter()
+        .zip(general_ndcg10)
+        .min_by(|a, b| a.0.total_cmp(b.0))
+        .map_or(0.0, |(_, &g)| g);
+    general_ndcg10
+        .iter()
+        // A hair of tolerance: the base against itself never fails on rounding.
+        .map(|&g| g >= base_general - max_drop - 1e-12)
+        .collect()
+}
+
+/// The held-out nDCG@10 `score` gives each α the guard allows, in order, until one scores
+/// below the best before it; `None` for the rest. Along the line from the fine-tuned weights to
+/// the base the held-out score has one peak (every run measured falls from α = 1, or rises then
+/// falls), so the α past a fall cannot win, and each costs an encoding of the held-out corpus.
+fn scored_until_fall(
+    alphas: &[f64],
+    guarded: &[bool],
+    mut score: impl FnMut(f64) -> Result<f64, StageError>,
+) -> Result<Vec<Option<f64>>, StageError> {
+    let mut best: Option<f64> = None;
+    let mut fallen = false;
+    let mut scores = Vec::with_capacity(alphas.len());
+    for (&alpha, &allowed) in alphas.iter().zip(guarded) {
+        if !allowed || fallen {
+            scores.push(None);
+            continue;
+        }
+        let ndcg10 = score(alpha)?;
+        fallen = best.is_some_and(|b| ndcg10 < b);
+        best = Some(best.map_or(ndcg10, |b| b.max(ndcg10)));
+        scores.push(Some(ndcg10));
+    }
+    Ok(scores)
+}
+
 /// The α to keep from `(α, held-out nDCG@10, general nDCG@10)` triples, why, and the trials
-/// with their guard: among the α that lose at most `max_drop` on the general check against the
-/// base (α = 0, or the smallest α tried), the best on the held-out split, the smaller α on a tie;
+/// with their guard: among the α within the general check's guard, the best on the held-out
+/// split, the smaller α on a tie (an α left unscored on the held-out split is not a candidate);
 /// without held-out figures, the largest α the guard allows.
 fn choose_alpha(
     scored: &[(f64, Option<f64>, f64)],
     max_drop: f64,
 ) -> (f64, String, Vec<MergeTrial>) {
-    let base_general = scored
-        .iter()
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-        .map_or(0.0, |t| t.2);
+    let alphas: Vec<f64> = scored.iter().map(|t| t.0).collect();
+    let general: Vec<f64> = scored.iter().map(|t| t.2).collect();
+    let guarded = within_general_guard(&alphas, &general, max_drop);
     let trials: Vec<MergeTrial> = scored
         .iter()
-        .map(|&(alpha, heldout_ndcg10, general_ndcg10)| MergeTrial {
-            alpha,
-            heldout_ndcg10,
-            general_ndcg10,
-            // A hair of tolerance: the base against itself never fails on rounding.
-            within_general_guard: general_ndcg10 >= base_general - max_drop - 1e-12,
-        })
+        .zip(guarded)
+        .map(
+            |(&(alpha, heldout_ndcg10, general_ndcg10), within_general_guard)| MergeTrial {
+                alpha,
+                heldout_ndcg10,
+                general_ndcg10,
+                within_general_guard,
+            },
+        )
         .collect();
-    let allowed = trials.iter().filter(|t| t.within_general_guard);
-    let best = allowed.clone().max_by(|a, b| {
+    let blind = trials.iter().all(|t| t.heldout_ndcg10.is_none());
+    let allowed = trials
+        .iter()
+        .filter(|t| t.within_general_guard && (blind || t.heldout_ndcg10.is_some()));
+    let best = allowed.max_by(|a, b| {
         let key = |t: &MergeTrial| t.heldout_ndcg10.unwrap_or(t.alpha);
         key(a).total_cmp(&key(b)).then(b.alpha.total_cmp(&a.alpha))
     });
     let Some(best) = best else {
         return (0.0, "no α passed the general check".to_owned(), trials);
     };
+    let unscored = trials
+        .iter()
+        .any(|t| t.within_general_guard && t.heldout_ndcg10.is_none());
     let why = match best.heldout_ndcg10 {
+        Some(ndcg) if unscored => format!(
+            "best held-out nDCG@10 ({ndcg:.4}) of the α within {max_drop} of the base on the \
+             general check; held-out fell past it, so smaller α were not scored"
+        ),
         Some(ndcg) => format!(
             "best held-out nDCG@10 ({ndcg:.4}) of the α within {max_drop} of the base on the general check"
         ),
@@ -1521,10 +1589,44 @@ mod tests {
         let (alpha, why, _) = choose_alpha(&scored, 0.1);
         assert_eq!(alpha, 0.5);
         assert!(why.contains("0.5500"), "{why}");
+        // An α left unscored past the held-out fall is no candidate, and the why says so.
+        let stopped = [
+            (1.0, Some(0.50), 0.90),
+            (0.5, Some(0.45), 0.90),
+            (0.0, None, 0.90),
+        ];
+        let (alpha, why, _) = choose_alpha(&stopped, 0.02);
+        assert_eq!(alpha, 1.0);
+        assert!(why.contains("not scored"), "{why}");
         // Without held-out figures, the largest α the guard allows.
         let blind = [(1.0, None, 0.80), (0.5, None, 0.87), (0.0, None, 0.90)];
         assert_eq!(choose_alpha(&blind, 0.2).0, 1.0);
         assert_eq!(choose_alpha(&blind, 0.05).0, 0.5);
+    }
+
+    #[test]
+    fn the_merge_scores_held_out_until_it_falls_and_skips_what_the_guard_rules_out() {
+        let alphas = [1.0, 0.75, 0.5, 0.25, 0.0];
+        let curve = |peak: f64| move |alpha: f64| Ok(1.0 - (alpha - peak).abs());
+        let mut asked = Vec::new();
+        let scores = scored_until_fall(&alphas, &[true; 5], |alpha| {
+            asked.push(alpha);
+            curve(0.5)(alpha)
+        })
+        .expect("scores");
+        // Rises to the peak at 0.5, falls at 0.25, and 0 is never scored.
+        assert_eq!(asked, [1.0, 0.75, 0.5, 0.25]);
+        assert_eq!(scores, [Some(0.5), Some(0.75), Some(1.0), Some(0.75), None]);
+        // A tie is no fall; an α the guard rules out is never scored.
+        let flat = scored_until_fall(&alphas, &[false, true, true, true, true], |_| Ok(0.6))
+            .expect("scores");
+        assert_eq!(flat, [None, Some(0.6), Some(0.6), Some(0.6), Some(0.6)]);
+        let scored: Vec<_> = alphas
+            .iter()
+            .zip(&scores)
+            .map(|(&a, &h)| (a, h, 1.0))
+            .collect();
+        assert_eq!(choose_alpha(&scored, 0.02).0, 0.5);
     }
 
     #[test]
