@@ -138,7 +138,8 @@ pub fn table(columns: &[String], rows: &[Vec<String>], indent: &str) -> String {
             .unwrap_or(0)
     };
     let widths: Vec<usize> = (0..columns.len()).map(width).collect();
-    // A column of numbers aligns right, header included; anything else aligns left.
+    // A column of numbers aligns right, header included (a dash, for no figure, goes with
+    // them); anything else aligns left.
     let numeric = |c: &str| {
         let c = c.trim_end_matches('%');
         c.parse::<f64>().is_ok() || c.starts_with('+') && c[1..].parse::<f64>().is_ok()
@@ -146,9 +147,10 @@ pub fn table(columns: &[String], rows: &[Vec<String>], indent: &str) -> String {
     let right: Vec<bool> = (0..columns.len())
         .map(|i| {
             !rows.is_empty()
-                && rows
-                    .iter()
-                    .all(|r| r.get(i).is_none_or(|c| numeric(c) || c.is_empty()))
+                && rows.iter().all(|r| {
+                    r.get(i)
+                        .is_none_or(|c| numeric(c) || matches!(c.as_str(), "" | "-" | "–"))
+                })
         })
         .collect();
     let line = |cells: &[String]| {
@@ -203,5 +205,14 @@ mod tests {
             "  ",
         );
         assert_eq!(text, "  reason  files\n  binary      3\n  empty      12\n");
+        let text = table(
+            &["α".into(), "nDCG@10".into()],
+            &[
+                vec!["1".into(), "0.6854".into()],
+                vec!["0.5".into(), "-".into()],
+            ],
+            "",
+        );
+        assert_eq!(text, "  α  nDCG@10\n  1   0.6854\n0.5        -\n");
     }
 }
