@@ -1105,9 +1105,9 @@ fn within_general_guard(alphas: &[f64], general_ndcg10: &[f64], max_drop: f64) -
 }
 
 /// The held-out nDCG@10 `score` gives each α the guard allows, in order, until one scores
-/// below the best before it; `None` for the rest. Along the line from the fine-tuned weights to
-/// the base the held-out score has one peak (every run measured falls from α = 1, or rises then
-/// falls), so the α past a fall cannot win, and each costs an encoding of the held-out corpus.
+/// below the best before it; `None` for the rest. It takes the held-out score along the line
+/// from the fine-tuned weights to the base to have one peak (every pyfaq run measured falls from
+/// α = 1), so the α past a fall would not win, and each costs an encoding of the held-out corpus.
 fn scored_until_fall(
     alphas: &[f64],
     guarded: &[bool],
@@ -1608,11 +1608,10 @@ mod tests {
     #[test]
     fn the_merge_scores_held_out_until_it_falls_and_skips_what_the_guard_rules_out() {
         let alphas = [1.0, 0.75, 0.5, 0.25, 0.0];
-        let curve = |peak: f64| move |alpha: f64| Ok(1.0 - (alpha - peak).abs());
         let mut asked = Vec::new();
         let scores = scored_until_fall(&alphas, &[true; 5], |alpha| {
             asked.push(alpha);
-            curve(0.5)(alpha)
+            Ok(1.0 - (alpha - 0.5).abs())
         })
         .expect("scores");
         // Rises to the peak at 0.5, falls at 0.25, and 0 is never scored.
