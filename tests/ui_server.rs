@@ -145,6 +145,8 @@ impl Drop for UiServer {
         // SIGINT first, as Ctrl-C: the server interrupts its run and records it.
         let _ = std::process::Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
+            // A server the test already killed has no process to signal.
+            .stderr(std::process::Stdio::null())
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
