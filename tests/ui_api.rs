@@ -3,7 +3,7 @@
 //! restart.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ragd_pipe::cache::store::{LockWait, WorkdirLock};
 use reqwest::Method;
@@ -194,18 +194,13 @@ fn ui_queue_survives_a_restart() {
     let second = second["id"].as_i64().expect("id");
     let third = third["id"].as_i64().expect("id");
     // The queue marks a run running before it spawns it, and records the pid just after.
-    let started = Instant::now();
-    let child = loop {
-        let running = server.wait_for_run(first, &["running"], Duration::from_secs(30));
-        if let Some(pid) = running["run"]["pid"].as_i64() {
-            break pid;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no pid: {running}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let running = server.wait_for_run_where(
+        first,
+        Duration::from_secs(30),
+        "running with a pid",
+        |run| run["run"]["status"] == "running" && run["run"]["pid"].is_i64(),
+    );
+    let child = running["run"]["pid"].as_i64().expect("a pid");
     let (status, cancelled) = server.send(Method::POST, &format!("/api/runs/{third}/cancel"), None);
     assert_eq!(
         (status, cancelled["status"].as_str()),

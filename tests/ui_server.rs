@@ -111,6 +111,20 @@ impl UiServer {
         statuses: &[&str],
         limit: Duration,
     ) -> serde_json::Value {
+        self.wait_for_run_where(id, limit, &format!("{statuses:?}"), |run| {
+            statuses.iter().any(|s| run["run"]["status"] == *s)
+        })
+    }
+
+    /// Polls `GET /api/runs` until run `id`'s row satisfies `ready` (`what` names it in the
+    /// failure); the row.
+    pub(crate) fn wait_for_run_where(
+        &self,
+        id: i64,
+        limit: Duration,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let started = Instant::now();
         loop {
             let runs: serde_json::Value = self.get("/api/runs").json().expect("JSON");
@@ -121,12 +135,12 @@ impl UiServer {
                 .find(|r| r["run"]["id"] == id)
                 .cloned()
                 .unwrap_or_default();
-            if statuses.iter().any(|s| run["run"]["status"] == *s) {
+            if ready(&run) {
                 return run;
             }
             assert!(
                 started.elapsed() < limit,
-                "run {id} is not {statuses:?} after {limit:?}: {run}\n{}",
+                "run {id} is not {what} after {limit:?}: {run}\n{}",
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(200));
