@@ -28,6 +28,16 @@ pub struct Bf16Weights {
     layout: Layout,
 }
 
+/// What each output gets after the product, in this order: a bias (`out_features` values), a
+/// residual (`[rows, out_features]`, an encoder's skip connection), the exact GELU. The default
+/// is nothing (the LLM's projections).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub gelu: bool,
+}
+
 enum Layout {
     /// [`pack_vnni`], multiplied on AMX tiles.
     #[cfg(target_arch = "x86_64")]
@@ -166,10 +176,72 @@ impl Bf16Weights {
         }
     }
 
+    /// Whether the products run on bf16 arithmetic units (AMX, AVX-512 BF16), which round the
+    /// activations to bf16 too; the other engines widen the weights to f32 and gain no speed
+    /// over an f32 product.
+    pub fn native(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.layout, Layout::Tiles(_) | Layout::Pairs(_)) {
+            return true;
+        }
+        false
+    }
+
     /// `x · wᵀ` for `x` `[rows, in_features]`: `[rows, out_features]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.forward_then(x, rows, Epilogue::default())
+    }
+
+    /// [`Self::forward`], then `epilogue` on each output.
+    pub fn forward_then(&self, x: &[f32], rows: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
         let (n, k) = (self.out_features, self.in_features);
         assert_eq!(x.len(), rows * k, "x holds rows x in_features values");
+        if let Some(bias) = epilogue.bias {
+            assert_eq!(bias.len(), n, "a bias holds out_features values");
+        }
+        if let Some(residual) = epilogue.residual {
+            assert_eq!(
+                residual.len(),
+                rows * n,
+                "a residual holds rows x out_features values"
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Layout::Pairs(packed) = &self.layout {
+            // The kernel applies the epilogue to each block while it is in registers and cache,
+            // and writes every output: no zero-filled buffer first.
+            let mut out = Vec::with_capacity(rows * n);
+            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`;
+            // the kernel writes all `rows * n` outputs before `set_len`.
+            unsafe {
+                dot_pairs::matmul(x, packed, (rows, n, k), out.as_mut_ptr(), epilogue);
+                out.set_len(rows * n);
+            }
+            return out;
+        }
+        let mut out = self.product(x, rows);
+        if epilogue.bias.is_some() || epilogue.residual.is_some() || epilogue.gelu {
+            out.par_chunks_mut(n.max(1))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    if let Some(bias) = epilogue.bias {
+                        row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
+                    }
+                    if let Some(residual) = epilogue.residual {
+                        let skip = &residual[r * n..(r + 1) * n];
+                        row.iter_mut().zip(skip).for_each(|(o, &s)| *o += s);
+                    }
+                    if epilogue.gelu {
+                        super::fused::gelu_in_place(row);
+                    }
+                });
+        }
+        out
+    }
+
+    /// `x · wᵀ` on the engines other than AVX-512 BF16.
+    fn product(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
         let mut out = vec![0f32; rows * n];
         if rows == 0 {
             return out;
@@ -182,9 +254,16 @@ impl Bf16Weights {
                 super::fused::amx_packed::matmul(x, packed, (rows, n, k), &mut out)
             },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`.
+            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`;
+            // `out` holds `rows * n` values.
             Layout::Pairs(packed) => unsafe {
-                dot_pairs::matmul(x, packed, (rows, n, k), &mut out)
+                dot_pairs::matmul(
+                    x,
+                    packed,
+                    (rows, n, k),
+                    out.as_mut_ptr(),
+                    Epilogue::default(),
+                )
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: panels are packed only where AVX2 and FMA are available, for this `n`, `k`.
@@ -219,6 +298,45 @@ impl Bf16Weights {
             }
         }
         out
+    }
+}
+
+/// A dense layer `x · wᵀ + b` with its weight packed in bf16: an encoder's linear layer frozen
+/// for inference (the bias stays f32).
+pub struct Bf16Linear {
+    weights: Bf16Weights,
+    bias: Vec<f32>,
+}
+
+impl Bf16Linear {
+    /// Packs `weight` (`[out, in]` row-major) and keeps `bias` (`out` values).
+    pub fn new(weight: &[f32], bias: Vec<f32>, out_features: usize, in_features: usize) -> Self {
+        assert_eq!(bias.len(), out_features, "a bias holds out_features values");
+        Self {
+            weights: Bf16Weights::new(weight, out_features, in_features),
+            bias,
+        }
+    }
+
+    pub fn weights(&self) -> &Bf16Weights {
+        &self.weights
+    }
+
+    /// `x · wᵀ + b` for `x` `[rows, in_features]`, plus `residual` (`[rows, out_features]`)
+    /// if given, then the exact GELU if `gelu`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        residual: Option<&[f32]>,
+        gelu: bool,
+    ) -> Vec<f32> {
+        let epilogue = Epilogue {
+            bias: Some(&self.bias),
+            residual,
+            gelu,
+        };
+        self.weights.forward_then(x, rows, epilogue)
     }
 }
 
@@ -261,12 +379,22 @@ mod dot_pairs {
         super::super::has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
     }
 
+    /// The epilogue of one block: pointers at its first row and column (`bias` at its column).
+    #[derive(Clone, Copy)]
+    struct Then {
+        bias: Option<*const f32>,
+        residual: Option<*const f32>,
+        gelu: bool,
+    }
+
     /// `out` rows `rows` (at most [`ROWS`]) × columns `32 cp .. 32 cp + 32`, over every `k`:
-    /// each output is its lane's `vdpbf16ps` sum over the `k` pairs in order.
+    /// each output is its lane's `vdpbf16ps` sum over the `k` pairs in order, from the bias if
+    /// one is given, plus the residual, then GELU if asked.
     ///
     /// # Safety
     /// The CPU must have AVX-512 BF16; `xs` rows hold `k_pad` bf16 each; `weights` holds the
-    /// two 16-column groups of `cp`; `out` has room for the rows and columns written.
+    /// two 16-column groups of `cp`; `out` and the residual (row stride `n`) have room for the
+    /// rows and `cols` columns written, and a bias for the `cols` columns.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn block<const R: usize>(
         xs: *const u16,
@@ -274,10 +402,20 @@ mod dot_pairs {
         weights: *const u16,
         k_blocks: usize,
         out: *mut f32,
-        n: usize,
-        cols: usize,
+        (n, cols): (usize, usize),
+        then: Then,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mask = |half: usize| {
+            let count = cols.saturating_sub(16 * half).min(16);
+            ((1u32 << count) - 1) as u16
+        };
+        // The bias (of these columns) is where the sums start.
+        let start = |half: usize| match then.bias {
+            // SAFETY: the masked lanes are columns within the bias, by the caller.
+            Some(bias) => unsafe { _mm512_maskz_loadu_ps(mask(half), bias.add(16 * half)) },
+            None => _mm512_setzero_ps(),
+        };
+        let mut acc = [[start(0), start(1)]; R];
         let second = k_blocks * BLOCK_ELEMS;
         for pair in 0..k_blocks * BLOCK_K / 2 {
             let at = (pair / 16) * BLOCK_ELEMS + (pair % 16) * 32;
@@ -296,43 +434,126 @@ mod dot_pairs {
         }
         for (r, acc) in acc.iter().enumerate() {
             for (half, &v) in acc.iter().enumerate() {
-                let count = cols.saturating_sub(16 * half).min(16);
-                if count == 0 {
-                    break;
+                let at = r * n + 16 * half;
+                // SAFETY: the masked columns of row `r` are within `out` and the residual, by
+                // the caller.
+                unsafe {
+                    let v = match then.residual {
+                        Some(skip) => {
+                            _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask(half), skip.add(at)))
+                        }
+                        None => v,
+                    };
+                    _mm512_mask_storeu_ps(out.add(at), mask(half), v);
                 }
-                let mask = ((1u32 << count) - 1) as u16;
-                // SAFETY: `count` columns of row `r` are within `out`, by the caller.
-                unsafe { _mm512_mask_storeu_ps(out.add(r * n + 16 * half), mask, v) };
+            }
+            if then.gelu {
+                // SAFETY: as above; this task alone writes these outputs.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n), cols) };
+                super::super::fused::gelu_in_place(row);
             }
         }
     }
 
-    /// `out = x · wᵀ` for `x` `[m, k]` and `w` packed by [`super::pack_vnni`] from `[n, k]`.
+    /// `src` rounded to bf16 (to nearest even, as `half` rounds; subnormals become zero) into
+    /// the start of `dst`.
     ///
     /// # Safety
-    /// [`available`] must hold; `packed` must come from `pack_vnni` with this `n` and `k`.
+    /// The CPU must have AVX-512 BF16; `dst` is at least as long as `src`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+        let chunks = src.len() / 16;
+        for c in 0..chunks {
+            // SAFETY: 16 values from `16 c` are within both slices.
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(16 * c));
+                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(16 * c).cast(), bits);
+            }
+        }
+        for (d, &v) in dst[16 * chunks..].iter_mut().zip(&src[16 * chunks..]) {
+            *d = half::bf16::from_f32(v).to_bits();
+        }
+    }
+
+    /// Rows `rows` of the outputs in the `cols` (at most 32) columns of one column pair, each
+    /// block of rows by [`block`]: `xs` holds rows of `k_pad` bf16 from row 0, `weights` the
+    /// pair's two 16-column groups; `out` and `then.residual` point at row 0 of the pair's first
+    /// column (row stride `n`), `then.bias` at that column.
+    ///
+    /// # Safety
+    /// As [`block`], for every row in `rows`.
+    unsafe fn column_pair(
+        xs: *const u16,
+        k_pad: usize,
+        rows: std::ops::Range<usize>,
+        weights: *const u16,
+        out: *mut f32,
+        (n, cols): (usize, usize),
+        then: Then,
+    ) {
+        let k_blocks = k_pad / BLOCK_K;
+        let mut r = rows.start;
+        while r < rows.end {
+            // SAFETY: row `r` onwards is within every operand, by the caller.
+            unsafe {
+                let (xr, o) = (xs.add(r * k_pad), out.add(r * n));
+                let then = Then {
+                    residual: then.residual.map(|s| s.add(r * n)),
+                    ..then
+                };
+                let shape = (n, cols);
+                r += match rows.end - r {
+                    ROWS.. => {
+                        block::<ROWS>(xr, k_pad, weights, k_blocks, o, shape, then);
+                        ROWS
+                    }
+                    4..=7 => {
+                        block::<4>(xr, k_pad, weights, k_blocks, o, shape, then);
+                        4
+                    }
+                    2..=3 => {
+                        block::<2>(xr, k_pad, weights, k_blocks, o, shape, then);
+                        2
+                    }
+                    _ => {
+                        block::<1>(xr, k_pad, weights, k_blocks, o, shape, then);
+                        1
+                    }
+                };
+            }
+        }
+    }
+
+    /// `out = x · wᵀ` for `x` `[m, k]` and `w` packed by [`super::pack_vnni`] from `[n, k]`,
+    /// then `epilogue`; every output is written.
+    ///
+    /// # Safety
+    /// [`available`] must hold; `packed` must come from `pack_vnni` with this `n` and `k`; `out`
+    /// has room for `m * n` values; a bias holds `n`.
     pub(super) unsafe fn matmul(
         x: &[f32],
         packed: &[u16],
         (m, n, k): (usize, usize, usize),
-        out: &mut [f32],
+        out: *mut f32,
+        epilogue: super::Epilogue<'_>,
     ) {
         let k_blocks = k.div_ceil(BLOCK_K);
         let k_pad = k_blocks * BLOCK_K;
         let mut xs = vec![0u16; m * k_pad];
         xs.par_chunks_mut(k_pad)
             .zip(x.par_chunks(k))
-            .for_each(|(dst, src)| {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = half::bf16::from_f32(v).to_bits();
-                }
-            });
+            // SAFETY: AVX-512 BF16 is available (the caller's promise); `k_pad >= k`.
+            .for_each(|(dst, src)| unsafe { round_row(src, dst) });
+        let bias = epilogue.bias.map(|b| Out(b.as_ptr().cast_mut()));
+        let residual = epilogue.residual.map(|r| Out(r.as_ptr().cast_mut()));
+        let gelu = epilogue.gelu;
         let column_pairs = n.div_ceil(32);
         let (row_blocks, column_tasks) = (
             m.div_ceil(BLOCK_ROWS),
             column_pairs.div_ceil(TASK_COLUMN_PAIRS),
         );
-        let dst = Out(out.as_mut_ptr());
+        let dst = Out(out);
         let xs = &xs;
         (0..row_blocks * column_tasks)
             .into_par_iter()
@@ -340,37 +561,24 @@ mod dot_pairs {
                 let (rb, ct) = (task / column_tasks, task % column_tasks);
                 let rows = rb * BLOCK_ROWS..((rb + 1) * BLOCK_ROWS).min(m);
                 for cp in ct * TASK_COLUMN_PAIRS..((ct + 1) * TASK_COLUMN_PAIRS).min(column_pairs) {
-                    let cols = 32.min(n - 32 * cp);
-                    let weights = packed[2 * cp * k_blocks * BLOCK_ELEMS..].as_ptr();
-                    let mut r = rows.start;
-                    while r < rows.end {
-                        let left = rows.end - r;
-                        // SAFETY: AVX-512 BF16 is available (the caller's promise); rows `r..` of
-                        // `xs` and `out`, columns of `cp`, all within bounds; this task alone
-                        // writes them.
-                        unsafe {
-                            let (xr, o) =
-                                (xs.as_ptr().add(r * k_pad), dst.ptr().add(r * n + 32 * cp));
-                            let step = match left {
-                                ROWS.. => {
-                                    block::<ROWS>(xr, k_pad, weights, k_blocks, o, n, cols);
-                                    ROWS
-                                }
-                                4..=7 => {
-                                    block::<4>(xr, k_pad, weights, k_blocks, o, n, cols);
-                                    4
-                                }
-                                2..=3 => {
-                                    block::<2>(xr, k_pad, weights, k_blocks, o, n, cols);
-                                    2
-                                }
-                                _ => {
-                                    block::<1>(xr, k_pad, weights, k_blocks, o, n, cols);
-                                    1
-                                }
-                            };
-                            r += step;
-                        }
+                    let then = Then {
+                        bias: bias.map(|b| b.ptr().cast_const().wrapping_add(32 * cp)),
+                        residual: residual.map(|s| s.ptr().cast_const().wrapping_add(32 * cp)),
+                        gelu,
+                    };
+                    // SAFETY: AVX-512 BF16 is available (the caller's promise); these rows of
+                    // `xs` and `out`, the columns of `cp`, all within bounds; this task alone
+                    // writes them.
+                    unsafe {
+                        column_pair(
+                            xs.as_ptr(),
+                            k_pad,
+                            rows.clone(),
+                            packed[2 * cp * k_blocks * BLOCK_ELEMS..].as_ptr(),
+                            dst.ptr().add(32 * cp),
+                            (n, 32.min(n - 32 * cp)),
+                            then,
+                        );
                     }
                 }
             });
@@ -602,6 +810,66 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The product with a bias and nothing else.
+    fn plain_biased(weights: &Bf16Weights, x: &[f32], m: usize, bias: &[f32]) -> Vec<f32> {
+        let with_bias = Epilogue {
+            bias: Some(bias),
+            ..Epilogue::default()
+        };
+        weights.forward_then(x, m, with_bias)
+    }
+
+    /// A bias as the epilogue gives what adding it after the product gives (to f32 rounding:
+    /// the AVX-512 BF16 kernel starts its sums from the bias); a residual then adds to exactly
+    /// those sums, and GELU gives the GELU kernel's values of them.
+    #[test]
+    fn the_epilogue_adds_the_bias_then_gelu() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (m, n, k) in [(3, 40, 33), (19, 70, 96)] {
+            let (x, w, bias) = (
+                random(m * k, &mut rng),
+                random(n * k, &mut rng),
+                random(n, &mut rng),
+            );
+            for weights in every_engine(&w, n, k) {
+                let engine = weights.engine();
+                let plain = weights.forward(&x, m);
+                let with_bias = Epilogue {
+                    bias: Some(&bias),
+                    ..Epilogue::default()
+                };
+                let biased = weights.forward_then(&x, m, with_bias);
+                for (i, (&p, &b)) in plain.iter().zip(&biased).enumerate() {
+                    let want = p + bias[i % n];
+                    assert!(
+                        (b - want).abs() <= 1e-5 * want.abs().max(1.),
+                        "{engine} at {i}"
+                    );
+                }
+                let mut want = biased;
+                super::super::fused::gelu_in_place(&mut want);
+                let with_gelu = Epilogue {
+                    gelu: true,
+                    ..with_bias
+                };
+                let activated = weights.forward_then(&x, m, with_gelu);
+                assert_eq!(activated, want, "{engine}");
+                let residual = random(m * n, &mut rng);
+                let with_residual = Epilogue {
+                    residual: Some(&residual),
+                    ..with_bias
+                };
+                let added = weights.forward_then(&x, m, with_residual);
+                let sums: Vec<f32> = plain_biased(&weights, &x, m, &bias)
+                    .iter()
+                    .zip(&residual)
+                    .map(|(b, s)| b + s)
+                    .collect();
+                assert_eq!(added, sums, "{engine} residual");
             }
         }
     }

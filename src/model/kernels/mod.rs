@@ -163,6 +163,50 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// [`linear`] (and [`linear_gelu`] when `gelu`) for inference on a layer packed in bf16, plus
+/// `residual` (shaped as the output) before GELU: `x` must be an f32 CPU tensor; no gradient
+/// flows.
+pub fn linear_bf16(
+    x: &Tensor,
+    layer: &bf16::Bf16Linear,
+    residual: Option<&Tensor>,
+    gelu: bool,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let dims = x.dims();
+    let k = layer.weights().in_features();
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || dims.last() != Some(&k) {
+        candle_core::bail!(
+            "a bf16 linear layer takes f32 CPU inputs of {k} features, not {:?} {:?} on {:?}",
+            x.dtype(),
+            dims,
+            x.device()
+        );
+    }
+    let rows = x.elem_count() / k;
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = layer.weights().out_features();
+    }
+    if let Some(residual) = &residual
+        && (residual.dims() != shape.as_slice() || residual.dtype() != DType::F32)
+    {
+        candle_core::bail!(
+            "a bf16 linear layer's residual is {:?} {:?}, not its f32 output's {shape:?}",
+            residual.dtype(),
+            residual.dims()
+        );
+    }
+    let out = {
+        let read = fused::Read::new(&x);
+        let skip = residual.as_ref().map(fused::Read::new);
+        let skip = skip.as_ref().map(|s| s.slice("linear-bf16")).transpose()?;
+        layer.forward(read.slice("linear-bf16")?, rows, skip, gelu)
+    };
+    Tensor::from_vec(out, shape, x.device())
+}
+
 /// Whether candle's forward-only fused kernels may run on `inputs`: no gradient can flow through
 /// them (nothing tracked), they are f32 (those kernels accumulate in f32, which would cost an f64
 /// caller its precision) and contiguous (which those kernels require).

@@ -28,6 +28,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// GELU of every element of `values`, in place (the epilogue of bf16 products).
+    pub(crate) fn in_place(values: &mut [f32]) {
+        for v in values.iter_mut() {
+            *v = gelu(*v);
+        }
+    }
+}
+
+multiversion! {
     /// GELU of `rows` into `out`, row by row; writes every element of `out` where the rows are
     /// as long.
     pub(super) fn rows_into(rows: &[&[f32]], out: &mut [&mut [MaybeUninit<f32>]]) {

@@ -28,6 +28,7 @@ mod tests;
 
 pub(super) use attention::attention;
 pub(super) use dropout::dropout;
+pub(crate) use gelu::in_place as gelu_in_place;
 pub(super) use layer_norm::layer_norm;
 pub(super) use linear::linear;
 pub(super) use linear_gelu::linear_gelu;
