@@ -29,6 +29,7 @@ use serde::Deserialize;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config_file::read_json;
 use crate::model::error::{CandleContext, ModelError};
+use crate::model::kernels::bf16::Bf16Linear;
 use crate::model::kernels::{self, Dropout};
 use crate::model::mpnet;
 
@@ -368,8 +369,46 @@ pub struct Bert {
     vars: VarMap,
     tracked: Weights,
     detached: Weights,
+    /// The linear layers in bf16 for inference, once [`Bert::pack_bf16`] made them.
+    packed: Option<Vec<PackedLayer>>,
     extra: BTreeMap<String, Tensor>,
     dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+/// One layer's linear layers packed in bf16 ([`Bert::pack_bf16`]); queries, keys and values in
+/// one product as the f32 pass has them.
+struct PackedLayer {
+    qkv: Bf16Linear,
+    attention_output: Bf16Linear,
+    intermediate: Bf16Linear,
+    output: Bf16Linear,
+}
+
+impl PackedLayer {
+    fn pack(layer: &Layer) -> candle_core::Result<Self> {
+        let pack = |weights: &[&Tensor], biases: &[&Tensor]| -> candle_core::Result<Bf16Linear> {
+            let weight = Tensor::cat(weights, 0)?.to_dtype(DType::F32)?;
+            let (out, inputs) = weight.dims2()?;
+            let bias = Tensor::cat(biases, 0)?.to_dtype(DType::F32)?.to_vec1()?;
+            Ok(Bf16Linear::new(
+                &weight.flatten_all()?.to_vec1()?,
+                bias,
+                out,
+                inputs,
+            ))
+        };
+        let one = |linear: &Linear| pack(&[&linear.weight], &[&linear.bias]);
+        let (q, k, v) = (&layer.query, &layer.key, &layer.value);
+        Ok(Self {
+            qkv: pack(
+                &[&q.weight, &k.weight, &v.weight],
+                &[&q.bias, &k.bias, &v.bias],
+            )?,
+            attention_output: one(&layer.attention_output)?,
+            intermediate: one(&layer.intermediate)?,
+            output: one(&layer.output)?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Bert {
@@ -477,6 +516,7 @@ impl Bert {
             vars,
             tracked,
             detached,
+            packed: None,
             extra: remaining,
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(DEFAULT_DROPOUT_SEED)),
         })
@@ -484,6 +524,32 @@ impl Bert {
 
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// Packs the linear layers' weights in bf16 ([`Bf16Linear`]): from here on inference
+    /// ([`Bert::forward_no_grad`]) multiplies in bf16, about 1.7x faster where the CPU has
+    /// bf16 arithmetic (AVX-512 BF16, AMX) and within bf16 rounding of f32. The packed copy is
+    /// taken now: call it on a model that no longer trains (training passes keep using the f32
+    /// parameters, and an update would not reach the copy).
+    pub fn pack_bf16(&mut self) -> Result<(), ModelError> {
+        let packed = self
+            .detached
+            .layers
+            .iter()
+            .map(PackedLayer::pack)
+            .collect::<candle_core::Result<Vec<_>>>()
+            .during(|| "packing the linear layers in bf16".to_owned())?;
+        self.packed = Some(packed);
+        Ok(())
+    }
+
+    /// What multiplies the linear layers in inference: `f32`, or the bf16 engine after
+    /// [`Bert::pack_bf16`].
+    pub fn inference_engine(&self) -> &'static str {
+        match self.packed.as_ref().and_then(|layers| layers.first()) {
+            Some(layer) => layer.qkv.weights().engine(),
+            None => "f32",
+        }
     }
 
     /// The trainable parameters, by checkpoint name. An optimiser updates them in place
@@ -563,9 +629,9 @@ impl Bert {
         let result = if train {
             let mut rng = self.lock_dropout_rng();
             let mut seeds = || rng.next_u64();
-            run(&self.config, &self.tracked, inputs, Some(&mut seeds))
+            run(&self.config, &self.tracked, None, inputs, Some(&mut seeds))
         } else {
-            run(&self.config, &self.tracked, inputs, None)
+            run(&self.config, &self.tracked, None, inputs, None)
         };
         result.during(|| "the bert forward pass".to_owned())
     }
@@ -593,7 +659,8 @@ impl Bert {
             token_type_ids,
             attention_mask,
         };
-        run(&self.config, &self.detached, inputs, None)
+        let packed = self.packed.as_deref();
+        run(&self.config, &self.detached, packed, inputs, None)
             .during(|| "the bert forward pass".to_owned())
     }
 
@@ -685,9 +752,11 @@ struct Inputs<'a> {
     attention_mask: &'a Tensor,
 }
 
+/// The forward pass; with `packed` (inference only) the linear layers multiply in bf16.
 fn run(
     config: &BertConfig,
     weights: &Weights,
+    packed: Option<&[PackedLayer]>,
     inputs: Inputs<'_>,
     mut seeds: Seeds<'_>,
 ) -> candle_core::Result<Tensor> {
@@ -739,16 +808,20 @@ fn run(
         .as_ref()
         .map(|table| mpnet::position_bias(table, seq))
         .transpose()?;
-    for layer in &weights.layers {
+    for (i, layer) in weights.layers.iter().enumerate() {
+        let packed = packed.map(|layers| &layers[i]);
         // One projection for queries, keys and values: their weights side by side (`cat` is
         // differentiable, so each checkpoint weight keeps its own `Var` and name), and the packed
         // `[batch, seq, 3 * hidden]` output is what the attention kernel reads.
-        let qkv_weight = Tensor::cat(
-            &[&layer.query.weight, &layer.key.weight, &layer.value.weight],
-            0,
-        )?;
-        let qkv_bias = Tensor::cat(&[&layer.query.bias, &layer.key.bias, &layer.value.bias], 0)?;
-        let qkv = kernels::linear(&x, &qkv_weight, &qkv_bias)?;
+        let qkv = match packed {
+            Some(packed) => kernels::linear_bf16(&x, &packed.qkv, None, false)?,
+            None => {
+                let (q, k, v) = (&layer.query, &layer.key, &layer.value);
+                let qkv_weight = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
+                let qkv_bias = Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?;
+                kernels::linear(&x, &qkv_weight, &qkv_bias)?
+            }
+        };
         let probs_dropout = match &mut seeds {
             Some(next) if config.attention_probs_dropout_prob > 0. => Some(Dropout {
                 p: config.attention_probs_dropout_prob,
@@ -766,17 +839,32 @@ fn run(
         )?;
 
         let out = &layer.attention_output;
-        let attended = kernels::linear(&context, &out.weight, &out.bias)?;
-        let attended = (maybe_dropout(attended, config.hidden_dropout_prob, &mut seeds)? + &x)?;
+        // Inference in bf16 adds the residual inside the product (no dropout there).
+        let attended = match packed {
+            Some(packed) => {
+                kernels::linear_bf16(&context, &packed.attention_output, Some(&x), false)?
+            }
+            None => {
+                let attended = kernels::linear(&context, &out.weight, &out.bias)?;
+                (maybe_dropout(attended, config.hidden_dropout_prob, &mut seeds)? + &x)?
+            }
+        };
         let norm = &layer.attention_norm;
         let attended =
             kernels::layer_norm(&attended, &norm.gamma, &norm.beta, config.layer_norm_eps)?;
 
-        let inter = &layer.intermediate;
-        let inner = kernels::linear_gelu(&attended, &inter.weight, &inter.bias)?;
-        let out = &layer.output;
-        let output = kernels::linear(&inner, &out.weight, &out.bias)?;
-        let output = (maybe_dropout(output, config.hidden_dropout_prob, &mut seeds)? + &attended)?;
+        let (inter, out) = (&layer.intermediate, &layer.output);
+        let output = match packed {
+            Some(packed) => {
+                let inner = kernels::linear_bf16(&attended, &packed.intermediate, None, true)?;
+                kernels::linear_bf16(&inner, &packed.output, Some(&attended), false)?
+            }
+            None => {
+                let inner = kernels::linear_gelu(&attended, &inter.weight, &inter.bias)?;
+                let output = kernels::linear(&inner, &out.weight, &out.bias)?;
+                (maybe_dropout(output, config.hidden_dropout_prob, &mut seeds)? + &attended)?
+            }
+        };
         let norm = &layer.output_norm;
         x = kernels::layer_norm(&output, &norm.gamma, &norm.beta, config.layer_norm_eps)?;
     }

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::model::bert::Bert;
@@ -11,6 +12,30 @@ use crate::model::error::{CandleContext, ModelError};
 use crate::model::pooling::{Pooling, SentenceModules};
 use crate::model::prompts::{Prompts, TextRole};
 use crate::model::tokenize::{Batch, SentenceTokenizer};
+
+/// The arithmetic of the linear layers when encoding (inference only; training is f32).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodePrecision {
+    /// f32 throughout, as sentence-transformers computes.
+    #[default]
+    F32,
+    /// Weights and activations rounded to bf16, sums in f32: about 1.6x faster encoding where
+    /// the CPU multiplies bf16 (AVX-512 BF16: Zen 4, Cooper Lake; AMX: Sapphire Rapids), and no
+    /// faster elsewhere. Embeddings stay within cosine 0.9995 of f32.
+    Bf16,
+}
+
+impl EncodePrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
 
 /// Sentence embeddings, one row of `dim` floats per input text, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +132,15 @@ impl SentenceEncoder {
             .tokenizer
             .with_max_seq_length(max_seq_length, self.bert.config().max_position_embeddings)?;
         Ok(Self { tokenizer, ..self })
+    }
+
+    /// This model encoding at `precision`; bf16 packs the linear layers' weights once, here
+    /// ([`Bert::pack_bf16`]), so call it on a model that no longer trains.
+    pub fn with_precision(mut self, precision: EncodePrecision) -> Result<Self, ModelError> {
+        if precision == EncodePrecision::Bf16 && self.bert.device().is_cpu() {
+            self.bert.pack_bf16()?;
+        }
+        Ok(self)
     }
 
     /// The number of dimensions of an embedding.
@@ -317,6 +351,34 @@ mod tests {
     /// A plain Hugging Face folder (no `modules.json`, no `sentence_bert_config.json`) is pooled
     /// by mean without normalisation and truncates at 512, as sentence-transformers loads one.
     #[cfg(unix)] // links MiniLM's 90 MB of weights instead of copying them
+    /// bf16 encoding against sentence-transformers' fp32 embeddings of the reference texts:
+    /// every one within cosine 0.9999 (measured on AVX-512 BF16: at least 0.99996 on 640
+    /// pyfaq sections), on whichever bf16 engine this CPU has.
+    #[test]
+    fn bf16_encoding_stays_within_cosine_0_9999_of_fp32() {
+        let reference: EmbeddingsReference =
+            serde_json::from_str(&fixture("all-MiniLM-L6-v2.embeddings.json")).expect("fixture");
+        let encoder = SentenceEncoder::load(&minilm_dir(), &Device::Cpu)
+            .and_then(|encoder| encoder.with_precision(EncodePrecision::Bf16))
+            .expect("MiniLM loads and packs");
+        assert_ne!(encoder.bert().inference_engine(), "f32");
+        let texts: Vec<&str> = reference.items.iter().map(|i| i.text.as_str()).collect();
+        let embeddings = encoder.encode(&texts, 5, &mut |_| {}).expect("encodes");
+        let mut lowest = 1f64;
+        for (i, item) in reference.items.iter().enumerate() {
+            let similarity = cosine(embeddings.row(i), &item.embedding);
+            lowest = lowest.min(similarity);
+            assert!(
+                similarity >= 0.9999,
+                "bf16 ({}) cosine {similarity} for {:?}",
+                encoder.bert().inference_engine(),
+                item.text
+            );
+        }
+        // Not f32 by another name: bf16 rounding moves every embedding a little.
+        assert!(lowest < 0.999_999_9, "lowest cosine {lowest}");
+    }
+
     #[test]
     fn a_plain_bert_folder_pools_by_mean_without_normalising() {
         let reference: EmbeddingsReference =

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::relative_position_bucket;
 use crate::model::bert::tests::{check_gradients, loss, random_checkpoint};
 use crate::model::bert::{Bert, BertConfig};
-use crate::model::encoder::SentenceEncoder;
+use crate::model::encoder::{EncodePrecision, SentenceEncoder};
 use crate::testutil::mpnet_dir;
 
 /// A tiny MPNet's `config.json`. Eight buckets: distances from 2 on already fall in the
@@ -184,6 +184,30 @@ fn matches_sentence_transformers_token_ids_and_embeddings() {
         assert!(
             worst <= 1e-5,
             "component off by {worst} for {:?}",
+            item.text
+        );
+    }
+}
+
+/// MPNet (its relative-position bias, 768 wide) encoding in bf16 against sentence-transformers'
+/// fp32 embeddings of the same twelve texts: each within cosine 0.9999.
+#[test]
+fn bf16_encoding_stays_within_cosine_0_9999_of_fp32() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model/all-mpnet-base-v2.embeddings.json");
+    let text = std::fs::read_to_string(&path).expect("the mpnet fixture");
+    let reference: EmbeddingsReference = serde_json::from_str(&text).expect("fixture parses");
+    let encoder = SentenceEncoder::load(&mpnet_dir(), &Device::Cpu)
+        .and_then(|encoder| encoder.with_precision(EncodePrecision::Bf16))
+        .expect("mpnet loads and packs");
+    let texts: Vec<&str> = reference.items.iter().map(|i| i.text.as_str()).collect();
+    let embeddings = encoder.encode(&texts, 5, &mut |_| {}).expect("encodes");
+    for (i, item) in reference.items.iter().enumerate() {
+        let similarity = cosine(embeddings.row(i), &item.embedding);
+        assert!(
+            similarity >= 0.9999,
+            "bf16 ({}) cosine {similarity} for {:?}",
+            encoder.bert().inference_engine(),
             item.text
         );
     }
