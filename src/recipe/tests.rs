@@ -356,3 +356,25 @@ fn r18_fuzz_recipe_text_and_set_values_never_panic() {
     }
     assert!(cases >= 32, "{cases} cases");
 }
+
+#[test]
+fn encode_precision_is_f32_unless_the_recipe_or_a_set_asks_for_bf16() {
+    use crate::model::encoder::EncodePrecision;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("docs")).expect("mkdir");
+    let path = dir.path().join("recipe.yaml");
+    let precision = |text: &str, overrides: &[String]| {
+        Recipe::from_text(&path, text.to_owned(), overrides)
+            .expect("loads")
+            .env
+            .encode_precision
+    };
+    let stages = "chunk:\n  input: docs\n";
+    assert_eq!(precision(stages, &[]), EncodePrecision::F32);
+    let bf16 = format!("encode_precision: bf16\n{stages}");
+    assert_eq!(precision(&bf16, &[]), EncodePrecision::Bf16);
+    let set = ["encode_precision=bf16".to_owned()];
+    assert_eq!(precision(stages, &set), EncodePrecision::Bf16);
+    let (kind, line, _, _) = problem("encode_precision: int8\nchunk:\n  input: docs\n", &[]);
+    assert_eq!((kind, line), (ProblemKind::Type, 1));
+}

@@ -286,6 +286,7 @@ impl Stage for Evaluate {
 
     fn externals(&self, env: &StageEnv) -> Result<Vec<External>, StageError> {
         let mut externals = vec![External::base_model(env, &self.base_model)?];
+        externals.extend(External::encode_precision(env));
         for (set, dir) in self.params.datasets.iter().zip(&self.dataset_dirs) {
             // Named relative to the dataset folder: the key must not change when the project moves.
             let files = eval::beir::files(dir, &set.split)

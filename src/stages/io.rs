@@ -294,7 +294,12 @@ pub fn encode_cached(
         crate::model::kernels::matmul_engine(),
         encoder.max_seq_length(),
     );
-    // Only a model with a passage prompt adds it, so other models keep their cached vectors.
+    // Only bf16 names its engine, and only a model with a passage prompt adds it, so f32 and other
+    // models keep their cached vectors.
+    let linear = encoder.bert().inference_engine();
+    if linear != "f32" {
+        settings.push_str(&format!(" linear {linear}"));
+    }
     let prompt = encoder.prompt(TextRole::Passage);
     if !prompt.is_empty() {
         settings.push_str(&format!(" prompt {prompt:?}"));
@@ -330,10 +335,13 @@ fn cache_error(error: crate::cache::error::CacheError) -> StageError {
     StageError::engine(error)
 }
 
-/// Loads a sentence-embedding model folder on the recipe's accelerator.
+/// Loads a sentence-embedding model folder on the recipe's accelerator, encoding at the recipe's
+/// precision.
 pub fn load_encoder_dir(env: &StageEnv, dir: &Path) -> Result<SentenceEncoder, StageError> {
     let device = crate::model::device::select(env.recipe.accelerator).map_err(model_error)?;
-    SentenceEncoder::load(dir, &device.device).map_err(model_error)
+    SentenceEncoder::load(dir, &device.device)
+        .and_then(|encoder| encoder.with_precision(env.recipe.encode_precision))
+        .map_err(model_error)
 }
 
 /// The cross-encoder `reference` names (a hub id or a folder), resolved and loaded.

@@ -270,6 +270,7 @@ impl Stage for Judge {
         let mut externals = Vec::new();
         if self.dense() {
             externals.push(External::base_model(env, &self.base_model)?);
+            externals.extend(External::encode_precision(env));
         }
         if let Some(judge) = &self.params.llm_judge {
             externals.push(llm_calls::external(&judge.llm, env)?);

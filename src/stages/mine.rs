@@ -402,6 +402,7 @@ impl Stage for Mine {
         let mut externals = Vec::new();
         if self.params.dense {
             externals.push(External::base_model(env, &self.base_model)?);
+            externals.extend(External::encode_precision(env));
         }
         if let Some(reference) = &self.params.cross_encoder {
             externals.push(External::model(env, "cross_encoder", reference)?);
@@ -902,6 +903,7 @@ mod tests {
                 base_model: "x/y".into(),
                 seed: 1,
                 accelerator: crate::model::device::Accelerator::Cpu,
+                encode_precision: Default::default(),
             },
         )
         .unwrap_or_else(|_| panic!("valid params"));

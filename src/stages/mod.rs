@@ -30,6 +30,7 @@ pub use context::{Progress, StageContext, StageEnv, StageNote, StageReporter, Ta
 pub use error::StageError;
 
 use crate::model::device::Accelerator;
+use crate::model::encoder::EncodePrecision;
 
 /// What a stage hands downstream. A consumer's input resolves to the nearest stage before it (in
 /// registry order, the canonical chain) that produces the artifact, unless its section lists the
@@ -107,6 +108,16 @@ impl External {
         Self::model(env, "base_model", reference)
     }
 
+    /// The recipe's `encode_precision` as an input of a stage that encodes texts with the
+    /// recipe's models; none at f32, so f32 recipes keep the keys they had before the option.
+    pub fn encode_precision(env: &StageEnv) -> Option<Self> {
+        let precision = env.recipe.encode_precision;
+        (precision != EncodePrecision::F32).then(|| Self::Identity {
+            label: "encode_precision".to_owned(),
+            value: precision.name().to_owned(),
+        })
+    }
+
     /// The sentence-transformers folder (an encoder or a cross-encoder) `reference` as an input
     /// named `label` in the key.
     pub fn model(env: &StageEnv, label: &str, reference: &str) -> Result<Self, StageError> {
@@ -159,6 +170,7 @@ pub struct RecipeEnv {
     pub base_model: String,
     pub seed: u64,
     pub accelerator: Accelerator,
+    pub encode_precision: EncodePrecision,
 }
 
 /// A stage of the pipeline. Object-safe: the executor holds `Box<dyn Stage>` only.

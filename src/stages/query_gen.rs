@@ -1109,6 +1109,7 @@ mod tests {
             base_model: "x/y".into(),
             seed: 1,
             accelerator: crate::model::device::Accelerator::Cpu,
+            encode_precision: Default::default(),
         };
         let invalid = |yaml: &str| -> Vec<String> {
             let params: QueryGenParams = serde_yaml::from_str(yaml).expect("parses");

@@ -1463,6 +1463,7 @@ mod tests {
             base_model: "sentence-transformers/all-MiniLM-L6-v2".to_owned(),
             seed: 3,
             accelerator: Accelerator::Cpu,
+            encode_precision: Default::default(),
         }
     }
 
