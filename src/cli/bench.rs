@@ -138,6 +138,7 @@ type Peers = std::collections::BTreeMap<String, std::collections::BTreeMap<Strin
 struct Ratios {
     step_time: Option<f64>,
     encode_throughput: Option<f64>,
+    bf16_encode_throughput: Option<f64>,
     peak_memory: Option<f64>,
 }
 
@@ -147,6 +148,10 @@ fn ratios(ours: &bench::BenchReport, peer: &PeerFigures) -> Ratios {
         encode_throughput: peer
             .sentences_per_second
             .map(|p| ours.sentences_per_second / p),
+        bf16_encode_throughput: peer
+            .sentences_per_second
+            .zip(ours.bf16_encode.as_ref())
+            .map(|(p, bf16)| bf16.sentences_per_second / p),
         peak_memory: peer
             .peak_bytes
             .zip(ours.peak_step_bytes)
@@ -315,6 +320,16 @@ fn encoder_text(
         report.encode_seconds,
         report.encode_cpu_seconds,
     );
+    if let Some(bf16) = &report.bf16_encode {
+        text.push_str(&format!(
+            "encoding in bf16 ({}): {:.1} sentences/s ({:.2}x f32; {:.2} s), lowest cosine to f32 {:.6}\n",
+            bf16.engine,
+            bf16.sentences_per_second,
+            bf16.sentences_per_second / report.sentences_per_second,
+            bf16.seconds,
+            bf16.lowest_cosine
+        ));
+    }
     if let Some(peak) = report.peak_step_bytes {
         text.push_str(&format!(
             "peak memory of the training steps: {:.0} MiB (the whole process)\n",
@@ -348,9 +363,10 @@ fn encoder_text(
     for (peer, figures) in compared {
         let ratios = ratios(report, figures);
         text.push_str(&format!(
-            "against {peer}: step time {}, encoding throughput {}, peak memory {}\n",
+            "against {peer}: step time {}, encoding throughput {} (in bf16 {}), peak memory {}\n",
             ratio(ratios.step_time),
             ratio(ratios.encode_throughput),
+            ratio(ratios.bf16_encode_throughput),
             ratio(ratios.peak_memory)
         ));
         if let (Some(step), Some(encode)) = (figures.step_seconds, figures.sentences_per_second) {
@@ -736,6 +752,12 @@ mod tests {
             }),
             peak_bounds_products: true,
             profile: Vec::new(),
+            bf16_encode: Some(bench::Bf16Encode {
+                engine: "AVX-512 BF16",
+                seconds: 2.,
+                sentences_per_second: 160.,
+                lowest_cosine: 0.99997,
+            }),
         }
     }
 
@@ -750,6 +772,7 @@ mod tests {
         let r = ratios(&ours, &peer);
         assert!((r.step_time.expect("step") - 0.8).abs() < 1e-12);
         assert!((r.encode_throughput.expect("encode") - 1.25).abs() < 1e-12);
+        assert!((r.bf16_encode_throughput.expect("bf16") - 2.0).abs() < 1e-12);
         assert_eq!(r.peak_memory, None);
     }
 
@@ -765,6 +788,14 @@ mod tests {
         };
         let compared = [("pytorch", peer)].into_iter().collect();
         let text = encoder_text(&ours, &compared);
+        assert!(
+            text.contains("encoding in bf16 (AVX-512 BF16): 160.0 sentences/s (1.60x f32; 2.00 s), lowest cosine to f32 0.999970\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("against pytorch: step time 0.70x, encoding throughput 1.25x (in bf16 2.00x), peak memory -\n"),
+            "{text}"
+        );
         assert!(
             text.contains("model FLOPs: 2.00 G a sentence, 200 G a step (backward = 2 x forward); this CPU's f32 FMA peak, measured: 400 GFLOP/s (AVX2 FMA, 2 threads)"),
             "{text}"

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::model::bert::BertConfig;
-use crate::model::encoder::SentenceEncoder;
+use crate::model::encoder::{Embeddings, EncodePrecision, SentenceEncoder};
 use crate::model::error::{CandleContext, ModelError};
 use crate::model::kernels::peak::FmaPeak;
 use crate::model::kernels::{self, Dropout, Implementation};
@@ -118,6 +118,19 @@ pub struct BenchReport {
     /// Whether the products run on the units the peak measures (not on AMX tiles).
     pub peak_bounds_products: bool,
     pub profile: Vec<OpTime>,
+    /// The same sentences encoded again with the linear layers in bf16 (`None` where not run).
+    pub bf16_encode: Option<Bf16Encode>,
+}
+
+/// Encoding with [`EncodePrecision::Bf16`], against the f32 encoding of the same sentences.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bf16Encode {
+    /// What multiplies: AVX-512 BF16 or AMX, or an engine that widens bf16 to f32 (no faster).
+    pub engine: &'static str,
+    pub seconds: f64,
+    pub sentences_per_second: f64,
+    /// The lowest cosine between a sentence's bf16 and f32 embeddings.
+    pub lowest_cosine: f64,
 }
 
 /// Model FLOPs of one sequence of `tokens` through a BERT's layers: each token's four attention
@@ -215,6 +228,35 @@ pub fn run(
     let texts = texts_of_length(&encoder, count, options.tokens)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
 
+    // Encoding first, on the model as loaded: the bf16 embeddings are compared with these f32
+    // ones, which the training steps below would move.
+    let encode_batch = 2 * pairs;
+    status(&format!(
+        "encoding: {count} sentences x {} tokens, batches of {encode_batch}",
+        options.tokens
+    ));
+    encoder.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
+    let (start, cpu) = (Instant::now(), cpu_seconds());
+    let f32_embeddings = encoder.encode(&refs, encode_batch, &mut |_| {})?;
+    let encode_seconds = start.elapsed().as_secs_f64();
+    let encode_cpu_seconds = cpu_seconds() - cpu;
+
+    let bf16 = SentenceEncoder::load(&options.model_dir, &device)?
+        .with_precision(EncodePrecision::Bf16)?;
+    let engine = bf16.bert().inference_engine();
+    status(&format!("encoding again in bf16 ({engine})"));
+    bf16.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
+    let start = Instant::now();
+    let bf16_embeddings = bf16.encode(&refs, encode_batch, &mut |_| {})?;
+    let seconds = start.elapsed().as_secs_f64();
+    let bf16_encode = Some(Bf16Encode {
+        engine,
+        seconds,
+        sentences_per_second: count as f64 / seconds,
+        lowest_cosine: lowest_cosine(&f32_embeddings, &bf16_embeddings),
+    });
+    drop(bf16);
+
     status(&format!(
         "training: {} steps of {pairs} pairs x {} tokens ({} kernels)",
         options.steps,
@@ -307,17 +349,6 @@ pub fn run(
         cpu: column(|s| s.cpu),
     };
 
-    let encode_batch = 2 * pairs;
-    status(&format!(
-        "encoding: {count} sentences x {} tokens, batches of {encode_batch}",
-        options.tokens
-    ));
-    encoder.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
-    let (start, cpu) = (Instant::now(), cpu_seconds());
-    encoder.encode(&refs, encode_batch, &mut |_| {})?;
-    let encode_seconds = start.elapsed().as_secs_f64();
-    let encode_cpu_seconds = cpu_seconds() - cpu;
-
     let profile = if options.profile {
         status("profiling each kernel at the training step's shapes");
         profile(&encoder, 2 * pairs, options.tokens)
@@ -346,7 +377,24 @@ pub fn run(
         encode_cpu_seconds,
         sentences_per_second: count as f64 / encode_seconds,
         profile,
+        bf16_encode,
     })
+}
+
+/// The lowest cosine between rows of `a` and `b` with the same index.
+fn lowest_cosine(a: &Embeddings, b: &Embeddings) -> f64 {
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    a.rows()
+        .zip(b.rows())
+        .map(|(x, y)| {
+            let dot: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            dot / (norm(x) * norm(y))
+        })
+        .fold(1.0, f64::min)
 }
 
 /// Rounds of FMA chains per thread for the peak: 600 M FMAs, about 0.1 s at 3 GHz on two ports.
