@@ -264,6 +264,7 @@ fn encoder(args: &EncoderArgs, printer: &Printer) -> Result<(), Failure> {
             tokens: shape.tokens,
             pairs: shape.pairs,
             profile: args.profile,
+            bf16_encode: true,
             implementation: if args.reference {
                 Implementation::Reference
             } else {

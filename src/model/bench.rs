@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub pairs: usize,
     /// Also time each kernel of the seam alone at the training step's shapes.
     pub profile: bool,
+    /// Also encode the same sentences in bf16 ([`EncodePrecision::Bf16`]) and compare.
+    pub bf16_encode: bool,
     pub implementation: Implementation,
 }
 
@@ -241,21 +243,24 @@ pub fn run(
     let encode_seconds = start.elapsed().as_secs_f64();
     let encode_cpu_seconds = cpu_seconds() - cpu;
 
-    let bf16 = SentenceEncoder::load(&options.model_dir, &device)?
-        .with_precision(EncodePrecision::Bf16)?;
-    let engine = bf16.bert().inference_engine();
-    status(&format!("encoding again in bf16 ({engine})"));
-    bf16.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
-    let start = Instant::now();
-    let bf16_embeddings = bf16.encode(&refs, encode_batch, &mut |_| {})?;
-    let seconds = start.elapsed().as_secs_f64();
-    let bf16_encode = Some(Bf16Encode {
-        engine,
-        seconds,
-        sentences_per_second: count as f64 / seconds,
-        lowest_cosine: lowest_cosine(&f32_embeddings, &bf16_embeddings),
-    });
-    drop(bf16);
+    let bf16_encode = if options.bf16_encode {
+        let bf16 = SentenceEncoder::load(&options.model_dir, &device)?
+            .with_precision(EncodePrecision::Bf16)?;
+        let engine = bf16.bert().inference_engine();
+        status(&format!("encoding again in bf16 ({engine})"));
+        bf16.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
+        let start = Instant::now();
+        let bf16_embeddings = bf16.encode(&refs, encode_batch, &mut |_| {})?;
+        let seconds = start.elapsed().as_secs_f64();
+        Some(Bf16Encode {
+            engine,
+            seconds,
+            sentences_per_second: count as f64 / seconds,
+            lowest_cosine: lowest_cosine(&f32_embeddings, &bf16_embeddings),
+        })
+    } else {
+        None
+    };
 
     status(&format!(
         "training: {} steps of {pairs} pairs x {} tokens ({} kernels)",
@@ -587,6 +592,7 @@ mod tests {
             tokens: 12,
             pairs: 2,
             profile: true,
+            bf16_encode: true,
             implementation: kernels::implementation(),
         };
         let mut heard = Vec::new();
@@ -594,6 +600,11 @@ mod tests {
         assert_eq!(report.steps.len(), 1);
         assert!(report.median_step.total > 0. && report.median_step.forward > 0.);
         assert!(report.sentences_per_second > 0.);
+        let bf16 = report.bf16_encode.expect("bf16 encoding was asked for");
+        assert!(
+            bf16.sentences_per_second > 0. && bf16.lowest_cosine >= 0.9999,
+            "{bf16:?}"
+        );
         assert_eq!(report.profile.len(), 7);
         assert!(report.profile.iter().all(|op| op.forward_ms > 0.));
         assert!(heard.iter().any(|s| s.starts_with("step 1:")), "{heard:?}");

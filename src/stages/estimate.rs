@@ -16,6 +16,7 @@ use super::{StageEnv, StageError};
 use crate::cache::speeds::{Source, SpeedBook};
 use crate::llm::{BackendKind, LlmSettings};
 use crate::model::bench::{self, BenchOptions};
+use crate::model::encoder::EncodePrecision;
 use crate::model::hub::SENTENCE_TRANSFORMER_FILES;
 
 /// Memory of the process before any model is loaded (binary, tokenizers, runtime), measured.
@@ -104,6 +105,8 @@ pub struct EncoderSpeed {
     pub pairs: usize,
     /// Seconds to encode one text of `tokens` tokens (no gradients).
     pub encode_seconds: f64,
+    /// The same with the linear layers in bf16 (`encode_precision: bf16`), where calibrated.
+    pub bf16_encode_seconds: Option<f64>,
     /// Seconds per text of `tokens` tokens in a training step (forward, backward, optimiser).
     pub train_seconds: f64,
     /// The process's peak memory during a calibration's training step on `pairs` pairs.
@@ -118,6 +121,18 @@ pub struct EncoderSpeed {
 }
 
 impl EncoderSpeed {
+    /// This speed for encoding at `precision`: bf16's figure where one was calibrated, else the
+    /// f32 one (an upper bound).
+    pub fn at_precision(self, precision: EncodePrecision) -> Self {
+        match (precision, self.bf16_encode_seconds) {
+            (EncodePrecision::Bf16, Some(encode_seconds)) => Self {
+                encode_seconds,
+                ..self
+            },
+            _ => self,
+        }
+    }
+
     /// Seconds to encode `texts` texts of up to `tokens` tokens.
     pub fn encode(&self, texts: u64, tokens: usize) -> f64 {
         texts as f64 * self.encode_seconds * tokens as f64 / self.tokens as f64
@@ -176,7 +191,8 @@ pub fn encoding(
     const QUERY_TOKENS: usize = 16;
     let speed = input
         .speeds
-        .encoder(input.env, reference, None, CALIBRATION_PAIRS)?;
+        .encoder(input.env, reference, None, CALIBRATION_PAIRS)?
+        .at_precision(input.env.recipe.encode_precision);
     let chunk_tokens =
         (input.sizes.chunk_tokens.unwrap_or(CHUNK_TOKENS) as usize).min(speed.model_tokens);
     let texts = chunks + queries;
@@ -261,7 +277,7 @@ impl Speeds {
 
     /// The speed book's keys for an encoder's encoding, training and training peak memory at a
     /// shape, on this many threads.
-    fn encoder_keys(&self, reference: &str, tokens: usize, pairs: usize) -> [String; 3] {
+    fn encoder_keys(&self, reference: &str, tokens: usize, pairs: usize) -> [String; 4] {
         // A debug build's kernels are several times slower: its figures are its own.
         let build = if cfg!(debug_assertions) { " debug" } else { "" };
         let shape = format!("{reference} {tokens}x{pairs} {}t{build}", self.threads);
@@ -269,6 +285,7 @@ impl Speeds {
             format!("encode {shape}"),
             format!("train {shape}"),
             format!("train-peak {shape}"),
+            format!("encode-bf16 {shape}"),
         ]
     }
 
@@ -282,7 +299,7 @@ impl Speeds {
         seconds_per_text: f64,
         peak_bytes: Option<u64>,
     ) {
-        let [_, train, peak] = self.encoder_keys(reference, tokens, mini_batch);
+        let [_, train, peak, _] = self.encoder_keys(reference, tokens, mini_batch);
         self.record(&train, seconds_per_text, Source::Run);
         if let Some(bytes) = peak_bytes {
             self.record(&peak, bytes as f64, Source::Run);
@@ -302,7 +319,7 @@ impl Speeds {
         let dir = env.resolve_model(reference, SENTENCE_TRANSFORMER_FILES)?;
         let calibrated = self.calibrated(env, reference, &dir)?;
         let tokens = tokens.unwrap_or(calibrated.model_tokens);
-        let [_, train_key, peak_key] = self.encoder_keys(reference, tokens, mini_batch);
+        let [_, train_key, peak_key, _] = self.encoder_keys(reference, tokens, mini_batch);
         match self.get(&train_key) {
             Some((train_seconds, Source::Run)) => Ok(EncoderSpeed {
                 model_tokens: calibrated.model_tokens,
@@ -310,6 +327,9 @@ impl Speeds {
                 pairs: mini_batch,
                 encode_seconds: calibrated.encode_seconds * tokens as f64
                     / calibrated.tokens as f64,
+                bf16_encode_seconds: calibrated
+                    .bf16_encode_seconds
+                    .map(|seconds| seconds * tokens as f64 / calibrated.tokens as f64),
                 train_seconds,
                 run_peak_bytes: self.get(&peak_key).map(|(bytes, _)| bytes as u64),
                 basis: Basis::Measured,
@@ -332,13 +352,15 @@ impl Speeds {
         let tokens = model_tokens.min(256);
         let weight_bytes = weight_bytes(dir);
         let dim = model_number(dir, "config.json", "hidden_size").unwrap_or(768);
-        let [encode_key, train_key, peak_key] =
+        let [encode_key, train_key, peak_key, bf16_key] =
             self.encoder_keys(reference, tokens, CALIBRATION_PAIRS);
+        let bf16_encode_seconds = || self.get(&bf16_key).map(|(seconds, _)| seconds);
         let speed = |encode_seconds, train_seconds, train_peak_bytes| EncoderSpeed {
             model_tokens,
             tokens,
             pairs: CALIBRATION_PAIRS,
             encode_seconds,
+            bf16_encode_seconds: bf16_encode_seconds(),
             train_seconds,
             train_peak_bytes,
             run_peak_bytes: None,
@@ -366,6 +388,7 @@ impl Speeds {
                 tokens,
                 pairs: CALIBRATION_PAIRS,
                 profile: false,
+                bf16_encode: true,
                 implementation: crate::model::kernels::implementation(),
             },
             &mut |_| {},
@@ -375,6 +398,13 @@ impl Speeds {
         let train_seconds = report.median_step.total / (2 * CALIBRATION_PAIRS) as f64;
         self.record(&encode_key, encode_seconds, Source::Calibration);
         self.record(&train_key, train_seconds, Source::Calibration);
+        if let Some(bf16) = &report.bf16_encode {
+            self.record(
+                &bf16_key,
+                bf16.seconds / report.sentences as f64,
+                Source::Calibration,
+            );
+        }
         if let Some(bytes) = report.peak_step_bytes {
             self.record(&peak_key, bytes as f64, Source::Calibration);
         }
@@ -473,5 +503,42 @@ pub fn training_examples(input: &EstimateInput, data: Option<&Path>) -> u64 {
     match data {
         Some(path) => super::io::count_lines(path),
         None => input.sizes.examples.unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encoding at bf16 takes the bf16 calibration where the book has one, and the f32 figure
+    /// (an upper bound) where it does not; f32 and training figures are untouched.
+    #[test]
+    fn bf16_encoding_is_estimated_from_its_own_calibration() {
+        let speed = EncoderSpeed {
+            model_tokens: 256,
+            tokens: 256,
+            pairs: CALIBRATION_PAIRS,
+            encode_seconds: 0.03,
+            bf16_encode_seconds: Some(0.02),
+            train_seconds: 0.2,
+            train_peak_bytes: None,
+            run_peak_bytes: None,
+            weight_bytes: 90_000_000,
+            dim: 384,
+            basis: Basis::Calibrated,
+        };
+        let bf16 = speed.at_precision(EncodePrecision::Bf16);
+        assert_eq!(bf16.encode(100, 128), 1.0);
+        assert_eq!(bf16.train(10, 256), speed.train(10, 256));
+        assert_eq!(
+            speed.at_precision(EncodePrecision::F32).encode(100, 128),
+            1.5
+        );
+        let uncalibrated = EncoderSpeed {
+            bf16_encode_seconds: None,
+            ..speed
+        };
+        let fallback = uncalibrated.at_precision(EncodePrecision::Bf16);
+        assert_eq!(fallback.encode(100, 128), 1.5);
     }
 }
