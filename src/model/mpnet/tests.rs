@@ -147,14 +147,19 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (norm(a) * norm(b))
 }
 
+/// sentence-transformers' token ids and fp32 embeddings of twelve texts.
+fn reference() -> EmbeddingsReference {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model/all-mpnet-base-v2.embeddings.json");
+    let text = std::fs::read_to_string(&path).expect("the mpnet fixture");
+    serde_json::from_str(&text).expect("fixture parses")
+}
+
 /// Twelve texts, one of 384 tokens (every relative-position bucket), the empty one and unicode
 /// among them: the same token ids as sentence-transformers and embeddings at cosine >= 0.9999.
 #[test]
 fn matches_sentence_transformers_token_ids_and_embeddings() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model/all-mpnet-base-v2.embeddings.json");
-    let text = std::fs::read_to_string(&path).expect("the mpnet fixture");
-    let reference: EmbeddingsReference = serde_json::from_str(&text).expect("fixture parses");
+    let reference = reference();
     let encoder = SentenceEncoder::load(&mpnet_dir(), &Device::Cpu).expect("mpnet loads");
     assert_eq!(encoder.dim(), 768);
     assert_eq!(encoder.max_seq_length(), reference.max_seq_length);
@@ -193,10 +198,7 @@ fn matches_sentence_transformers_token_ids_and_embeddings() {
 /// fp32 embeddings of the same twelve texts: each within cosine 0.9999.
 #[test]
 fn bf16_encoding_stays_within_cosine_0_9999_of_fp32() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model/all-mpnet-base-v2.embeddings.json");
-    let text = std::fs::read_to_string(&path).expect("the mpnet fixture");
-    let reference: EmbeddingsReference = serde_json::from_str(&text).expect("fixture parses");
+    let reference = reference();
     let encoder = SentenceEncoder::load(&mpnet_dir(), &Device::Cpu)
         .and_then(|encoder| encoder.with_precision(EncodePrecision::Bf16))
         .expect("mpnet loads and packs");
