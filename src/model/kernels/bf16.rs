@@ -176,17 +176,6 @@ impl Bf16Weights {
         }
     }
 
-    /// Whether the products run on bf16 arithmetic units (AMX, AVX-512 BF16), which round the
-    /// activations to bf16 too; the other engines widen the weights to f32 and gain no speed
-    /// over an f32 product.
-    pub fn native(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if matches!(self.layout, Layout::Tiles(_) | Layout::Pairs(_)) {
-            return true;
-        }
-        false
-    }
-
     /// `x · wᵀ` for `x` `[rows, in_features]`: `[rows, out_features]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         self.forward_then(x, rows, Epilogue::default())
@@ -411,9 +400,12 @@ mod dot_pairs {
         };
         // The bias (of these columns) is where the sums start.
         let start = |half: usize| match then.bias {
-            // SAFETY: the masked lanes are columns within the bias, by the caller.
-            Some(bias) => unsafe { _mm512_maskz_loadu_ps(mask(half), bias.add(16 * half)) },
-            None => _mm512_setzero_ps(),
+            // SAFETY: the masked lanes are columns within the bias, by the caller (no lane of a
+            // second half past `cols`: the pointer is not even formed).
+            Some(bias) if mask(half) != 0 => unsafe {
+                _mm512_maskz_loadu_ps(mask(half), bias.add(16 * half))
+            },
+            _ => _mm512_setzero_ps(),
         };
         let mut acc = [[start(0), start(1)]; R];
         let second = k_blocks * BLOCK_ELEMS;
@@ -434,6 +426,9 @@ mod dot_pairs {
         }
         for (r, acc) in acc.iter().enumerate() {
             for (half, &v) in acc.iter().enumerate() {
+                if mask(half) == 0 {
+                    break;
+                }
                 let at = r * n + 16 * half;
                 // SAFETY: the masked columns of row `r` are within `out` and the residual, by
                 // the caller.
