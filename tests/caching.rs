@@ -319,39 +319,61 @@ fn json_events_describe_the_run() {
     assert_eq!(runs.len(), 1);
 }
 
+/// A project with documents and a one-question BEIR dataset, whose recipe `recipe` may name.
+fn project_with_dataset(recipe: &str) -> Project {
+    let project = project_with_docs(3);
+    project.write("recipe.yaml", recipe);
+    project.write(
+        "data/corpus.jsonl",
+        "{\"_id\": \"d1\", \"text\": \"Snapshots are kept for thirty days.\"}\n",
+    );
+    project.write(
+        "data/queries.jsonl",
+        "{\"_id\": \"q1\", \"text\": \"How long are snapshots kept?\"}\n",
+    );
+    project.write(
+        "data/qrels/test.tsv",
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\n",
+    );
+    project
+}
+
+/// Each stage's planned key, by stage, for `plan recipe.yaml` with `extra` arguments.
+fn planned_keys(project: &Project, extra: &[&str]) -> Vec<(String, String)> {
+    let plan = project.run(&[&["--json", "plan", "recipe.yaml"], extra].concat());
+    plan.success();
+    let event: serde_json::Value =
+        serde_json::from_str(plan.stdout.lines().next().expect("the plan event")).expect("JSON");
+    event["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| (s["stage"].to_string(), s["key"].to_string()))
+        .collect()
+}
+
+const EVALUATE_RECIPE: &str = "name: moved\nchunk:\n  input: docs\nevaluate:\n  heldout: false\n  datasets:\n    - path: data\n      name: tiny\n";
+
 /// Keys name every input file relative to its folder: the same project in another place (a
 /// clone, a moved folder) plans the same keys for every stage, BEIR datasets included.
 #[test]
 fn a_project_in_another_folder_plans_the_same_keys() {
-    let recipe = "name: moved\nchunk:\n  input: docs\nevaluate:\n  heldout: false\n  datasets:\n    - path: data\n      name: tiny\n";
-    let keys = || {
-        let project = project_with_docs(3);
-        project.write("recipe.yaml", recipe);
-        project.write(
-            "data/corpus.jsonl",
-            "{\"_id\": \"d1\", \"text\": \"Snapshots are kept for thirty days.\"}\n",
-        );
-        project.write(
-            "data/queries.jsonl",
-            "{\"_id\": \"q1\", \"text\": \"How long are snapshots kept?\"}\n",
-        );
-        project.write(
-            "data/qrels/test.tsv",
-            "query-id\tcorpus-id\tscore\nq1\td1\t1\n",
-        );
-        let plan = project.run(&["--json", "plan", "recipe.yaml"]);
-        plan.success();
-        let event: serde_json::Value =
-            serde_json::from_str(plan.stdout.lines().next().expect("the plan event"))
-                .expect("JSON");
-        event["stages"]
-            .as_array()
-            .expect("stages")
-            .iter()
-            .map(|s| (s["stage"].to_string(), s["key"].to_string()))
-            .collect::<Vec<_>>()
-    };
-    let (first, second) = (keys(), keys());
+    let first = planned_keys(&project_with_dataset(EVALUATE_RECIPE), &[]);
+    let second = planned_keys(&project_with_dataset(EVALUATE_RECIPE), &[]);
     assert_eq!(first.len(), 2, "{first:?}");
     assert_eq!(first, second);
+}
+
+/// `encode_precision: bf16` changes the key of a stage that embeds (evaluate) and of no other;
+/// f32, written out, is the default and changes nothing.
+#[test]
+fn bf16_encoding_enters_the_keys_of_the_stages_that_embed() {
+    let project = project_with_dataset(EVALUATE_RECIPE);
+    let f32 = planned_keys(&project, &[]);
+    let written = planned_keys(&project, &["--set", "encode_precision=f32"]);
+    let bf16 = planned_keys(&project, &["--set", "encode_precision=bf16"]);
+    assert_eq!(f32, written);
+    assert_eq!(f32[0], bf16[0], "chunk does not embed");
+    assert_eq!(f32[1].0, bf16[1].0);
+    assert_ne!(f32[1].1, bf16[1].1, "evaluate embeds in bf16: another key");
 }
