@@ -388,17 +388,9 @@ pub fn run(
 
 /// The lowest cosine between rows of `a` and `b` with the same index.
 fn lowest_cosine(a: &Embeddings, b: &Embeddings) -> f64 {
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     a.rows()
         .zip(b.rows())
-        .map(|(x, y)| {
-            let dot: f64 = x
-                .iter()
-                .zip(y)
-                .map(|(p, q)| f64::from(*p) * f64::from(*q))
-                .sum();
-            dot / (norm(x) * norm(y))
-        })
+        .map(|(x, y)| crate::model::ollama::cosine(x, y))
         .fold(1.0, f64::min)
 }
 

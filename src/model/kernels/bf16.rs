@@ -195,20 +195,40 @@ impl Bf16Weights {
                 "a residual holds rows x out_features values"
             );
         }
-        #[cfg(target_arch = "x86_64")]
-        if let Layout::Pairs(packed) = &self.layout {
-            // The kernel applies the epilogue to each block while it is in registers and cache,
-            // and writes every output: no zero-filled buffer first.
-            let mut out = Vec::with_capacity(rows * n);
-            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`;
-            // the kernel writes all `rows * n` outputs before `set_len`.
-            unsafe {
-                dot_pairs::matmul(x, packed, (rows, n, k), out.as_mut_ptr(), epilogue);
-                out.set_len(rows * n);
-            }
-            return out;
+        if rows == 0 {
+            return Vec::new();
         }
-        let mut out = self.product(x, rows);
+        let mut out = match &self.layout {
+            #[cfg(target_arch = "x86_64")]
+            Layout::Pairs(packed) => {
+                // The kernel applies the epilogue to each block while it is in registers and
+                // cache, and writes every output: no zero-filled buffer first.
+                let mut out = Vec::with_capacity(rows * n);
+                // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`,
+                // `k`; the kernel writes all `rows * n` outputs before `set_len`.
+                unsafe {
+                    dot_pairs::matmul(x, packed, (rows, n, k), out.as_mut_ptr(), epilogue);
+                    out.set_len(rows * n);
+                }
+                return out;
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: tiles are packed only where AMX is available, by `pack_weights` for this
+            // `n` and `k`.
+            Layout::Tiles(packed) => unsafe {
+                let mut out = vec![0f32; rows * n];
+                super::fused::amx_packed::matmul(x, packed, (rows, n, k), &mut out);
+                out
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: panels are packed only where AVX2 and FMA are available, for this `n`, `k`.
+            Layout::Panels(packed) => unsafe {
+                let mut out = vec![0f32; rows * n];
+                fma_panels::matmul(x, packed, (rows, n, k), &mut out);
+                out
+            },
+            Layout::Rows(bits) => rows_product(bits, x, (rows, n, k)),
+        };
         if epilogue.bias.is_some() || epilogue.residual.is_some() || epilogue.gelu {
             out.par_chunks_mut(n.max(1))
                 .enumerate()
@@ -227,67 +247,36 @@ impl Bf16Weights {
         }
         out
     }
+}
 
-    /// `x · wᵀ` on the engines other than AVX-512 BF16.
-    fn product(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let (n, k) = (self.out_features, self.in_features);
-        let mut out = vec![0f32; rows * n];
-        if rows == 0 {
-            return out;
-        }
-        match &self.layout {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: tiles are packed only where AMX is available, by `pack_weights` for this
-            // `n` and `k`.
-            Layout::Tiles(packed) => unsafe {
-                super::fused::amx_packed::matmul(x, packed, (rows, n, k), &mut out)
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for this `n`, `k`;
-            // `out` holds `rows * n` values.
-            Layout::Pairs(packed) => unsafe {
-                dot_pairs::matmul(
-                    x,
-                    packed,
-                    (rows, n, k),
-                    out.as_mut_ptr(),
-                    Epilogue::default(),
-                )
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: panels are packed only where AVX2 and FMA are available, for this `n`, `k`.
-            Layout::Panels(packed) => unsafe {
-                fma_panels::matmul(x, packed, (rows, n, k), &mut out)
-            },
-            Layout::Rows(bits) => {
-                let columns: Vec<Vec<f32>> = bits
-                    .par_chunks(PORTABLE_COLUMNS * k)
-                    .map(|block| {
-                        // The block's columns widened once; each activation row is then read
-                        // once per block (from L1) rather than once per column.
-                        let mut widened = vec![0f32; block.len()];
-                        widen(block, &mut widened);
-                        let mut results = vec![0f32; block.len() / k * rows];
-                        for (r, xr) in x.chunks_exact(k).enumerate() {
-                            for (c, column) in widened.chunks_exact(k).enumerate() {
-                                results[c * rows + r] = dot(xr, column);
-                            }
-                        }
-                        results
-                    })
-                    .collect();
-                for (task, results) in columns.iter().enumerate() {
-                    for (c, column) in results.chunks_exact(rows).enumerate() {
-                        let j = task * PORTABLE_COLUMNS + c;
-                        for (r, &v) in column.iter().enumerate() {
-                            out[r * n + j] = v;
-                        }
-                    }
+/// `x · wᵀ` for `w` as row-major bf16 `bits`, widened block by block (the portable engine).
+fn rows_product(bits: &[u16], x: &[f32], (rows, n, k): (usize, usize, usize)) -> Vec<f32> {
+    let columns: Vec<Vec<f32>> = bits
+        .par_chunks(PORTABLE_COLUMNS * k)
+        .map(|block| {
+            // The block's columns widened once; each activation row is then read once per
+            // block (from L1) rather than once per column.
+            let mut widened = vec![0f32; block.len()];
+            widen(block, &mut widened);
+            let mut results = vec![0f32; block.len() / k * rows];
+            for (r, xr) in x.chunks_exact(k).enumerate() {
+                for (c, column) in widened.chunks_exact(k).enumerate() {
+                    results[c * rows + r] = dot(xr, column);
                 }
             }
+            results
+        })
+        .collect();
+    let mut out = vec![0f32; rows * n];
+    for (task, results) in columns.iter().enumerate() {
+        for (c, column) in results.chunks_exact(rows).enumerate() {
+            let j = task * PORTABLE_COLUMNS + c;
+            for (r, &v) in column.iter().enumerate() {
+                out[r * n + j] = v;
+            }
         }
-        out
     }
+    out
 }
 
 /// A dense layer `x · wᵀ + b` with its weight packed in bf16: an encoder's linear layer frozen
@@ -809,15 +798,6 @@ mod tests {
         }
     }
 
-    /// The product with a bias and nothing else.
-    fn plain_biased(weights: &Bf16Weights, x: &[f32], m: usize, bias: &[f32]) -> Vec<f32> {
-        let with_bias = Epilogue {
-            bias: Some(bias),
-            ..Epilogue::default()
-        };
-        weights.forward_then(x, m, with_bias)
-    }
-
     /// A bias as the epilogue gives what adding it after the product gives (to f32 rounding:
     /// the AVX-512 BF16 kernel starts its sums from the bias); a residual then adds to exactly
     /// those sums, and GELU gives the GELU kernel's values of them.
@@ -845,7 +825,7 @@ mod tests {
                         "{engine} at {i}"
                     );
                 }
-                let mut want = biased;
+                let mut want = biased.clone();
                 super::super::fused::gelu_in_place(&mut want);
                 let with_gelu = Epilogue {
                     gelu: true,
@@ -859,11 +839,7 @@ mod tests {
                     ..with_bias
                 };
                 let added = weights.forward_then(&x, m, with_residual);
-                let sums: Vec<f32> = plain_biased(&weights, &x, m, &bias)
-                    .iter()
-                    .zip(&residual)
-                    .map(|(b, s)| b + s)
-                    .collect();
+                let sums: Vec<f32> = biased.iter().zip(&residual).map(|(b, s)| b + s).collect();
                 assert_eq!(added, sums, "{engine} residual");
             }
         }
