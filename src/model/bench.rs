@@ -246,7 +246,7 @@ pub fn run(
     let bf16_encode = if options.bf16_encode {
         let bf16 = SentenceEncoder::load(&options.model_dir, &device)?
             .with_precision(EncodePrecision::Bf16)?;
-        let engine = bf16.bert().inference_engine();
+        let engine = bf16.bert().bf16_engine().unwrap_or("not packed: f32");
         status(&format!("encoding again in bf16 ({engine})"));
         bf16.encode(&refs[..encode_batch], encode_batch, &mut |_| {})?;
         let start = Instant::now();

@@ -543,13 +543,11 @@ impl Bert {
         Ok(())
     }
 
-    /// What multiplies the linear layers in inference: `f32`, or the bf16 engine after
-    /// [`Bert::pack_bf16`].
-    pub fn inference_engine(&self) -> &'static str {
-        match self.packed.as_ref().and_then(|layers| layers.first()) {
-            Some(layer) => layer.qkv.weights().engine(),
-            None => "f32",
-        }
+    /// The engine that multiplies the linear layers in bf16 after [`Bert::pack_bf16`]; `None`
+    /// before (f32).
+    pub fn bf16_engine(&self) -> Option<&'static str> {
+        let layer = self.packed.as_ref()?.first()?;
+        Some(layer.qkv.weights().engine())
     }
 
     /// The trainable parameters, by checkpoint name. An optimiser updates them in place

@@ -296,9 +296,8 @@ pub fn encode_cached(
     );
     // Only bf16 names its engine, and only a model with a passage prompt adds it, so f32 and other
     // models keep their cached vectors.
-    let linear = encoder.bert().inference_engine();
-    if linear != "f32" {
-        settings.push_str(&format!(" linear {linear}"));
+    if let Some(engine) = encoder.bert().bf16_engine() {
+        settings.push_str(&format!(" linear {engine}"));
     }
     let prompt = encoder.prompt(TextRole::Passage);
     if !prompt.is_empty() {

@@ -209,7 +209,7 @@ fn bf16_encoding_stays_within_cosine_0_9999_of_fp32() {
         assert!(
             similarity >= 0.9999,
             "bf16 ({}) cosine {similarity} for {:?}",
-            encoder.bert().inference_engine(),
+            encoder.bert().bf16_engine().unwrap_or("none"),
             item.text
         );
     }
