@@ -30,7 +30,9 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config_file::read_json;
 use crate::model::error::{CandleContext, ModelError};
 use crate::model::kernels::bf16::Bf16Linear;
-use crate::model::kernels::{self, Dropout};
+use crate::model::kernels::{
+    self, Dropout, LayerDropouts, LayerParams, LayerShape, LinearParams, NormParams,
+};
 use crate::model::mpnet;
 
 /// The fields of a Hugging Face `config.json` that a BERT needs; other keys are ignored.
@@ -806,67 +808,94 @@ fn run(
         .as_ref()
         .map(|table| mpnet::position_bias(table, seq))
         .transpose()?;
+    let shape = LayerShape {
+        heads,
+        scale,
+        eps: config.layer_norm_eps,
+    };
     for (i, layer) in weights.layers.iter().enumerate() {
-        let packed = packed.map(|layers| &layers[i]);
-        // One projection for queries, keys and values: their weights side by side (`cat` is
-        // differentiable, so each checkpoint weight keeps its own `Var` and name), and the packed
-        // `[batch, seq, 3 * hidden]` output is what the attention kernel reads.
-        let qkv = match packed {
-            Some(packed) => kernels::linear_bf16(&x, &packed.qkv, None, false)?,
-            None => {
-                let (q, k, v) = (&layer.query, &layer.key, &layer.value);
-                let qkv_weight = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
-                let qkv_bias = Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?;
-                kernels::linear(&x, &qkv_weight, &qkv_bias)?
-            }
-        };
-        let probs_dropout = match &mut seeds {
-            Some(next) if config.attention_probs_dropout_prob > 0. => Some(Dropout {
-                p: config.attention_probs_dropout_prob,
-                seed: next(),
-            }),
+        // Seeds in the order the layer applies them: the attention probabilities', then each
+        // half's output.
+        let mut draw = |p: f32| match &mut seeds {
+            Some(next) if p > 0. => Some(Dropout { p, seed: next() }),
             _ => None,
         };
-        let context = kernels::attention(
-            &qkv,
-            &mask_bias,
-            position_bias.as_ref(),
-            heads,
-            scale,
-            probs_dropout,
-        )?;
-
-        let out = &layer.attention_output;
-        // Inference in bf16 adds the residual inside the product (no dropout there).
-        let attended = match packed {
-            Some(packed) => {
-                kernels::linear_bf16(&context, &packed.attention_output, Some(&x), false)?
-            }
-            None => {
-                let attended = kernels::linear(&context, &out.weight, &out.bias)?;
-                (maybe_dropout(attended, config.hidden_dropout_prob, &mut seeds)? + &x)?
-            }
+        let dropouts = LayerDropouts {
+            probs: draw(config.attention_probs_dropout_prob),
+            attention_output: draw(config.hidden_dropout_prob),
+            output: draw(config.hidden_dropout_prob),
         };
-        let norm = &layer.attention_norm;
-        let attended =
-            kernels::layer_norm(&attended, &norm.gamma, &norm.beta, config.layer_norm_eps)?;
-
-        let (inter, out) = (&layer.intermediate, &layer.output);
-        let output = match packed {
+        x = match packed.map(|layers| &layers[i]) {
             Some(packed) => {
-                let inner = kernels::linear_bf16(&attended, &packed.intermediate, None, true)?;
-                kernels::linear_bf16(&inner, &packed.output, Some(&attended), false)?
+                packed_layer(&x, layer, packed, &mask_bias, position_bias.as_ref(), shape)?
             }
-            None => {
-                let inner = kernels::linear_gelu(&attended, &inter.weight, &inter.bias)?;
-                let output = kernels::linear(&inner, &out.weight, &out.bias)?;
-                (maybe_dropout(output, config.hidden_dropout_prob, &mut seeds)? + &attended)?
-            }
+            None => kernels::bert_layer(
+                &x,
+                &layer.params(),
+                &mask_bias,
+                position_bias.as_ref(),
+                shape,
+                dropouts,
+            )?,
         };
-        let norm = &layer.output_norm;
-        x = kernels::layer_norm(&output, &norm.gamma, &norm.beta, config.layer_norm_eps)?;
     }
     Ok(x)
+}
+
+/// One layer for inference with its linear layers packed in bf16 (no dropout): each residual
+/// is added inside the product before it.
+fn packed_layer(
+    x: &Tensor,
+    layer: &Layer,
+    packed: &PackedLayer,
+    mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
+    shape: LayerShape,
+) -> candle_core::Result<Tensor> {
+    let qkv = kernels::linear_bf16(x, &packed.qkv, None, false)?;
+    let context = kernels::attention(
+        &qkv,
+        mask_bias,
+        position_bias,
+        shape.heads,
+        shape.scale,
+        None,
+    )?;
+    let attended = kernels::linear_bf16(&context, &packed.attention_output, Some(x), false)?;
+    let norm = &layer.attention_norm;
+    let attended = kernels::layer_norm(&attended, &norm.gamma, &norm.beta, shape.eps)?;
+    let inner = kernels::linear_bf16(&attended, &packed.intermediate, None, true)?;
+    let output = kernels::linear_bf16(&inner, &packed.output, Some(&attended), false)?;
+    let norm = &layer.output_norm;
+    kernels::layer_norm(&output, &norm.gamma, &norm.beta, shape.eps)
+}
+
+impl Layer {
+    /// The parameters as the kernels take them.
+    fn params(&self) -> LayerParams<'_> {
+        fn linear(l: &Linear) -> LinearParams<'_> {
+            LinearParams {
+                weight: &l.weight,
+                bias: &l.bias,
+            }
+        }
+        fn norm(n: &LayerNorm) -> NormParams<'_> {
+            NormParams {
+                gamma: &n.gamma,
+                beta: &n.beta,
+            }
+        }
+        LayerParams {
+            query: linear(&self.query),
+            key: linear(&self.key),
+            value: linear(&self.value),
+            attention_output: linear(&self.attention_output),
+            attention_norm: norm(&self.attention_norm),
+            intermediate: linear(&self.intermediate),
+            output: linear(&self.output),
+            output_norm: norm(&self.output_norm),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -293,6 +293,157 @@ pub fn dropout(x: &Tensor, dropout: Dropout) -> Result<Tensor> {
     }
 }
 
+/// A linear layer's parameters: `weight` `[out, in]` as PyTorch stores it, `bias` `[out]`.
+#[derive(Clone, Copy)]
+pub struct LinearParams<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+}
+
+/// A LayerNorm's gain and bias.
+#[derive(Clone, Copy)]
+pub struct NormParams<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+}
+
+/// The parameters of one BERT encoder layer.
+#[derive(Clone, Copy)]
+pub struct LayerParams<'a> {
+    pub query: LinearParams<'a>,
+    pub key: LinearParams<'a>,
+    pub value: LinearParams<'a>,
+    pub attention_output: LinearParams<'a>,
+    pub attention_norm: NormParams<'a>,
+    pub intermediate: LinearParams<'a>,
+    pub output: LinearParams<'a>,
+    pub output_norm: NormParams<'a>,
+}
+
+/// Attention heads, the scale of the scores, and LayerNorm's epsilon.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerShape {
+    pub heads: usize,
+    pub scale: f64,
+    pub eps: f64,
+}
+
+/// The dropouts of one encoder layer, `None` where none applies: on the attention
+/// probabilities, and on each half's output before its residual add.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerDropouts {
+    pub probs: Option<Dropout>,
+    pub attention_output: Option<Dropout>,
+    pub output: Option<Dropout>,
+}
+
+/// One BERT encoder layer: attention over the query/key/value projection, the attention output
+/// layer, dropout, the residual and LayerNorm; then GELU's intermediate layer, the output layer,
+/// dropout, the residual and LayerNorm. `mask_bias` and `position_bias` as [`attention`] takes
+/// them.
+///
+/// Where gradients are wanted and the fused kernels apply (no position bias), the layer is one
+/// op whose backward writes each gradient once ([`fused`]'s `bert_layer`); otherwise the kernels
+/// above, composed.
+pub fn bert_layer(
+    x: &Tensor,
+    params: &LayerParams<'_>,
+    mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
+    shape: LayerShape,
+    dropouts: LayerDropouts,
+) -> Result<Tensor> {
+    let tensors = params.tensors();
+    let wants_gradient = x.track_op() || tensors.iter().any(|t| t.track_op());
+    let mut inputs = vec![x, mask_bias];
+    inputs.extend(tensors.iter().copied());
+    if wants_gradient && position_bias.is_none() && fused_applies(&inputs) {
+        let (batch, seq, _) = x.dims3()?;
+        let flat = tensors
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        fused::bert_layer(
+            x,
+            &Tensor::cat(&flat, 0)?,
+            &mask_bias.reshape((batch, seq))?,
+            (shape.heads, shape.scale, shape.eps),
+            params.intermediate.weight.dim(0)?,
+            dropouts,
+        )
+    } else {
+        composed_bert_layer(x, params, mask_bias, position_bias, shape, dropouts)
+    }
+}
+
+impl LayerParams<'_> {
+    /// Every tensor, in the order the fused layer's flat parameters have them: the query, key
+    /// and value weights (one `[3 hidden, hidden]` matrix), their biases, then each layer's
+    /// weight and bias and each LayerNorm's gain and bias in the order they apply.
+    fn tensors(&self) -> [&Tensor; 16] {
+        let (q, k, v) = (&self.query, &self.key, &self.value);
+        [
+            q.weight,
+            k.weight,
+            v.weight,
+            q.bias,
+            k.bias,
+            v.bias,
+            self.attention_output.weight,
+            self.attention_output.bias,
+            self.attention_norm.gamma,
+            self.attention_norm.beta,
+            self.intermediate.weight,
+            self.intermediate.bias,
+            self.output.weight,
+            self.output.bias,
+            self.output_norm.gamma,
+            self.output_norm.beta,
+        ]
+    }
+}
+
+/// [`bert_layer`] as the composition of the seam's kernels.
+fn composed_bert_layer(
+    x: &Tensor,
+    params: &LayerParams<'_>,
+    mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
+    shape: LayerShape,
+    dropouts: LayerDropouts,
+) -> Result<Tensor> {
+    // One projection for queries, keys and values: their weights side by side (`cat` is
+    // differentiable, so each checkpoint weight keeps its own `Var` and name), and the packed
+    // `[batch, seq, 3 * hidden]` output is what the attention kernel reads.
+    let (q, k, v) = (&params.query, &params.key, &params.value);
+    let qkv_weight = Tensor::cat(&[q.weight, k.weight, v.weight], 0)?;
+    let qkv_bias = Tensor::cat(&[q.bias, k.bias, v.bias], 0)?;
+    let qkv = linear(x, &qkv_weight, &qkv_bias)?;
+    let context = attention(
+        &qkv,
+        mask_bias,
+        position_bias,
+        shape.heads,
+        shape.scale,
+        dropouts.probs,
+    )?;
+    let maybe_dropout = |x: Tensor, d: Option<Dropout>| match d {
+        Some(d) => dropout(&x, d),
+        None => Ok(x),
+    };
+    let out = &params.attention_output;
+    let attended = linear(&context, out.weight, out.bias)?;
+    let attended = (maybe_dropout(attended, dropouts.attention_output)? + x)?;
+    let norm = &params.attention_norm;
+    let attended = layer_norm(&attended, norm.gamma, norm.beta, shape.eps)?;
+    let (inter, out) = (&params.intermediate, &params.output);
+    let inner = linear_gelu(&attended, inter.weight, inter.bias)?;
+    let output = linear(&inner, out.weight, out.bias)?;
+    let output = (maybe_dropout(output, dropouts.output)? + &attended)?;
+    let norm = &params.output_norm;
+    layer_norm(&output, norm.gamma, norm.beta, shape.eps)
+}
+
 #[cfg(test)]
 mod tests {
     //! Each kernel against a naive scalar loop in f64 on random inputs, at several shapes, in f64

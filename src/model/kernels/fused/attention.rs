@@ -37,7 +37,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce([&mut [f32]; 4]) -> R) -> R {
 }
 
 #[derive(Clone, Copy)]
-struct Attention {
+pub(super) struct Attention {
     heads: usize,
     scale: f32,
     keep: Option<KeepRule>,
@@ -45,10 +45,10 @@ struct Attention {
 
 /// Sizes of one call: batch, sequence length, hidden size, head width.
 #[derive(Clone, Copy)]
-struct Dims {
-    batch: usize,
-    seq: usize,
-    hidden: usize,
+pub(super) struct Dims {
+    pub(super) batch: usize,
+    pub(super) seq: usize,
+    pub(super) hidden: usize,
     head_dim: usize,
 }
 
@@ -203,6 +203,21 @@ impl Attention {
         position_bias: Option<&[f32]>,
         dims: Dims,
     ) -> (CpuStorage, Shape) {
+        let context = self.context(qkv, mask, position_bias, dims);
+        let Dims {
+            batch, seq, hidden, ..
+        } = dims;
+        (CpuStorage::F32(context), Shape::from((batch, seq, hidden)))
+    }
+
+    /// The context `[batch, seq, hidden]` of one call, as a row-major buffer.
+    pub(super) fn context(
+        &self,
+        qkv: &[f32],
+        mask: &[f32],
+        position_bias: Option<&[f32]>,
+        dims: Dims,
+    ) -> Vec<f32> {
         let Dims {
             batch,
             seq,
@@ -251,7 +266,7 @@ impl Attention {
         });
         // SAFETY: the tasks, one per (sequence, head), wrote every element.
         unsafe { context.set_len(batch * seq * hidden) };
-        (CpuStorage::F32(context), Shape::from((batch, seq, hidden)))
+        context
     }
 
     /// The gradients of the query/key/value projection, the mask bias and the position bias
@@ -278,6 +293,48 @@ impl Attention {
             mask.layout(),
             position_bias.map(Tensor::layout),
         )?;
+        let mask_tracked = mask.track_op();
+        let bias_tracked = position_bias.is_some_and(Tensor::track_op);
+        let (grad_qkv, grad_mask_per_head, grad_bias_per_sequence) = self.gradients(
+            (qkv_data, mask_data, bias_data),
+            g,
+            dims,
+            (mask_tracked, bias_tracked),
+        );
+        let Dims { batch, seq, .. } = dims;
+        let grad_mask = if mask_tracked {
+            let per_head =
+                Tensor::from_vec(grad_mask_per_head, (batch, self.heads, seq), qkv.device())?;
+            Some(per_head.sum(1)?.reshape(mask.shape())?)
+        } else {
+            None
+        };
+        let grad_bias = if bias_tracked {
+            let per_sequence = Tensor::from_vec(
+                grad_bias_per_sequence,
+                (batch, self.heads, seq, seq),
+                qkv.device(),
+            )?;
+            Some(per_sequence.sum(0)?)
+        } else {
+            None
+        };
+        Ok([
+            Some(Tensor::from_vec(grad_qkv, qkv.shape(), qkv.device())?),
+            grad_mask,
+            grad_bias,
+        ])
+    }
+
+    /// The gradients of one call: of `qkv` (all of it), and per head of the mask bias and per
+    /// sequence of the position bias, each only when `tracked` (else empty).
+    pub(super) fn gradients(
+        &self,
+        (qkv_data, mask_data, bias_data): (&[f32], &[f32], Option<&[f32]>),
+        g: &[f32],
+        dims: Dims,
+        (mask_tracked, bias_tracked): (bool, bool),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let Dims {
             batch,
             seq,
@@ -289,7 +346,6 @@ impl Attention {
         let out = SharedMut(grad_qkv.as_mut_ptr());
         // The mask bias is a constant in the model; its gradient (the score gradients summed over
         // heads and query rows) is only computed when something asks for it.
-        let mask_tracked = mask.track_op();
         let mut grad_mask_per_head = vec![
             0f32;
             if mask_tracked {
@@ -301,7 +357,6 @@ impl Attention {
         let mask_out = SharedMut(grad_mask_per_head.as_mut_ptr());
         // The position bias is a parameter (MPNet's relative attention bias, via its buckets):
         // each task keeps its score gradients, summed over the batch afterwards.
-        let bias_tracked = position_bias.is_some_and(Tensor::track_op);
         let mut grad_bias_per_sequence = vec![
             0f32;
             if bias_tracked {
@@ -440,28 +495,7 @@ impl Attention {
         });
         // SAFETY: the tasks, one per (sequence, head), wrote every element.
         unsafe { grad_qkv.set_len(qkv_data.len()) };
-        let grad_mask = if mask_tracked {
-            let per_head =
-                Tensor::from_vec(grad_mask_per_head, (batch, self.heads, seq), qkv.device())?;
-            Some(per_head.sum(1)?.reshape(mask.shape())?)
-        } else {
-            None
-        };
-        let grad_bias = if bias_tracked {
-            let per_sequence = Tensor::from_vec(
-                grad_bias_per_sequence,
-                (batch, self.heads, seq, seq),
-                qkv.device(),
-            )?;
-            Some(per_sequence.sum(0)?)
-        } else {
-            None
-        };
-        Ok([
-            Some(Tensor::from_vec(grad_qkv, qkv.shape(), qkv.device())?),
-            grad_mask,
-            grad_bias,
-        ])
+        (grad_qkv, grad_mask_per_head, grad_bias_per_sequence)
     }
 }
 
@@ -532,6 +566,32 @@ impl CustomOp3 for PositionBiasedAttention {
     }
 }
 
+impl Attention {
+    pub(super) fn new(heads: usize, scale: f64, probs_dropout: Option<Dropout>) -> Self {
+        Self {
+            heads,
+            scale: scale as f32,
+            keep: probs_dropout.filter(|d| d.p > 0.).map(KeepRule::new),
+        }
+    }
+
+    /// The sizes of a call over `batch` sequences of `seq` tokens, `hidden` wide.
+    pub(super) fn dims_of(&self, batch: usize, seq: usize, hidden: usize) -> Result<Dims> {
+        if self.heads == 0 || !hidden.is_multiple_of(self.heads) {
+            bail!(
+                "fused attention: {hidden} features do not split into {} heads",
+                self.heads
+            );
+        }
+        Ok(Dims {
+            batch,
+            seq,
+            hidden,
+            head_dim: hidden / self.heads,
+        })
+    }
+}
+
 /// See [`crate::model::kernels::attention`]; `mask_bias` is `[batch, seq]` here.
 pub(in crate::model::kernels) fn attention(
     qkv: &Tensor,
@@ -541,11 +601,7 @@ pub(in crate::model::kernels) fn attention(
     scale: f64,
     probs_dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    let op = Attention {
-        heads,
-        scale: scale as f32,
-        keep: probs_dropout.filter(|d| d.p > 0.).map(KeepRule::new),
-    };
+    let op = Attention::new(heads, scale, probs_dropout);
     let (qkv, mask_bias) = (qkv.contiguous()?, mask_bias.contiguous()?);
     match position_bias {
         None => qkv.apply_op2(&mask_bias, op),

@@ -1,6 +1,7 @@
 //! Dropout with its mask drawn inline from the seed (see [`super::super::keep_scale`]): nothing
 //! is materialised, and the backward pass redraws the same mask.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -24,6 +25,15 @@ fn apply(x: &[f32], rule: KeepRule) -> Vec<f32> {
             let first = c * CHUNK;
             apply_chunk(&x[first..first + out.len()], out, first as u64, rule)
         })
+    }
+}
+
+/// `grad` through the dropout `rule` draws (the forward pass's mask, drawn again); `grad`
+/// itself where there is none.
+pub(super) fn redraw(grad: &[f32], rule: Option<KeepRule>) -> Cow<'_, [f32]> {
+    match rule {
+        Some(rule) => Cow::Owned(apply(grad, rule)),
+        None => Cow::Borrowed(grad),
     }
 }
 

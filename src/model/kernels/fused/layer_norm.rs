@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::math::{sum_by, sum_zip_by};
 use super::{CHUNK, Read, filled, input, multiversion};
+use crate::model::kernels::KeepRule;
 
 /// Mean and `1 / sqrt(var + eps)` of a row (biased variance, two passes for accuracy).
 #[inline(always)]
@@ -74,13 +75,6 @@ struct LayerNorm {
     eps: f32,
 }
 
-impl LayerNorm {
-    /// Rows per rayon task: about [`CHUNK`] elements.
-    fn rows_per_task(width: usize) -> usize {
-        (CHUNK / width.max(1)).max(1)
-    }
-}
-
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "fused-layer-norm"
@@ -106,7 +100,7 @@ impl CustomOp3 for LayerNorm {
                 beta.len()
             );
         }
-        let task = Self::rows_per_task(width) * width;
+        let task = rows_per_task(width) * width;
         // SAFETY: chunk `i` of the output is chunk `i` of `x`, whole rows, and filled from it.
         let out = unsafe {
             filled(x.len(), task, |i, out| {
@@ -130,31 +124,8 @@ impl CustomOp3 for LayerNorm {
         let x_data = read_x.slice(self.name())?;
         let gamma_data = read_gamma.slice(self.name())?;
         let g = read_grad.slice(self.name())?;
+        let (grad_x, grad_gamma, grad_beta) = gradients(x_data, gamma_data, g, self.eps);
         let width = gamma_data.len();
-        let task = Self::rows_per_task(width) * width;
-        let mut grad_x = vec![0f32; x_data.len()];
-        // Each task's sums are added in task order, not in rayon's `reduce` tree, whose shape
-        // (and so the rounding) followed work stealing: same seed, different weights.
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = grad_x
-            .par_chunks_mut(task)
-            .zip(x_data.par_chunks(task).zip(g.par_chunks(task)))
-            .map(|(gx, (x, g))| {
-                let mut sums = (vec![0f32; width], vec![0f32; width]);
-                backward_rows(x, gamma_data, g, self.eps, gx, &mut sums.0, &mut sums.1);
-                sums
-            })
-            .collect();
-        let (mut grad_gamma, mut grad_beta) = (vec![0f32; width], vec![0f32; width]);
-        for (gamma_part, beta_part) in &partial {
-            grad_gamma
-                .iter_mut()
-                .zip(gamma_part)
-                .for_each(|(a, b)| *a += b);
-            grad_beta
-                .iter_mut()
-                .zip(beta_part)
-                .for_each(|(a, b)| *a += b);
-        }
         let device = x.device();
         Ok((
             Some(Tensor::from_vec(grad_x, x.shape(), device)?),
@@ -162,6 +133,143 @@ impl CustomOp3 for LayerNorm {
             Some(Tensor::from_vec(grad_beta, width, device)?),
         ))
     }
+}
+
+/// Rows per rayon task: about [`CHUNK`] elements.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}
+
+/// The gradients of LayerNorm's input, gain and bias for input `x` (whole rows of
+/// `gamma.len()`) given the output's, `grad`.
+pub(super) fn gradients(
+    x: &[f32],
+    gamma: &[f32],
+    grad: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let task = rows_per_task(width) * width;
+    let mut grad_x = vec![0f32; x.len()];
+    // Each task's sums are added in task order, not in rayon's `reduce` tree, whose shape
+    // (and so the rounding) followed work stealing: same seed, different weights.
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = grad_x
+        .par_chunks_mut(task)
+        .zip(x.par_chunks(task).zip(grad.par_chunks(task)))
+        .map(|(gx, (x, g))| {
+            let mut sums = (vec![0f32; width], vec![0f32; width]);
+            backward_rows(x, gamma, g, eps, gx, &mut sums.0, &mut sums.1);
+            sums
+        })
+        .collect();
+    let (mut grad_gamma, mut grad_beta) = (vec![0f32; width], vec![0f32; width]);
+    for (gamma_part, beta_part) in &partial {
+        grad_gamma
+            .iter_mut()
+            .zip(gamma_part)
+            .for_each(|(a, b)| *a += b);
+        grad_beta
+            .iter_mut()
+            .zip(beta_part)
+            .for_each(|(a, b)| *a += b);
+    }
+    (grad_x, grad_gamma, grad_beta)
+}
+
+multiversion! {
+    /// Rows of `sum = a * keep + residual` (dropout of `a`, numbered from `first`, then the
+    /// residual added) into `sum`, and their LayerNorm into `out`: both written whole. `row`
+    /// is scratch of one row.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_rows(
+        a: &[f32],
+        residual: &[f32],
+        keep: Option<KeepRule>,
+        first: u64,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        row: &mut [f32],
+        sum: &mut [MaybeUninit<f32>],
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let width = gamma.len();
+        let rows = a.chunks_exact(width).zip(residual.chunks_exact(width));
+        let outputs = sum.chunks_exact_mut(width).zip(out.chunks_exact_mut(width));
+        for (r, ((a, residual), (sum, out))) in rows.zip(outputs).enumerate() {
+            let first = first + (r * width) as u64;
+            match keep {
+                Some(keep) => {
+                    for (i, ((s, &v), &x)) in row.iter_mut().zip(a).zip(residual).enumerate() {
+                        *s = v * keep.scale(first + i as u64) + x;
+                    }
+                }
+                None => {
+                    for ((s, &v), &x) in row.iter_mut().zip(a).zip(residual) {
+                        *s = v + x;
+                    }
+                }
+            }
+            let (mean, inv_std) = moments(row, eps);
+            for ((((o, s), &v), &g), &b) in out.iter_mut().zip(sum.iter_mut()).zip(&*row).zip(gamma).zip(beta) {
+                s.write(v);
+                o.write((v - mean) * inv_std * g + b);
+            }
+        }
+    }
+}
+
+/// `layer_norm(dropout(a) + residual)` over rows of `gamma.len()`, as BERT closes each half of
+/// a layer: returns the sum (LayerNorm's input, which its backward reads) and the output.
+/// Element `i` of `a` keeps or drops as [`KeepRule::scale`]`(i)` says, as the dropout kernel's.
+pub(super) fn residual_forward(
+    a: &[f32],
+    residual: &[f32],
+    keep: Option<KeepRule>,
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let width = gamma.len();
+    if width == 0
+        || !a.len().is_multiple_of(width)
+        || residual.len() != a.len()
+        || beta.len() != width
+    {
+        bail!(
+            "fused residual layer norm: {} and {} elements, gamma {width}, beta {}",
+            a.len(),
+            residual.len(),
+            beta.len()
+        );
+    }
+    let task = rows_per_task(width) * width;
+    let (mut sum, mut out) = (Vec::with_capacity(a.len()), Vec::with_capacity(a.len()));
+    sum.spare_capacity_mut()[..a.len()]
+        .par_chunks_mut(task)
+        .zip(out.spare_capacity_mut()[..a.len()].par_chunks_mut(task))
+        .enumerate()
+        .for_each(|(i, (sum, out))| {
+            let range = i * task..i * task + sum.len();
+            let mut row = vec![0f32; width];
+            residual_rows(
+                &a[range.clone()],
+                &residual[range],
+                keep,
+                (i * task) as u64,
+                gamma,
+                beta,
+                eps,
+                &mut row,
+                sum,
+                out,
+            );
+        });
+    // SAFETY: the chunks cover every element, and `residual_rows` writes each of both buffers.
+    unsafe {
+        sum.set_len(a.len());
+        out.set_len(a.len());
+    }
+    Ok((sum, out))
 }
 
 pub(in crate::model::kernels) fn layer_norm(

@@ -116,6 +116,25 @@ impl<'a> Operands<'a> {
         })
     }
 
+    /// Over slices already checked to hold `shape` `(rows, in, out)`'s elements.
+    pub(super) fn of_slices(
+        x: &'a [f32],
+        w: &'a [f32],
+        bias: &'a [f32],
+        shape: (usize, usize, usize),
+    ) -> Result<Self> {
+        let (rows, inp, out) = shape;
+        if x.len() != rows * inp || w.len() != out * inp || bias.len() != out {
+            bail!(
+                "fused linear: x {}, weight {}, bias {} for [{rows}, {inp}] -> {out}",
+                x.len(),
+                w.len(),
+                bias.len()
+            );
+        }
+        Ok(Self { x, w, bias, shape })
+    }
+
     /// `dst = x @ w^T + bias` (`[rows, out]`, row-major), then `epilogue` on each block.
     ///
     /// # Safety
@@ -178,7 +197,7 @@ struct Gradients {
 }
 
 /// The gradients of `x @ w^T + bias` for `x` `[rows, inp]`, `w` `[out, inp]` given the output's,
-/// `g` `[rows, out]`: two products reading the transposed operands in place, and column sums.
+/// `g` `[rows, out]`.
 fn backward(
     x: &[f32],
     w: &[f32],
@@ -186,20 +205,43 @@ fn backward(
     (rows, inp): (usize, usize),
     out: usize,
 ) -> Result<Gradients> {
-    if x.len() != rows * inp || w.len() != out * inp || g.len() != rows * out {
+    let mut weight = vec![0f32; out * inp];
+    let mut bias = vec![0f32; out];
+    let x = backward_into(x, w, g, (rows, inp), out, (&mut weight, &mut bias))?;
+    Ok(Gradients { x, weight, bias })
+}
+
+/// As [`backward`], writing the weight and bias gradients into `grad_w` (`[out, inp]`) and
+/// `grad_bias` (`[out]`) and returning the input's: two products reading the transposed operands
+/// in place, and column sums.
+pub(super) fn backward_into(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (rows, inp): (usize, usize),
+    out: usize,
+    (grad_w, grad_bias): (&mut [f32], &mut [f32]),
+) -> Result<Vec<f32>> {
+    if x.len() != rows * inp
+        || w.len() != out * inp
+        || g.len() != rows * out
+        || grad_w.len() != out * inp
+        || grad_bias.len() != out
+    {
         bail!(
-            "fused linear backward: x {}, weight {}, gradient {} for [{rows}, {inp}] -> {out}",
+            "fused linear backward: x {}, weight {}, gradient {}, weight gradient {}, bias gradient {} for [{rows}, {inp}] -> {out}",
             x.len(),
             w.len(),
-            g.len()
+            g.len(),
+            grad_w.len(),
+            grad_bias.len()
         );
     }
-    // Both products write every element, so the buffers skip zeroing.
+    // The input's product writes every element, so its buffer skips zeroing.
     let mut grad_x: Vec<f32> = Vec::with_capacity(rows * inp);
-    let mut grad_w: Vec<f32> = Vec::with_capacity(out * inp);
     // SAFETY: grad_x `[rows, inp]` = g `[rows, out]` · w `[out, inp]`; grad_w `[out, inp]`
     // = g^T `[out, rows]` · x `[rows, inp]`; the sizes were checked above, every buffer has the
-    // capacity its strides reach, and each product writes all of it before `set_len`.
+    // capacity its strides reach, and the first product writes all of grad_x before `set_len`.
     unsafe {
         matmul(
             (rows, inp, out),
@@ -238,13 +280,9 @@ fn backward(
             true,
         );
         grad_x.set_len(rows * inp);
-        grad_w.set_len(out * inp);
     }
-    Ok(Gradients {
-        x: grad_x,
-        weight: grad_w,
-        bias: column_sums(g, out),
-    })
+    grad_bias.copy_from_slice(&column_sums(g, out));
+    Ok(grad_x)
 }
 
 /// Runs `op` (a linear layer's) over `x` with any number of leading dimensions, flattened to rows.

@@ -17,6 +17,7 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 pub(super) mod amx_packed;
 mod attention;
+mod bert_layer;
 mod dropout;
 mod gelu;
 mod layer_norm;
@@ -27,6 +28,7 @@ mod math;
 mod tests;
 
 pub(super) use attention::attention;
+pub(super) use bert_layer::bert_layer;
 pub(super) use dropout::dropout;
 pub(crate) use gelu::in_place as gelu_in_place;
 pub(super) use layer_norm::layer_norm;

@@ -275,6 +275,98 @@ fn attention_with_a_position_bias_matches_reference() {
     assert!(wrong_bias.is_err(), "one head, but a bias for two");
 }
 
+/// The whole layer as one op against the seam's kernels composed (each tested above against the
+/// reference), with padding and every dropout on: output, and the gradients of the input, the
+/// mask bias and all sixteen parameters.
+#[test]
+fn bert_layer_matches_its_kernels_composed() {
+    use super::super::{LayerDropouts, LayerParams, LayerShape, LinearParams, NormParams};
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    for (batch, seq, heads, dim, inter) in [(2, 5, 2, 4, 12), (3, 9, 3, 8, 40), (2, 33, 12, 32, 96)]
+    {
+        let hidden = heads * dim;
+        let mut bias = vec![0f32; batch * seq];
+        for row in bias.chunks_mut(seq) {
+            let keep = rng.random_range(1..=seq);
+            row[keep..].fill(f32::MIN);
+        }
+        let bias = Tensor::from_vec(bias, (batch, 1, 1, seq), &Device::Cpu).expect("bias");
+        let mut inputs = vec![random(&mut rng, &[batch, seq, hidden], 1.), bias];
+        // Each linear layer's weight and bias, each LayerNorm's gain (about 1) and bias.
+        for (out, inp) in [(hidden, hidden); 4] {
+            inputs.push(random(&mut rng, &[out, inp], 0.3));
+            inputs.push(random(&mut rng, &[out], 0.2));
+        }
+        for (out, inp) in [(inter, hidden), (hidden, inter)] {
+            inputs.push(random(&mut rng, &[out, inp], 0.3));
+            inputs.push(random(&mut rng, &[out], 0.2));
+        }
+        for _ in 0..2 {
+            inputs.push(
+                random(&mut rng, &[hidden], 0.5)
+                    .affine(1., 1.)
+                    .expect("gain"),
+            );
+            inputs.push(random(&mut rng, &[hidden], 0.2));
+        }
+        let shape = LayerShape {
+            heads,
+            scale: 1. / (dim as f64).sqrt(),
+            eps: 1e-12,
+        };
+        let dropouts = LayerDropouts {
+            probs: Some(Dropout { p: 0.1, seed: 3 }),
+            attention_output: Some(Dropout { p: 0.2, seed: 4 }),
+            output: Some(Dropout { p: 0.15, seed: 5 }),
+        };
+        // inputs: x, mask, then (weight, bias) of query, key, value, attention output,
+        // intermediate, output, then (gain, bias) of the two LayerNorms.
+        fn layer(t: &[Tensor]) -> LayerParams<'_> {
+            let linear = |i: usize| LinearParams {
+                weight: &t[i],
+                bias: &t[i + 1],
+            };
+            let norm = |i: usize| NormParams {
+                gamma: &t[i],
+                beta: &t[i + 1],
+            };
+            LayerParams {
+                query: linear(2),
+                key: linear(4),
+                value: linear(6),
+                attention_output: linear(8),
+                attention_norm: norm(14),
+                intermediate: linear(10),
+                output: linear(12),
+                output_norm: norm(16),
+            }
+        }
+        let differentiable: Vec<usize> = (0..inputs.len()).collect();
+        compare(
+            &format!("BERT layer {batch}x{seq}, {heads} heads of {dim}, {inter} inner"),
+            &inputs,
+            &differentiable,
+            |t| {
+                let flat = layer(t)
+                    .tensors()
+                    .iter()
+                    .map(|t| t.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                super::bert_layer(
+                    &t[0],
+                    &Tensor::cat(&flat, 0)?,
+                    &t[1].reshape((batch, seq))?,
+                    (shape.heads, shape.scale, shape.eps),
+                    inter,
+                    dropouts,
+                )
+            },
+            |t| super::super::composed_bert_layer(&t[0], &layer(t), &t[1], None, shape, dropouts),
+            &mut rng,
+        );
+    }
+}
+
 #[test]
 fn fused_kernels_refuse_what_they_cannot_run() {
     let x = Tensor::ones((2, 6), DType::F32, &Device::Cpu).expect("ones");
