@@ -88,8 +88,8 @@ struct BertLayer {
     eps: f32,
     attention_output: Option<KeepRule>,
     output: Option<KeepRule>,
-    /// `Some` when gradients are wanted: the forward pass leaves its activations here.
-    saved: Option<Mutex<Option<Saved>>>,
+    /// The forward pass leaves its activations here for the backward.
+    saved: Mutex<Option<Saved>>,
 }
 
 impl BertLayer {
@@ -124,9 +124,7 @@ impl BertLayer {
         let offsets = self.offsets(hidden);
         let param = |n: usize| &params[offsets.range(n)];
         let qkv = product(x, (param(QKV_W), param(QKV_B)), (rows, hidden, 3 * hidden))?;
-        let (context, probs) = self
-            .attention
-            .context(&qkv, mask, None, dims, self.saved.is_some());
+        let (context, probs) = self.attention.context(&qkv, mask, None, dims, true);
         let attention_out = product(
             &context,
             (param(ATTENTION_OUT_W), param(ATTENTION_OUT_B)),
@@ -144,7 +142,6 @@ impl BertLayer {
             &attended,
             (param(INTERMEDIATE_W), param(INTERMEDIATE_B)),
             (rows, hidden, self.inter),
-            self.saved.is_some(),
         )?;
         let output = self::product(
             &activated,
@@ -158,18 +155,16 @@ impl BertLayer {
             (param(OUTPUT_NORM_G), param(OUTPUT_NORM_B)),
             self.eps,
         )?;
-        if let Some(saved) = &self.saved {
-            *saved.lock().map_err(|_| poisoned())? = Some(Saved {
-                qkv,
-                probs,
-                context,
-                attention_sum,
-                attended,
-                product,
-                activated,
-                output_sum,
-            });
-        }
+        *self.saved.lock().map_err(|_| poisoned())? = Some(Saved {
+            qkv,
+            probs,
+            context,
+            attention_sum,
+            attended,
+            product,
+            activated,
+            output_sum,
+        });
         Ok(out)
     }
 
@@ -181,10 +176,7 @@ impl BertLayer {
         dims: Dims,
         mask_tracked: bool,
     ) -> Result<LayerGradients> {
-        let Some(saved) = &self.saved else {
-            bail!("fused BERT layer: backward of a forward run without gradients");
-        };
-        let saved = saved.lock().map_err(|_| poisoned())?;
+        let saved = self.saved.lock().map_err(|_| poisoned())?;
         let Some(saved) = saved.as_ref() else {
             bail!("fused BERT layer: backward before the forward pass");
         };
@@ -337,25 +329,15 @@ fn product(
     Ok(y)
 }
 
-/// The intermediate layer: the product and its GELU (GELU in place, and no product, when `keep`
-/// is false: nothing will read it).
+/// The intermediate layer: the product (GELU's input, which its backward reads) and its GELU.
 fn product_gelu(
     x: &[f32],
     (w, bias): (&[f32], &[f32]),
     shape: (usize, usize, usize),
-    keep: bool,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let operands = Operands::of_slices(x, w, bias, shape)?;
     let len = shape.0 * shape.2;
     let mut activated: Vec<f32> = Vec::with_capacity(len);
-    if !keep {
-        // SAFETY: as in `product`; GELU overwrites the product in place.
-        unsafe {
-            operands.forward_into(activated.as_mut_ptr(), Epilogue::Gelu);
-            activated.set_len(len);
-        }
-        return Ok((Vec::new(), activated));
-    }
     let mut product: Vec<f32> = Vec::with_capacity(len);
     let into = Epilogue::GeluInto(SharedMut(activated.as_mut_ptr()));
     // SAFETY: both buffers have room for `[rows, out]`: the product writes every element of
@@ -462,7 +444,9 @@ impl CustomOp3 for BertLayer {
 }
 
 /// One BERT layer over `x` `[batch, seq, hidden]` given its parameters flattened in the order of
-/// [`Offsets::sizes`], the mask bias `[batch, seq]`, the intermediate width and the dropouts.
+/// [`Offsets::sizes`], the mask bias `[batch, seq]`, the intermediate width and the dropouts. For
+/// training: the op keeps its activations for the backward (inference takes the composed
+/// kernels, which keep nothing).
 pub(in crate::model::kernels) fn bert_layer(
     x: &Tensor,
     params: &Tensor,
@@ -471,7 +455,6 @@ pub(in crate::model::kernels) fn bert_layer(
     inter: usize,
     dropouts: LayerDropouts,
 ) -> Result<Tensor> {
-    let wants_gradient = [x, params].iter().any(|t| t.track_op());
     let keep =
         |d: Option<crate::model::kernels::Dropout>| d.filter(|d| d.p > 0.).map(KeepRule::new);
     let op = BertLayer {
@@ -480,7 +463,7 @@ pub(in crate::model::kernels) fn bert_layer(
         eps: eps as f32,
         attention_output: keep(dropouts.attention_output),
         output: keep(dropouts.output),
-        saved: wants_gradient.then(|| Mutex::new(None)),
+        saved: Mutex::new(None),
     };
     x.contiguous()?
         .apply_op3(&params.contiguous()?, &mask_bias.contiguous()?, op)
