@@ -183,12 +183,7 @@ impl Attention {
                 self.heads
             );
         }
-        Ok(Dims {
-            batch,
-            seq,
-            hidden,
-            head_dim: hidden / self.heads,
-        })
+        self.dims_of(batch, seq, hidden)
     }
 }
 
@@ -203,24 +198,21 @@ impl Attention {
         position_bias: Option<&[f32]>,
         dims: Dims,
     ) -> (CpuStorage, Shape) {
-        let (context, _) = self.context(qkv, mask, position_bias, dims, false);
+        let context = self.context(qkv, mask, position_bias, dims);
         let Dims {
             batch, seq, hidden, ..
         } = dims;
         (CpuStorage::F32(context), Shape::from((batch, seq, hidden)))
     }
 
-    /// The context `[batch, seq, hidden]` of one call, as a row-major buffer; and with
-    /// `keep_probs` the probabilities before dropout, `[batch, heads, seq, seq]`, for a backward
-    /// pass that would otherwise compute them again (empty without).
+    /// The context `[batch, seq, hidden]` of one call, as a row-major buffer.
     pub(super) fn context(
         &self,
         qkv: &[f32],
         mask: &[f32],
         position_bias: Option<&[f32]>,
         dims: Dims,
-        keep_probs: bool,
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> Vec<f32> {
         let Dims {
             batch,
             seq,
@@ -230,27 +222,9 @@ impl Attention {
         // Every task writes its head's columns of its sequence's rows: all of it, unzeroed.
         let mut context: Vec<f32> = Vec::with_capacity(batch * seq * hidden);
         let out = SharedMut(context.as_mut_ptr());
-        let kept_len = if keep_probs {
-            batch * self.heads * seq * seq
-        } else {
-            0
-        };
-        let mut kept: Vec<f32> = Vec::with_capacity(kept_len);
-        let kept_out = SharedMut(kept.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {
             let (b, head) = (task / self.heads, task % self.heads);
-            with_scratch(seq * seq, |[scratch, dropped, ..]| {
-                let probs = if keep_probs {
-                    // SAFETY: task `task`'s own `seq x seq` block of the kept buffer.
-                    unsafe {
-                        std::slice::from_raw_parts_mut(
-                            kept_out.ptr().add(task * seq * seq),
-                            seq * seq,
-                        )
-                    }
-                } else {
-                    scratch
-                };
+            with_scratch(seq * seq, |[probs, dropped, ..]| {
                 // SAFETY: `dims` was checked against both inputs' shapes.
                 unsafe { self.probabilities(qkv, mask, position_bias, dims, b, head, probs) };
                 let probs: &[f32] = match self.keep {
@@ -285,12 +259,9 @@ impl Attention {
                 }
             });
         });
-        // SAFETY: the tasks, one per (sequence, head), wrote every element of both.
-        unsafe {
-            context.set_len(batch * seq * hidden);
-            kept.set_len(kept_len);
-        }
-        (context, kept)
+        // SAFETY: the tasks, one per (sequence, head), wrote every element.
+        unsafe { context.set_len(batch * seq * hidden) };
+        context
     }
 
     /// The gradients of the query/key/value projection, the mask bias and the position bias
@@ -321,7 +292,6 @@ impl Attention {
         let bias_tracked = position_bias.is_some_and(Tensor::track_op);
         let (grad_qkv, grad_mask_per_head, grad_bias_per_sequence) = self.gradients(
             (qkv_data, mask_data, bias_data),
-            None,
             g,
             dims,
             (mask_tracked, bias_tracked),
@@ -352,13 +322,10 @@ impl Attention {
     }
 
     /// The gradients of one call: of `qkv` (all of it), and per head of the mask bias and per
-    /// sequence of the position bias, each only when `tracked` (else empty). `kept_probs` are
-    /// the forward pass's probabilities where [`Attention::context`] kept them; `None`
-    /// computes them again.
+    /// sequence of the position bias, each only when `tracked` (else empty).
     pub(super) fn gradients(
         &self,
         (qkv_data, mask_data, bias_data): (&[f32], &[f32], Option<&[f32]>),
-        kept_probs: Option<&[f32]>,
         g: &[f32],
         dims: Dims,
         (mask_tracked, bias_tracked): (bool, bool),
@@ -396,19 +363,9 @@ impl Attention {
         let bias_out = SharedMut(grad_bias_per_sequence.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {
             let (b, head) = (task / self.heads, task % self.heads);
-            with_scratch(seq * seq, |[scratch, dropped, grad_used, grad_probs]| {
-                let probs: &[f32] = match kept_probs {
-                    Some(kept) => &kept[task * seq * seq..(task + 1) * seq * seq],
-                    None => {
-                        // SAFETY: `dims` was checked against both inputs' shapes.
-                        unsafe {
-                            self.probabilities(
-                                qkv_data, mask_data, bias_data, dims, b, head, scratch,
-                            )
-                        };
-                        scratch
-                    }
-                };
+            with_scratch(seq * seq, |[probs, dropped, grad_used, grad_probs]| {
+                // SAFETY: `dims` was checked against both inputs' shapes.
+                unsafe { self.probabilities(qkv_data, mask_data, bias_data, dims, b, head, probs) };
                 let first = self.first_index(dims, b, head);
                 let used: &[f32] = match self.keep {
                     Some(keep) => {

@@ -65,9 +65,6 @@ const OUTPUT_NORM_B: usize = 11;
 struct Saved {
     /// Queries, keys and values `[rows, 3 hidden]`.
     qkv: Vec<f32>,
-    /// The attention probabilities before dropout, `[batch, heads, seq, seq]`: kept, where the
-    /// composed kernel's backward computes them again (a product and a softmax a head).
-    probs: Vec<f32>,
     /// Attention's output, the attention output layer's input.
     context: Vec<f32>,
     /// The attention half's residual sum, its LayerNorm's input.
@@ -124,7 +121,7 @@ impl BertLayer {
         let offsets = self.offsets(hidden);
         let param = |n: usize| &params[offsets.range(n)];
         let qkv = product(x, (param(QKV_W), param(QKV_B)), (rows, hidden, 3 * hidden))?;
-        let (context, probs) = self.attention.context(&qkv, mask, None, dims, true);
+        let context = self.attention.context(&qkv, mask, None, dims);
         let attention_out = product(
             &context,
             (param(ATTENTION_OUT_W), param(ATTENTION_OUT_B)),
@@ -157,7 +154,6 @@ impl BertLayer {
         )?;
         *self.saved.lock().map_err(|_| poisoned())? = Some(Saved {
             qkv,
-            probs,
             context,
             attention_sum,
             attended,
@@ -241,7 +237,6 @@ impl BertLayer {
         drop(attention_out);
         let (qkv, mask_per_head, _) = self.attention.gradients(
             (&saved.qkv, mask, None),
-            Some(&saved.probs),
             &context,
             dims,
             (mask_tracked, false),

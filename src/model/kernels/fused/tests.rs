@@ -95,6 +95,17 @@ fn compare(
     }
 }
 
+/// A mask bias `[batch, 1, 1, seq]`: each sequence keeps a random prefix of at least one token,
+/// the rest is padding.
+fn padding_mask(rng: &mut ChaCha8Rng, batch: usize, seq: usize) -> Tensor {
+    let mut bias = vec![0f32; batch * seq];
+    for row in bias.chunks_mut(seq) {
+        let keep = rng.random_range(1..=seq);
+        row[keep..].fill(f32::MIN);
+    }
+    Tensor::from_vec(bias, (batch, 1, 1, seq), &Device::Cpu).expect("bias")
+}
+
 #[test]
 fn linear_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -197,13 +208,7 @@ fn attention_matches_reference_with_padding_and_dropout() {
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     for (batch, heads, seq, dim) in [(2, 3, 5, 4), (3, 2, 9, 8), (2, 12, 33, 32), (1, 1, 1, 3)] {
         let hidden = heads * dim;
-        // Each sequence keeps a random prefix of at least one token; the rest is padding.
-        let mut bias = vec![0f32; batch * seq];
-        for row in bias.chunks_mut(seq) {
-            let keep = rng.random_range(1..=seq);
-            row[keep..].fill(f32::MIN);
-        }
-        let bias = Tensor::from_vec(bias, (batch, 1, 1, seq), &Device::Cpu).expect("bias");
+        let bias = padding_mask(&mut rng, batch, seq);
         let qkv = random(&mut rng, &[batch, seq, 3 * hidden], 2.);
         let scale = 1. / (dim as f64).sqrt();
         for dropout in [None, Some(Dropout { p: 0.2, seed: 5 })] {
@@ -285,12 +290,7 @@ fn bert_layer_matches_its_kernels_composed() {
     for (batch, seq, heads, dim, inter) in [(2, 5, 2, 4, 12), (3, 9, 3, 8, 40), (2, 33, 12, 32, 96)]
     {
         let hidden = heads * dim;
-        let mut bias = vec![0f32; batch * seq];
-        for row in bias.chunks_mut(seq) {
-            let keep = rng.random_range(1..=seq);
-            row[keep..].fill(f32::MIN);
-        }
-        let bias = Tensor::from_vec(bias, (batch, 1, 1, seq), &Device::Cpu).expect("bias");
+        let bias = padding_mask(&mut rng, batch, seq);
         let mut inputs = vec![random(&mut rng, &[batch, seq, hidden], 1.), bias];
         // Each linear layer's weight and bias, each LayerNorm's gain (about 1) and bias.
         for (out, inp) in [(hidden, hidden); 4] {
