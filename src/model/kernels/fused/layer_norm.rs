@@ -211,7 +211,8 @@ multiversion! {
                 }
             }
             let (mean, inv_std) = moments(row, eps);
-            for ((((o, s), &v), &g), &b) in out.iter_mut().zip(sum.iter_mut()).zip(&*row).zip(gamma).zip(beta) {
+            let outputs = out.iter_mut().zip(sum.iter_mut());
+            for (((o, s), &v), (&g, &b)) in outputs.zip(&*row).zip(gamma.iter().zip(beta)) {
                 s.write(v);
                 o.write((v - mean) * inv_std * g + b);
             }
