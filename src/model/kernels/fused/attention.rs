@@ -75,7 +75,7 @@ multiversion! {
 
 multiversion! {
     /// `target += addend`, element by element.
-    fn add_assign(target: &mut [f32], addend: &[f32]) {
+    pub(super) fn add_assign(target: &mut [f32], addend: &[f32]) {
         for (t, &a) in target.iter_mut().zip(addend) {
             *t += a;
         }

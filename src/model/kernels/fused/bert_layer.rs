@@ -13,12 +13,12 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::attention::{Attention, Dims};
+use super::attention::{Attention, Dims, add_assign};
 use super::linear::{Operands, backward_into};
 use super::{Epilogue, Read, SharedMut, dropout, gelu, input, layer_norm};
 use crate::model::kernels::{KeepRule, LayerDropouts};
 
-/// Where each parameter sits in the flat parameter tensor: ranges of `[start, end)`.
+/// The sizes of the layer's parameters, `hidden` wide with `inter` intermediate features.
 #[derive(Clone, Copy)]
 struct Offsets {
     hidden: usize,
@@ -39,27 +39,51 @@ impl Offsets {
         self.sizes().iter().sum()
     }
 
-    /// The range of parameter `n` (its place in [`Offsets::sizes`]).
-    fn range(self, n: usize) -> std::ops::Range<usize> {
-        let sizes = self.sizes();
-        let start: usize = sizes[..n].iter().sum();
-        start..start + sizes[n]
+    /// The parameters, parts of `flat` (of [`Offsets::total`] elements).
+    fn params(self, flat: &[f32]) -> Parts<&[f32]> {
+        let mut rest = flat;
+        Parts::in_order(self.sizes().map(|size| {
+            let (part, tail) = rest.split_at(size);
+            rest = tail;
+            part
+        }))
+    }
+
+    /// Their gradients, parts of `flat` (of [`Offsets::total`] elements).
+    fn grads(self, flat: &mut [f32]) -> Parts<&mut [f32]> {
+        let mut rest = flat;
+        Parts::in_order(self.sizes().map(|size| {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(size);
+            rest = tail;
+            part
+        }))
     }
 }
 
-/// Parameter numbers in [`Offsets::sizes`].
-const QKV_W: usize = 0;
-const QKV_B: usize = 1;
-const ATTENTION_OUT_W: usize = 2;
-const ATTENTION_OUT_B: usize = 3;
-const ATTENTION_NORM_G: usize = 4;
-const ATTENTION_NORM_B: usize = 5;
-const INTERMEDIATE_W: usize = 6;
-const INTERMEDIATE_B: usize = 7;
-const OUTPUT_W: usize = 8;
-const OUTPUT_B: usize = 9;
-const OUTPUT_NORM_G: usize = 10;
-const OUTPUT_NORM_B: usize = 11;
+/// The layer's parameters (or their gradients) by name: each linear layer's weight and bias,
+/// each LayerNorm's gain and bias.
+struct Parts<S> {
+    qkv: (S, S),
+    attention_out: (S, S),
+    attention_norm: (S, S),
+    intermediate: (S, S),
+    output: (S, S),
+    output_norm: (S, S),
+}
+
+impl<S> Parts<S> {
+    /// From the parts in the order of [`Offsets::sizes`].
+    fn in_order([a, b, c, d, e, f, g, h, i, j, k, l]: [S; 12]) -> Self {
+        Self {
+            qkv: (a, b),
+            attention_out: (c, d),
+            attention_norm: (e, f),
+            intermediate: (g, h),
+            output: (i, j),
+            output_norm: (k, l),
+        }
+    }
+}
 
 /// The forward pass's activations that the backward reads.
 struct Saved {
@@ -118,40 +142,23 @@ impl BertLayer {
     fn forward(&self, x: &[f32], params: &[f32], mask: &[f32], dims: Dims) -> Result<Vec<f32>> {
         let hidden = dims.hidden;
         let rows = dims.batch * dims.seq;
-        let offsets = self.offsets(hidden);
-        let param = |n: usize| &params[offsets.range(n)];
-        let qkv = product(x, (param(QKV_W), param(QKV_B)), (rows, hidden, 3 * hidden))?;
+        let p = self.offsets(hidden).params(params);
+        let qkv = product(x, p.qkv, (rows, hidden, 3 * hidden))?;
         let context = self.attention.context(&qkv, mask, None, dims);
-        let attention_out = product(
-            &context,
-            (param(ATTENTION_OUT_W), param(ATTENTION_OUT_B)),
-            (rows, hidden, hidden),
-        )?;
+        let attention_out = product(&context, p.attention_out, (rows, hidden, hidden))?;
         let (attention_sum, attended) = layer_norm::residual_forward(
             &attention_out,
             x,
             self.attention_output,
-            (param(ATTENTION_NORM_G), param(ATTENTION_NORM_B)),
+            p.attention_norm,
             self.eps,
         )?;
         drop(attention_out);
-        let (product, activated) = product_gelu(
-            &attended,
-            (param(INTERMEDIATE_W), param(INTERMEDIATE_B)),
-            (rows, hidden, self.inter),
-        )?;
-        let output = self::product(
-            &activated,
-            (param(OUTPUT_W), param(OUTPUT_B)),
-            (rows, self.inter, hidden),
-        )?;
-        let (output_sum, out) = layer_norm::residual_forward(
-            &output,
-            &attended,
-            self.output,
-            (param(OUTPUT_NORM_G), param(OUTPUT_NORM_B)),
-            self.eps,
-        )?;
+        let (product, activated) =
+            product_gelu(&attended, p.intermediate, (rows, hidden, self.inter))?;
+        let output = self::product(&activated, p.output, (rows, self.inter, hidden))?;
+        let (output_sum, out) =
+            layer_norm::residual_forward(&output, &attended, self.output, p.output_norm, self.eps)?;
         *self.saved.lock().map_err(|_| poisoned())? = Some(Saved {
             qkv,
             context,
@@ -179,37 +186,37 @@ impl BertLayer {
         let hidden = dims.hidden;
         let rows = dims.batch * dims.seq;
         let offsets = self.offsets(hidden);
-        let param = |n: usize| &params[offsets.range(n)];
+        let p = offsets.params(params);
         let mut grads = vec![0f32; params.len()];
-        let mut split = ParamGrads::new(&mut grads, offsets);
+        let g = offsets.grads(&mut grads);
 
         // The output LayerNorm, then its dropout; its residual input is `attended`.
         let output_sum = norm_backward(
             &saved.output_sum,
-            param(OUTPUT_NORM_G),
+            p.output_norm.0,
             grad,
             self.eps,
-            split.take2(OUTPUT_NORM_G, OUTPUT_NORM_B),
+            g.output_norm,
         );
         let output = dropout::redraw(&output_sum, self.output);
         let activated = backward_into(
             &saved.activated,
-            param(OUTPUT_W),
+            p.output.0,
             &output,
             (rows, self.inter),
             hidden,
-            split.take2(OUTPUT_W, OUTPUT_B),
+            g.output,
         )?;
         drop(output);
         let product = gelu::backward(&saved.product, &activated);
         drop(activated);
         let mut attended = backward_into(
             &saved.attended,
-            param(INTERMEDIATE_W),
+            p.intermediate.0,
             &product,
             (rows, hidden),
             self.inter,
-            split.take2(INTERMEDIATE_W, INTERMEDIATE_B),
+            g.intermediate,
         )?;
         drop(product);
         add_assign(&mut attended, &output_sum);
@@ -219,20 +226,20 @@ impl BertLayer {
         // query/key/value projection; its residual input is `x`.
         let attention_sum = norm_backward(
             &saved.attention_sum,
-            param(ATTENTION_NORM_G),
+            p.attention_norm.0,
             &attended,
             self.eps,
-            split.take2(ATTENTION_NORM_G, ATTENTION_NORM_B),
+            g.attention_norm,
         );
         drop(attended);
         let attention_out = dropout::redraw(&attention_sum, self.attention_output);
         let context = backward_into(
             &saved.context,
-            param(ATTENTION_OUT_W),
+            p.attention_out.0,
             &attention_out,
             (rows, hidden),
             hidden,
-            split.take2(ATTENTION_OUT_W, ATTENTION_OUT_B),
+            g.attention_out,
         )?;
         drop(attention_out);
         let (qkv, mask_per_head, _) = self.attention.gradients(
@@ -242,14 +249,7 @@ impl BertLayer {
             (mask_tracked, false),
         );
         drop(context);
-        let mut input = backward_into(
-            x,
-            param(QKV_W),
-            &qkv,
-            (rows, hidden),
-            3 * hidden,
-            split.take2(QKV_W, QKV_B),
-        )?;
+        let mut input = backward_into(x, p.qkv.0, &qkv, (rows, hidden), 3 * hidden, g.qkv)?;
         add_assign(&mut input, &attention_sum);
         // The mask bias is a constant in the model; its gradient (the score gradients summed
         // over heads and query rows) only where something tracks it.
@@ -280,31 +280,6 @@ struct LayerGradients {
     input: Vec<f32>,
     params: Vec<f32>,
     mask: Option<Vec<f32>>,
-}
-
-/// Hands out the flat parameter gradient's parts, each once, as the backward reaches them.
-struct ParamGrads<'a> {
-    parts: Vec<Option<&'a mut [f32]>>,
-}
-
-impl<'a> ParamGrads<'a> {
-    fn new(grads: &'a mut [f32], offsets: Offsets) -> Self {
-        let mut parts = Vec::new();
-        let mut rest = grads;
-        for size in offsets.sizes() {
-            let (part, tail) = rest.split_at_mut(size);
-            parts.push(Some(part));
-            rest = tail;
-        }
-        Self { parts }
-    }
-
-    /// Parts `a` and `b` (a weight and its bias, or a gain and its bias).
-    fn take2(&mut self, a: usize, b: usize) -> (&'a mut [f32], &'a mut [f32]) {
-        let first = self.parts[a].take().unwrap_or_default();
-        let second = self.parts[b].take().unwrap_or_default();
-        (first, second)
-    }
 }
 
 /// `x @ w^T + bias` for `x` `[rows, in]` and `w` `[out, in]`: `shape` is `(rows, in, out)`.
@@ -357,15 +332,6 @@ fn norm_backward(
     grad_gamma.copy_from_slice(&gamma_part);
     grad_beta.copy_from_slice(&beta_part);
     grad_x
-}
-
-super::multiversion! {
-    /// `target += addend`, element by element.
-    fn add_assign(target: &mut [f32], addend: &[f32]) {
-        for (t, &a) in target.iter_mut().zip(addend) {
-            *t += a;
-        }
-    }
 }
 
 fn poisoned() -> candle_core::Error {
