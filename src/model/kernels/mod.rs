@@ -353,12 +353,9 @@ pub fn bert_layer(
     shape: LayerShape,
     dropouts: LayerDropouts,
 ) -> Result<Tensor> {
-    let tensors = params.tensors();
-    let wants_gradient = x.track_op() || tensors.iter().any(|t| t.track_op());
-    let mut inputs = vec![x, mask_bias];
-    inputs.extend(tensors.iter().copied());
-    if wants_gradient && position_bias.is_none() && fused_applies(&inputs) {
+    if fuses_layer(x, params, mask_bias, position_bias) {
         let (batch, seq, _) = x.dims3()?;
+        let tensors = params.tensors();
         let flat = tensors
             .iter()
             .map(|t| t.flatten_all())
@@ -374,6 +371,21 @@ pub fn bert_layer(
     } else {
         composed_bert_layer(x, params, mask_bias, position_bias, shape, dropouts)
     }
+}
+
+/// Whether [`bert_layer`] runs as one op: in training (something wants a gradient), on the
+/// fused kernels, with no position bias.
+fn fuses_layer(
+    x: &Tensor,
+    params: &LayerParams<'_>,
+    mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
+) -> bool {
+    let tensors = params.tensors();
+    let wants_gradient = x.track_op() || tensors.iter().any(|t| t.track_op());
+    let mut inputs = vec![x, mask_bias];
+    inputs.extend(tensors);
+    wants_gradient && position_bias.is_none() && fused_applies(&inputs)
 }
 
 impl LayerParams<'_> {
@@ -456,6 +468,49 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::{self as kernels, Dropout};
+
+    /// Training takes the fused layer (on the fused kernels); inference and a position bias
+    /// take the composition.
+    #[test]
+    fn only_training_without_a_position_bias_takes_the_fused_layer() {
+        use super::{LayerParams, LinearParams, NormParams};
+        let device = Device::Cpu;
+        let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &device).expect("zeros");
+        let (weight, bias) = (zeros(&[4, 4]), zeros(&[4]));
+        let (inner, inner_bias, outer) = (zeros(&[8, 4]), zeros(&[8]), zeros(&[4, 8]));
+        let var = Var::from_tensor(&weight).expect("a var");
+        /// A layer whose query weight is `query`, every other parameter one of the zeros.
+        fn layer<'a>(
+            query: &'a Tensor,
+            [square, bias, inner, inner_bias, outer]: [&'a Tensor; 5],
+        ) -> LayerParams<'a> {
+            let linear = |weight| LinearParams { weight, bias };
+            let norm = NormParams {
+                gamma: bias,
+                beta: bias,
+            };
+            LayerParams {
+                query: linear(query),
+                key: linear(square),
+                value: linear(square),
+                attention_output: linear(square),
+                attention_norm: norm,
+                intermediate: LinearParams {
+                    weight: inner,
+                    bias: inner_bias,
+                },
+                output: linear(outer),
+                output_norm: norm,
+            }
+        }
+        let rest = [&weight, &bias, &inner, &inner_bias, &outer];
+        let (x, mask, position) = (zeros(&[1, 2, 4]), zeros(&[1, 1, 1, 2]), zeros(&[2, 2, 2]));
+        let fused = kernels::implementation() == kernels::Implementation::Fused;
+        let training = layer(var.as_tensor(), rest);
+        assert_eq!(super::fuses_layer(&x, &training, &mask, None), fused);
+        assert!(!super::fuses_layer(&x, &training, &mask, Some(&position)));
+        assert!(!super::fuses_layer(&x, &layer(&weight, rest), &mask, None));
+    }
 
     fn random(rng: &mut ChaCha8Rng, n: usize, range: f64) -> Vec<f64> {
         (0..n).map(|_| rng.random_range(-range..range)).collect()
