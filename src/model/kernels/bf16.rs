@@ -413,28 +413,48 @@ mod dot_pairs {
                 }
             }
         }
+        if let Some(skip) = then.residual {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (half, v) in acc.iter_mut().enumerate() {
+                    // SAFETY: the masked columns of row `r` are within the residual, by the
+                    // caller.
+                    *v = unsafe {
+                        _mm512_add_ps(
+                            *v,
+                            _mm512_maskz_loadu_ps(mask(half), skip.add(r * n + 16 * half)),
+                        )
+                    };
+                }
+            }
+        }
+        if then.gelu {
+            // GELU on a copy in full vectors: reading `out` back after its masked stores would
+            // wait for them to retire (a masked store does not forward to a load), which cost
+            // GELU four times its arithmetic.
+            let mut tile = [[0f32; 32]; R];
+            for (row, acc) in tile.iter_mut().zip(&acc) {
+                // SAFETY: each half is 16 values of the row's 32.
+                unsafe {
+                    _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+                }
+            }
+            super::super::fused::gelu_in_place(tile.as_flattened_mut());
+            for (row, acc) in tile.iter().zip(acc.iter_mut()) {
+                // SAFETY: as above.
+                unsafe {
+                    acc[0] = _mm512_loadu_ps(row.as_ptr());
+                    acc[1] = _mm512_loadu_ps(row.as_ptr().add(16));
+                }
+            }
+        }
         for (r, acc) in acc.iter().enumerate() {
             for (half, &v) in acc.iter().enumerate() {
                 if mask(half) == 0 {
                     break;
                 }
-                let at = r * n + 16 * half;
-                // SAFETY: the masked columns of row `r` are within `out` and the residual, by
-                // the caller.
-                unsafe {
-                    let v = match then.residual {
-                        Some(skip) => {
-                            _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask(half), skip.add(at)))
-                        }
-                        None => v,
-                    };
-                    _mm512_mask_storeu_ps(out.add(at), mask(half), v);
-                }
-            }
-            if then.gelu {
-                // SAFETY: as above; this task alone writes these outputs.
-                let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n), cols) };
-                super::super::fused::gelu_in_place(row);
+                // SAFETY: the masked columns of row `r` are within `out`, by the caller.
+                unsafe { _mm512_mask_storeu_ps(out.add(r * n + 16 * half), mask(half), v) };
             }
         }
     }
