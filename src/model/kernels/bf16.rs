@@ -21,6 +21,61 @@ use rayon::prelude::*;
 
 use super::fused::multiversion;
 
+/// What multiplies bf16 weights, the best this CPU has, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// AMX tiles.
+    #[cfg(target_arch = "x86_64")]
+    Tiles,
+    /// AVX-512 BF16 dot products.
+    #[cfg(target_arch = "x86_64")]
+    Pairs,
+    /// bf16 widened to f32 in registers, AVX2 FMA.
+    #[cfg(target_arch = "x86_64")]
+    Panels,
+    /// bf16 widened by a vectorised f32 loop.
+    Rows,
+}
+
+impl Engine {
+    /// The engine [`Bf16Weights::new`] packs for on this CPU.
+    pub fn here() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::fused::amx_available() {
+                return Self::Tiles;
+            } else if dot_pairs::available() {
+                return Self::Pairs;
+            } else if fma_panels::available() {
+                return Self::Panels;
+            }
+        }
+        Self::Rows
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles => "AMX bf16",
+            #[cfg(target_arch = "x86_64")]
+            Self::Pairs => "AVX-512 BF16",
+            #[cfg(target_arch = "x86_64")]
+            Self::Panels => "bf16 panels (AVX2 FMA)",
+            Self::Rows => "bf16 rows (f32 vector loop)",
+        }
+    }
+
+    /// Whether the CPU multiplies bf16 itself, at twice the f32 FMA's work an instruction or
+    /// more; the other engines widen bf16 to f32 first and are no faster than f32.
+    pub fn multiplies_bf16(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Tiles | Self::Pairs => true,
+            _ => false,
+        }
+    }
+}
+
 /// A `[out, in]` weight matrix in bf16, packed for this CPU's engine.
 pub struct Bf16Weights {
     out_features: usize,
@@ -114,44 +169,30 @@ multiversion! {
 }
 
 impl Bf16Weights {
-    /// Packs `w`, `[out_features, in_features]` row-major.
+    /// Packs `w`, `[out_features, in_features]` row-major, for [`Engine::here`].
     pub fn new(w: &[f32], out_features: usize, in_features: usize) -> Self {
         assert_eq!(
             w.len(),
             out_features * in_features,
             "a weight matrix holds out x in values"
         );
-        #[cfg(target_arch = "x86_64")]
-        {
-            let layout = if super::fused::amx_available() {
-                Some(Layout::Tiles(pack_vnni(w, out_features, in_features)))
-            } else if dot_pairs::available() {
-                Some(Layout::Pairs(pack_vnni(w, out_features, in_features)))
-            } else if fma_panels::available() {
-                Some(Layout::Panels(fma_panels::pack(
-                    w,
-                    out_features,
-                    in_features,
-                )))
-            } else {
-                None
-            };
-            if let Some(layout) = layout {
-                return Self {
-                    out_features,
-                    in_features,
-                    layout,
-                };
-            }
-        }
-        let rows = w
-            .par_iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
+        let layout = match Engine::here() {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Tiles => Layout::Tiles(pack_vnni(w, out_features, in_features)),
+            #[cfg(target_arch = "x86_64")]
+            Engine::Pairs => Layout::Pairs(pack_vnni(w, out_features, in_features)),
+            #[cfg(target_arch = "x86_64")]
+            Engine::Panels => Layout::Panels(fma_panels::pack(w, out_features, in_features)),
+            Engine::Rows => Layout::Rows(
+                w.par_iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect(),
+            ),
+        };
         Self {
             out_features,
             in_features,
-            layout: Layout::Rows(rows),
+            layout,
         }
     }
 
@@ -165,14 +206,18 @@ impl Bf16Weights {
 
     /// What multiplies, in words.
     pub fn engine(&self) -> &'static str {
+        self.engine_kind().name()
+    }
+
+    fn engine_kind(&self) -> Engine {
         match self.layout {
             #[cfg(target_arch = "x86_64")]
-            Layout::Tiles(_) => "AMX bf16",
+            Layout::Tiles(_) => Engine::Tiles,
             #[cfg(target_arch = "x86_64")]
-            Layout::Pairs(_) => "AVX-512 BF16",
+            Layout::Pairs(_) => Engine::Pairs,
             #[cfg(target_arch = "x86_64")]
-            Layout::Panels(_) => "bf16 panels (AVX2 FMA)",
-            Layout::Rows(_) => "bf16 rows (f32 vector loop)",
+            Layout::Panels(_) => Engine::Panels,
+            Layout::Rows(_) => Engine::Rows,
         }
     }
 
@@ -769,11 +814,7 @@ mod tests {
 
     /// Whether an engine rounds activations to bf16 (the others multiply them in f32).
     fn rounds_activations(weights: &Bf16Weights) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if matches!(weights.layout, Layout::Tiles(_) | Layout::Pairs(_)) {
-            return true;
-        }
-        false
+        weights.engine_kind().multiplies_bf16()
     }
 
     /// Each output within bf16 rounding of an f64 product of the bf16-rounded operands, for
