@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fs_err as fs;
 
@@ -547,10 +547,20 @@ type BarInfo = (String, String, Option<u64>);
 /// Turns stage reports into events, for the caller's reporter and the run log.
 struct Bridge {
     reporter: Arc<dyn Reporter>,
-    log: Mutex<Option<std::io::BufWriter<fs::File>>>,
+    log: Mutex<Option<RunLog>>,
     /// Progress id → (stage, label, total), to fill in updates.
     bars: Mutex<HashMap<u64, BarInfo>>,
 }
+
+/// The run log being written, and when its buffer last reached the file.
+struct RunLog {
+    writer: std::io::BufWriter<fs::File>,
+    flushed: Instant,
+}
+
+/// Progress lines are buffered, but reach the file at least this often: someone reading the
+/// log while a stage runs sees where it is.
+const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
 
 impl Bridge {
     fn new(reporter: Arc<dyn Reporter>) -> Self {
@@ -572,8 +582,10 @@ impl Bridge {
         *self
             .log
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(std::io::BufWriter::new(file));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(RunLog {
+            writer: std::io::BufWriter::new(file),
+            flushed: Instant::now(),
+        });
         Ok(path)
     }
 
@@ -588,12 +600,15 @@ impl Bridge {
             .log
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(writer) = log.as_mut() {
+        if let Some(log) = log.as_mut() {
             // The log is a record for later reading; failing to write it must not fail the run.
             let line = serde_json::to_string(event).unwrap_or_default();
-            let _ = writeln!(writer, "{line}");
-            if !matches!(event, Event::StageProgress { .. }) {
-                let _ = writer.flush();
+            let _ = writeln!(log.writer, "{line}");
+            if !matches!(event, Event::StageProgress { .. })
+                || log.flushed.elapsed() >= PROGRESS_FLUSH
+            {
+                let _ = log.writer.flush();
+                log.flushed = Instant::now();
             }
         }
     }
@@ -740,6 +755,28 @@ mod tests {
             fs::write(ctx.out_dir.join("queries.jsonl"), chunks)?;
             Ok(StageOutcome::default())
         }
+    }
+
+    /// A progress line stays in the buffer while the last flush is recent, and reaches the file
+    /// once it is a second old, so the log can be followed while a stage runs.
+    #[test]
+    fn progress_reaches_the_run_log_at_least_once_a_second() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lines_after = |name: &str, flushed: Instant| {
+            let path = dir.path().join(name);
+            let bridge = Bridge::new(Arc::new(NoReporter));
+            *bridge.log.lock().expect("not poisoned") = Some(RunLog {
+                writer: std::io::BufWriter::new(fs::File::create(&path).expect("creates")),
+                flushed,
+            });
+            bridge.progress_start("train", 1, "training", Some(10));
+            bridge.progress_update(1, 5, Some("loss 1.0"));
+            fs::read_to_string(&path).expect("reads").lines().count()
+        };
+        assert_eq!(lines_after("fresh.jsonl", Instant::now()), 0);
+        let long_ago = Instant::now() - PROGRESS_FLUSH - Duration::from_millis(10);
+        // The first line goes out with the flush it is due; the second waits for the next one.
+        assert_eq!(lines_after("due.jsonl", long_ago), 1);
     }
 
     /// Every event of a run.
