@@ -353,9 +353,9 @@ pub fn bert_layer(
     shape: LayerShape,
     dropouts: LayerDropouts,
 ) -> Result<Tensor> {
-    if fuses_layer(x, params, mask_bias, position_bias) {
+    let tensors = params.tensors();
+    if fuses_layer(x, &tensors, mask_bias, position_bias) {
         let (batch, seq, _) = x.dims3()?;
-        let tensors = params.tensors();
         let flat = tensors
             .iter()
             .map(|t| t.flatten_all())
@@ -373,18 +373,17 @@ pub fn bert_layer(
     }
 }
 
-/// Whether [`bert_layer`] runs as one op: in training (something wants a gradient), on the
-/// fused kernels, with no position bias.
+/// Whether [`bert_layer`] runs as one op, given its parameters' tensors: in training (something
+/// wants a gradient), on the fused kernels, with no position bias.
 fn fuses_layer(
     x: &Tensor,
-    params: &LayerParams<'_>,
+    params: &[&Tensor],
     mask_bias: &Tensor,
     position_bias: Option<&Tensor>,
 ) -> bool {
-    let tensors = params.tensors();
-    let wants_gradient = x.track_op() || tensors.iter().any(|t| t.track_op());
+    let wants_gradient = x.track_op() || params.iter().any(|t| t.track_op());
     let mut inputs = vec![x, mask_bias];
-    inputs.extend(tensors);
+    inputs.extend(params);
     wants_gradient && position_bias.is_none() && fused_applies(&inputs)
 }
 
@@ -506,10 +505,11 @@ mod tests {
         let rest = [&weight, &bias, &inner, &inner_bias, &outer];
         let (x, mask, position) = (zeros(&[1, 2, 4]), zeros(&[1, 1, 1, 2]), zeros(&[2, 2, 2]));
         let fused = kernels::implementation() == kernels::Implementation::Fused;
-        let training = layer(var.as_tensor(), rest);
+        let (training, inference) = (layer(var.as_tensor(), rest), layer(&weight, rest));
+        let (training, inference) = (training.tensors(), inference.tensors());
         assert_eq!(super::fuses_layer(&x, &training, &mask, None), fused);
         assert!(!super::fuses_layer(&x, &training, &mask, Some(&position)));
-        assert!(!super::fuses_layer(&x, &layer(&weight, rest), &mask, None));
+        assert!(!super::fuses_layer(&x, &inference, &mask, None));
     }
 
     fn random(rng: &mut ChaCha8Rng, n: usize, range: f64) -> Vec<f64> {
