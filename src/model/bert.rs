@@ -852,20 +852,13 @@ fn packed_layer(
     position_bias: Option<&Tensor>,
     shape: LayerShape,
 ) -> candle_core::Result<Tensor> {
-    let qkv = kernels::linear_bf16(x, &packed.qkv, None, false)?;
-    let context = kernels::attention(
-        &qkv,
-        mask_bias,
-        position_bias,
-        shape.heads,
-        shape.scale,
-        None,
-    )?;
-    let attended = kernels::linear_bf16(&context, &packed.attention_output, Some(x), false)?;
+    let qkv = kernels::linear_bf16(x, &packed.qkv, None)?;
+    let context =
+        kernels::attention_bf16(&qkv, mask_bias, position_bias, shape.heads, shape.scale)?;
+    let attended = kernels::linear_bf16(&context, &packed.attention_output, Some(x))?;
     let norm = &layer.attention_norm;
     let attended = kernels::layer_norm(&attended, &norm.gamma, &norm.beta, shape.eps)?;
-    let inner = kernels::linear_bf16(&attended, &packed.intermediate, None, true)?;
-    let output = kernels::linear_bf16(&inner, &packed.output, Some(&attended), false)?;
+    let output = kernels::feed_forward_bf16(&attended, &packed.intermediate, &packed.output)?;
     let norm = &layer.output_norm;
     kernels::layer_norm(&output, &norm.gamma, &norm.beta, shape.eps)
 }

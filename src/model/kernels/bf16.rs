@@ -21,6 +21,9 @@ use rayon::prelude::*;
 
 use super::fused::multiversion;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention;
+
 /// What multiplies bf16 weights, the best this CPU has, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -363,6 +366,65 @@ impl Bf16Linear {
     }
 }
 
+impl Bf16Linear {
+    /// An encoder layer's feed-forward block before its LayerNorm,
+    /// `x + gelu(x · w1ᵀ + b1) · w2ᵀ + b2`, with `self` the intermediate layer (`w1`, `b1`) and
+    /// `output` the second (`w2`, `b2`), for `x` `[rows, in_features]`. Where both multiply by
+    /// AVX-512 BF16 the GELU output, the widest activation, goes from one product to the next
+    /// in bf16, rounded as the second product would round it: the same outputs without an f32
+    /// copy and a rounding pass between them.
+    pub fn feed_forward(&self, output: &Bf16Linear, x: &[f32], rows: usize) -> Vec<f32> {
+        let (hidden, inner) = (self.weights.in_features, self.weights.out_features);
+        assert!(
+            output.weights.in_features == inner && output.weights.out_features == hidden,
+            "a feed-forward block maps {hidden} features to {inner} and back, not {} to {}",
+            output.weights.in_features,
+            output.weights.out_features
+        );
+        assert_eq!(x.len(), rows * hidden, "x holds rows x in_features values");
+        #[cfg(target_arch = "x86_64")]
+        if let (Layout::Pairs(first), Layout::Pairs(second)) =
+            (&self.weights.layout, &output.weights.layout)
+        {
+            let inner_pad = inner.next_multiple_of(BLOCK_K);
+            // Columns past `inner` are read by the second product as `k` padding: zeros.
+            let mut activated = if inner_pad == inner {
+                Vec::with_capacity(rows * inner_pad)
+            } else {
+                vec![0u16; rows * inner_pad]
+            };
+            let mut out = Vec::with_capacity(rows * hidden);
+            let first_epilogue = Epilogue {
+                bias: Some(&self.bias),
+                residual: None,
+                gelu: true,
+            };
+            let second_epilogue = Epilogue {
+                bias: Some(&output.bias),
+                residual: Some(x),
+                gelu: false,
+            };
+            // SAFETY: pairs are packed only where AVX-512 BF16 is available, for these shapes;
+            // the first product writes the first `inner` columns of every row of `activated`
+            // (the rest zeros), the second all `rows * hidden` outputs, before each `set_len`.
+            unsafe {
+                let xs = dot_pairs::rounded(x, rows, hidden);
+                let into = dot_pairs::Dest::Bf16(activated.as_mut_ptr());
+                let shape = (rows, inner, hidden);
+                dot_pairs::matmul_rounded(&xs, first, shape, into, inner_pad, first_epilogue);
+                activated.set_len(rows * inner_pad);
+                let into = dot_pairs::Dest::F32(out.as_mut_ptr());
+                let shape = (rows, hidden, inner);
+                dot_pairs::matmul_rounded(&activated, second, shape, into, hidden, second_epilogue);
+                out.set_len(rows * hidden);
+            }
+            return out;
+        }
+        let activated = self.forward(x, rows, None, true);
+        output.forward(&activated, rows, Some(x), false)
+    }
+}
+
 /// A raw output pointer shared by tasks writing disjoint blocks.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -410,6 +472,30 @@ mod dot_pairs {
         gelu: bool,
     }
 
+    /// Where a block's outputs go: f32, or rounded to bf16 as the next product's input (a
+    /// feed-forward block's GELU output: no rounding pass and half the bytes between them).
+    #[derive(Clone, Copy)]
+    pub(super) enum Dest {
+        F32(*mut f32),
+        Bf16(*mut u16),
+    }
+
+    impl Dest {
+        /// `count` elements further on.
+        ///
+        /// # Safety
+        /// As `pointer::add`.
+        unsafe fn add(self, count: usize) -> Self {
+            // SAFETY: the caller's promise.
+            unsafe {
+                match self {
+                    Self::F32(p) => Self::F32(p.add(count)),
+                    Self::Bf16(p) => Self::Bf16(p.add(count)),
+                }
+            }
+        }
+    }
+
     /// `out` rows `rows` (at most [`ROWS`]) × columns `32 cp .. 32 cp + 32`, over every `k`:
     /// each output is its lane's `vdpbf16ps` sum over the `k` pairs in order, from the bias if
     /// one is given, plus the residual, then GELU if asked.
@@ -418,13 +504,13 @@ mod dot_pairs {
     /// The CPU must have AVX-512 BF16; `xs` rows hold `k_pad` bf16 each; `weights` holds the
     /// two 16-column groups of `cp`; `out` and the residual (row stride `n`) have room for the
     /// rows and `cols` columns written, and a bias for the `cols` columns.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn block<const R: usize>(
         xs: *const u16,
         k_pad: usize,
         weights: *const u16,
         k_blocks: usize,
-        out: *mut f32,
+        out: Dest,
         (n, cols): (usize, usize),
         then: Then,
     ) {
@@ -502,7 +588,15 @@ mod dot_pairs {
                     break;
                 }
                 // SAFETY: the masked columns of row `r` are within `out`, by the caller.
-                unsafe { _mm512_mask_storeu_ps(out.add(r * n + 16 * half), mask(half), v) };
+                unsafe {
+                    match out.add(r * n + 16 * half) {
+                        Dest::F32(p) => _mm512_mask_storeu_ps(p, mask(half), v),
+                        Dest::Bf16(p) => {
+                            let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                            _mm256_mask_storeu_epi16(p.cast(), mask(half), bits);
+                        }
+                    }
+                };
             }
         }
     }
@@ -513,7 +607,7 @@ mod dot_pairs {
     /// # Safety
     /// The CPU must have AVX-512 BF16; `dst` is at least as long as `src`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
         let chunks = src.len() / 16;
         for c in 0..chunks {
             // SAFETY: 16 values from `16 c` are within both slices.
@@ -540,7 +634,7 @@ mod dot_pairs {
         k_pad: usize,
         rows: std::ops::Range<usize>,
         weights: *const u16,
-        out: *mut f32,
+        out: Dest,
         (n, cols): (usize, usize),
         then: Then,
     ) {
@@ -577,6 +671,67 @@ mod dot_pairs {
         }
     }
 
+    /// `out = xs · wᵀ` in the calling thread, no epilogue: `xs` holds `m` rows of `k_pad` bf16
+    /// (zeros past `k`), `packed` the VNNI blocks of `w` (`[n, k_pad]`, as [`super::pack_vnni`]
+    /// lays them out); the first `n` columns of `m` rows of `out` (row stride `stride`) are
+    /// written.
+    ///
+    /// # Safety
+    /// [`available`] must hold; the operands hold what is described.
+    pub(super) unsafe fn product(
+        xs: *const u16,
+        k_pad: usize,
+        m: usize,
+        packed: *const u16,
+        n: usize,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let k_blocks = k_pad / BLOCK_K;
+        let then = Then {
+            bias: None,
+            residual: None,
+            gelu: false,
+        };
+        for cp in 0..n.div_ceil(32) {
+            // SAFETY: the column pair's blocks, rows and columns are within the operands, by
+            // the caller.
+            unsafe {
+                column_pair(
+                    xs,
+                    k_pad,
+                    0..m,
+                    packed.add(2 * cp * k_blocks * BLOCK_ELEMS),
+                    Dest::F32(out.add(32 * cp)),
+                    (stride, 32.min(n - 32 * cp)),
+                    then,
+                );
+            }
+        }
+    }
+
+    /// `x` (`[m, k]`) rounded to bf16, rows padded with zeros to `k_pad`, a multiple of 32.
+    ///
+    /// # Safety
+    /// [`available`] must hold.
+    pub(super) unsafe fn rounded(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+        let k_pad = k.next_multiple_of(BLOCK_K);
+        let mut xs = Vec::with_capacity(m * k_pad);
+        xs.spare_capacity_mut()[..m * k_pad]
+            .par_chunks_mut(k_pad)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| {
+                // SAFETY: `u16` has no invalid bit patterns; the row is written in full below.
+                let dst: &mut [u16] = unsafe { std::mem::transmute(dst) };
+                // SAFETY: AVX-512 BF16 is available (the caller's promise); `k_pad >= k`.
+                unsafe { round_row(src, dst) };
+                dst[k..].fill(0);
+            });
+        // SAFETY: every row was written in full.
+        unsafe { xs.set_len(m * k_pad) };
+        xs
+    }
+
     /// `out = x · wᵀ` for `x` `[m, k]` and `w` packed by [`super::pack_vnni`] from `[n, k]`,
     /// then `epilogue`; every output is written.
     ///
@@ -590,13 +745,32 @@ mod dot_pairs {
         out: *mut f32,
         epilogue: super::Epilogue<'_>,
     ) {
+        // SAFETY: the caller's promises.
+        unsafe {
+            let xs = rounded(x, m, k);
+            matmul_rounded(&xs, packed, (m, n, k), Dest::F32(out), n, epilogue);
+        }
+    }
+
+    /// `out = xs · wᵀ` for `xs` from [`rounded`] (`[m, k]`) and `w` packed by
+    /// [`super::pack_vnni`] from `[n, k]`, then `epilogue`; every output in the first `n`
+    /// columns of `m` rows of stride `stride` is written.
+    ///
+    /// # Safety
+    /// [`available`] must hold; `packed` must come from `pack_vnni` with this `n` and `k`; `out`
+    /// has room for `m` rows of `stride >= n`; a bias holds `n`, a residual `m` rows of
+    /// `stride`.
+    pub(super) unsafe fn matmul_rounded(
+        xs: &[u16],
+        packed: &[u16],
+        (m, n, k): (usize, usize, usize),
+        out: Dest,
+        stride: usize,
+        epilogue: super::Epilogue<'_>,
+    ) {
         let k_blocks = k.div_ceil(BLOCK_K);
         let k_pad = k_blocks * BLOCK_K;
-        let mut xs = vec![0u16; m * k_pad];
-        xs.par_chunks_mut(k_pad)
-            .zip(x.par_chunks(k))
-            // SAFETY: AVX-512 BF16 is available (the caller's promise); `k_pad >= k`.
-            .for_each(|(dst, src)| unsafe { round_row(src, dst) });
+        debug_assert_eq!(xs.len(), m * k_pad);
         let bias = epilogue.bias.map(|b| Out(b.as_ptr().cast_mut()));
         let residual = epilogue.residual.map(|r| Out(r.as_ptr().cast_mut()));
         let gelu = epilogue.gelu;
@@ -605,8 +779,19 @@ mod dot_pairs {
             m.div_ceil(BLOCK_ROWS),
             column_pairs.div_ceil(TASK_COLUMN_PAIRS),
         );
-        let dst = Out(out);
-        let xs = &xs;
+        /// The destination, shared by the tasks (each writes its own blocks).
+        #[derive(Clone, Copy)]
+        struct Shared(Dest);
+        // SAFETY: tasks write disjoint elements; the buffer outlives the parallel section.
+        unsafe impl Send for Shared {}
+        // SAFETY: as above.
+        unsafe impl Sync for Shared {}
+        impl Shared {
+            fn dest(self) -> Dest {
+                self.0
+            }
+        }
+        let dst = Shared(out);
         (0..row_blocks * column_tasks)
             .into_par_iter()
             .for_each(|task| {
@@ -627,8 +812,8 @@ mod dot_pairs {
                             k_pad,
                             rows.clone(),
                             packed[2 * cp * k_blocks * BLOCK_ELEMS..].as_ptr(),
-                            dst.ptr().add(32 * cp),
-                            (n, 32.min(n - 32 * cp)),
+                            dst.dest().add(32 * cp),
+                            (stride, 32.min(n - 32 * cp)),
                             then,
                         );
                     }
@@ -906,6 +1091,37 @@ mod tests {
                 let sums: Vec<f32> = biased.iter().zip(&residual).map(|(b, s)| b + s).collect();
                 assert_eq!(added, sums, "{engine} residual");
             }
+        }
+    }
+
+    /// The feed-forward block gives the bits of its two products one after the other (the GELU
+    /// output handed over in bf16 is what the second product rounds it to), for widths off 32.
+    #[test]
+    fn the_feed_forward_block_is_its_two_products() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for (rows, hidden, inner) in [(19, 40, 70), (300, 64, 256)] {
+            let x = random(rows * hidden, &mut rng);
+            let intermediate = Bf16Linear::new(
+                &random(inner * hidden, &mut rng),
+                random(inner, &mut rng),
+                inner,
+                hidden,
+            );
+            let output = Bf16Linear::new(
+                &random(hidden * inner, &mut rng),
+                random(hidden, &mut rng),
+                hidden,
+                inner,
+            );
+            let activated = intermediate.forward(&x, rows, None, true);
+            let want = output.forward(&activated, rows, Some(&x), false);
+            let got = intermediate.feed_forward(&output, &x, rows);
+            assert_eq!(
+                got,
+                want,
+                "{} ({rows}, {hidden}, {inner})",
+                output.weights().engine()
+            );
         }
     }
 

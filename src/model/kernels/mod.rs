@@ -163,14 +163,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// [`linear`] (and [`linear_gelu`] when `gelu`) for inference on a layer packed in bf16, plus
-/// `residual` (shaped as the output) before GELU: `x` must be an f32 CPU tensor; no gradient
-/// flows.
+/// [`linear`] for inference on a layer packed in bf16, plus `residual` (shaped as the output):
+/// `x` must be an f32 CPU tensor; no gradient flows.
 pub fn linear_bf16(
     x: &Tensor,
     layer: &bf16::Bf16Linear,
     residual: Option<&Tensor>,
-    gelu: bool,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let residual = residual.map(Tensor::contiguous).transpose()?;
@@ -202,9 +200,35 @@ pub fn linear_bf16(
         let read = fused::Read::new(&x);
         let skip = residual.as_ref().map(fused::Read::new);
         let skip = skip.as_ref().map(|s| s.slice("linear-bf16")).transpose()?;
-        layer.forward(read.slice("linear-bf16")?, rows, skip, gelu)
+        layer.forward(read.slice("linear-bf16")?, rows, skip, false)
     };
     Tensor::from_vec(out, shape, x.device())
+}
+
+/// `x + gelu(x @ w1^T + b1) @ w2^T + b2` for inference, an encoder layer's feed-forward block
+/// before its LayerNorm, with `intermediate` (`w1`, `b1`) and `output` (`w2`, `b2`) packed in
+/// bf16 ([`bf16::Bf16Linear::feed_forward`]): `x` must be an f32 CPU tensor; no gradient flows.
+pub fn feed_forward_bf16(
+    x: &Tensor,
+    intermediate: &bf16::Bf16Linear,
+    output: &bf16::Bf16Linear,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let k = intermediate.weights().in_features();
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || x.dims().last() != Some(&k) {
+        candle_core::bail!(
+            "a bf16 feed-forward block takes f32 CPU inputs of {k} features, not {:?} {:?} on {:?}",
+            x.dtype(),
+            x.dims(),
+            x.device()
+        );
+    }
+    let rows = x.elem_count() / k;
+    let out = {
+        let read = fused::Read::new(&x);
+        intermediate.feed_forward(output, read.slice("feed-forward-bf16")?, rows)
+    };
+    Tensor::from_vec(out, x.shape(), x.device())
 }
 
 /// Whether candle's forward-only fused kernels may run on `inputs`: no gradient can flow through
@@ -280,6 +304,64 @@ pub fn attention(
     } else {
         reference::attention(qkv, mask_bias, position_bias, heads, scale, probs_dropout)
     }
+}
+
+/// [`attention`] for inference (no dropout, no gradient) in the bf16 encoding: both products
+/// in bf16 where the CPU multiplies bf16 itself (`bf16::attention`), else [`attention`] in f32.
+pub fn attention_bf16(
+    qkv: &Tensor,
+    mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if bf16::attention::available() && !qkv.track_op() {
+        let (batch, seq, packed) = qkv.dims3()?;
+        let inputs: Vec<Tensor> = [Some(qkv), Some(mask_bias), position_bias]
+            .into_iter()
+            .flatten()
+            .map(|t| t.to_dtype(candle_core::DType::F32)?.contiguous())
+            .collect::<Result<_>>()?;
+        if inputs.iter().all(|t| t.device().is_cpu()) && packed % 3 == 0 {
+            let reads: Vec<fused::Read<'_>> = inputs.iter().map(fused::Read::new).collect();
+            let slices = reads
+                .iter()
+                .map(|r| r.slice("attention-bf16"))
+                .collect::<Result<Vec<_>>>()?;
+            let hidden = packed / 3;
+            let dims = bf16::attention::Dims {
+                batch,
+                seq,
+                hidden,
+                heads,
+            };
+            if hidden % heads != 0 || slices[1].len() != batch * seq {
+                candle_core::bail!(
+                    "bf16 attention: qkv {:?} is not [batch, seq, 3 x {heads} heads x head_dim], or mask {:?} not [batch, 1, 1, seq]",
+                    qkv.dims(),
+                    mask_bias.dims()
+                );
+            }
+            if let Some(bias) = position_bias
+                && bias.dims() != [heads, seq, seq]
+            {
+                candle_core::bail!(
+                    "bf16 attention: position bias {:?} is not [{heads} heads, {seq}, {seq}]",
+                    bias.dims()
+                );
+            }
+            let context = bf16::attention::context(
+                slices[0],
+                slices[1],
+                slices.get(2).copied(),
+                dims,
+                scale as f32,
+            );
+            return Tensor::from_vec(context, (batch, seq, hidden), qkv.device());
+        }
+    }
+    attention(qkv, mask_bias, position_bias, heads, scale, None)
 }
 
 /// Applies [`Dropout`] to `x`.

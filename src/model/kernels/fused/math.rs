@@ -85,7 +85,7 @@ pub(super) fn sum_zip_by(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f
 
 /// The largest element (`-inf` for none), split like [`sum_by`].
 #[inline(always)]
-pub(super) fn max(x: &[f32]) -> f32 {
+pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks

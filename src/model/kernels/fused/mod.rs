@@ -34,7 +34,7 @@ pub(crate) use gelu::in_place as gelu_in_place;
 pub(super) use layer_norm::layer_norm;
 pub(super) use linear::linear;
 pub(super) use linear_gelu::linear_gelu;
-pub(crate) use math::exp;
+pub(crate) use math::{exp, max};
 
 use std::mem::MaybeUninit;
 
