@@ -364,9 +364,7 @@ impl Bf16Linear {
         };
         self.weights.forward_then(x, rows, epilogue)
     }
-}
 
-impl Bf16Linear {
     /// An encoder layer's feed-forward block before its LayerNorm,
     /// `x + gelu(x · w1ᵀ + b1) · w2ᵀ + b2`, with `self` the intermediate layer (`w1`, `b1`) and
     /// `output` the second (`w2`, `b2`), for `x` `[rows, in_features]`. Where both multiply by
