@@ -477,6 +477,11 @@ mod dot_pairs {
         F32(*mut f32),
         Bf16(*mut u16),
     }
+    // SAFETY: tasks given one destination write disjoint elements of it; the buffer outlives
+    // the parallel section (as `Out`).
+    unsafe impl Send for Dest {}
+    // SAFETY: as above.
+    unsafe impl Sync for Dest {}
 
     impl Dest {
         /// `count` elements further on.
@@ -777,19 +782,6 @@ mod dot_pairs {
             m.div_ceil(BLOCK_ROWS),
             column_pairs.div_ceil(TASK_COLUMN_PAIRS),
         );
-        /// The destination, shared by the tasks (each writes its own blocks).
-        #[derive(Clone, Copy)]
-        struct Shared(Dest);
-        // SAFETY: tasks write disjoint elements; the buffer outlives the parallel section.
-        unsafe impl Send for Shared {}
-        // SAFETY: as above.
-        unsafe impl Sync for Shared {}
-        impl Shared {
-            fn dest(self) -> Dest {
-                self.0
-            }
-        }
-        let dst = Shared(out);
         (0..row_blocks * column_tasks)
             .into_par_iter()
             .for_each(|task| {
@@ -810,7 +802,7 @@ mod dot_pairs {
                             k_pad,
                             rows.clone(),
                             packed[2 * cp * k_blocks * BLOCK_ELEMS..].as_ptr(),
-                            dst.dest().add(32 * cp),
+                            out.add(32 * cp),
                             (stride, 32.min(n - 32 * cp)),
                             then,
                         );
