@@ -163,6 +163,22 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x` contiguous, with the number of its rows of `k` features, for a product packed in bf16
+/// (`what`, for the error): `x` must be an f32 CPU tensor.
+fn bf16_input(x: &Tensor, k: usize, what: &str) -> Result<(Tensor, usize)> {
+    let x = x.contiguous()?;
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || x.dims().last() != Some(&k) {
+        candle_core::bail!(
+            "a bf16 {what} takes f32 CPU inputs of {k} features, not {:?} {:?} on {:?}",
+            x.dtype(),
+            x.dims(),
+            x.device()
+        );
+    }
+    let rows = x.elem_count() / k;
+    Ok((x, rows))
+}
+
 /// [`linear`] for inference on a layer packed in bf16, plus `residual` (shaped as the output):
 /// `x` must be an f32 CPU tensor; no gradient flows.
 pub fn linear_bf16(
@@ -170,20 +186,9 @@ pub fn linear_bf16(
     layer: &bf16::Bf16Linear,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let x = x.contiguous()?;
+    let (x, rows) = bf16_input(x, layer.weights().in_features(), "linear layer")?;
     let residual = residual.map(Tensor::contiguous).transpose()?;
-    let dims = x.dims();
-    let k = layer.weights().in_features();
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || dims.last() != Some(&k) {
-        candle_core::bail!(
-            "a bf16 linear layer takes f32 CPU inputs of {k} features, not {:?} {:?} on {:?}",
-            x.dtype(),
-            dims,
-            x.device()
-        );
-    }
-    let rows = x.elem_count() / k;
-    let mut shape = dims.to_vec();
+    let mut shape = x.dims().to_vec();
     if let Some(last) = shape.last_mut() {
         *last = layer.weights().out_features();
     }
@@ -213,17 +218,8 @@ pub fn feed_forward_bf16(
     intermediate: &bf16::Bf16Linear,
     output: &bf16::Bf16Linear,
 ) -> Result<Tensor> {
-    let x = x.contiguous()?;
     let k = intermediate.weights().in_features();
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || x.dims().last() != Some(&k) {
-        candle_core::bail!(
-            "a bf16 feed-forward block takes f32 CPU inputs of {k} features, not {:?} {:?} on {:?}",
-            x.dtype(),
-            x.dims(),
-            x.device()
-        );
-    }
-    let rows = x.elem_count() / k;
+    let (x, rows) = bf16_input(x, k, "feed-forward block")?;
     let out = {
         let read = fused::Read::new(&x);
         intermediate.feed_forward(output, read.slice("feed-forward-bf16")?, rows)
@@ -316,14 +312,15 @@ pub fn attention_bf16(
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
-    if bf16::attention::available() && !qkv.track_op() {
+    if bf16::attention::available() {
         let (batch, seq, packed) = qkv.dims3()?;
-        let inputs: Vec<Tensor> = [Some(qkv), Some(mask_bias), position_bias]
+        let inputs = [Some(qkv), Some(mask_bias), position_bias]
             .into_iter()
             .flatten()
-            .map(|t| t.to_dtype(candle_core::DType::F32)?.contiguous())
-            .collect::<Result<_>>()?;
-        if inputs.iter().all(|t| t.device().is_cpu()) && packed % 3 == 0 {
+            .map(Tensor::contiguous)
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        if forward_only(&refs) && refs.iter().all(|t| t.device().is_cpu()) && packed % 3 == 0 {
             let reads: Vec<fused::Read<'_>> = inputs.iter().map(fused::Read::new).collect();
             let slices = reads
                 .iter()
